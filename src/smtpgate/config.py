@@ -1,0 +1,913 @@
+"""smtpgate's configuration: one TOML file read with :mod:`tomllib` into frozen dataclasses.
+
+Entry points: :func:`load_config`, :func:`config_from_mapping`, :meth:`Config.default`,
+:meth:`Config.with_overrides`, :func:`parse_listen`. Every problem is collected and raised at
+once as :class:`~smtpgate.errors.ConfigError`, each problem starting with the dotted key.
+Limits follow RFC 5321 §4.5.3 (sizes) and §4.5.3.2 (timeouts); SMTPUTF8 is RFC 6531.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import keyword
+import logging
+import math
+import os
+import re
+import socket
+import ssl
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from datetime import date, datetime, time
+from typing import Any, ClassVar, TypeAlias
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+_log = logging.getLogger("smtpgate.config")
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# --------------------------------------------------------------------------------------------
+# Listen addresses
+# --------------------------------------------------------------------------------------------
+
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_IPV4ISH_RE = re.compile(r"[0-9.]+")
+
+
+def _check_host_name(host: str) -> None:
+    """Raise ValueError unless ``host`` is an IPv4 address or an RFC 1123 host name."""
+    if _IPV4ISH_RE.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv4 address {host!r}") from None
+        return
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"invalid host name {host!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One address the server listens on.
+
+    Attributes:
+        host: an IPv4 address, an IPv6 address *without* brackets (``"::1"``) or a host
+            name (``"localhost"``) that is resolved when the listener binds.
+        port: TCP port, 0..65535; 0 lets the operating system pick a free port (tests).
+
+    ``str()`` gives the canonical form accepted by :func:`parse_listen`:
+    ``"127.0.0.1:2525"``, ``"[::1]:2525"``, ``"localhost:2525"``.
+
+    Raises:
+        ValueError: on an empty host or a port outside 0..65535.
+    """
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("missing host")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ValueError(f"port must be an integer, got {self.port!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} out of range 0..65535")
+
+    @property
+    def is_ipv6(self) -> bool:
+        """True when ``host`` is an IPv6 address literal."""
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        if self.is_ipv6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_listen(s: str) -> ListenAddress:
+    """Parse ``HOST:PORT`` into a :class:`ListenAddress`.
+
+    Accepted forms: ``"127.0.0.1:2525"``, ``"0.0.0.0:25"``, ``"[::1]:2525"``, ``"[::]:25"``,
+    ``"localhost:2525"``. IPv6 addresses must be in brackets; the port is required and must be
+    a decimal number 0..65535 (0 = any free port).
+
+    Args:
+        s: the address text; surrounding whitespace is ignored.
+
+    Returns:
+        The parsed address; the IPv6 host is stored without brackets.
+
+    Raises:
+        ValueError: with a message saying what is wrong (no key prefix).
+    """
+    text = s.strip()
+    if not text:
+        raise ValueError("empty address; expected HOST:PORT such as 127.0.0.1:2525")
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"missing ']' in {text!r}")
+        host, rest = text[1:close], text[close + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is not an IPv6 address (brackets are only for IPv6)"
+            ) from None
+        if not rest:
+            raise ValueError(f"missing port in {text!r}; expected [{host}]:PORT")
+        if not rest.startswith(":"):
+            raise ValueError(f"expected ':PORT' after ']' in {text!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"missing port in {text!r}; expected HOST:PORT")
+        if ":" in host:
+            raise ValueError(f"IPv6 addresses must be in brackets, e.g. [::1]:2525; got {text!r}")
+        if not host:
+            raise ValueError(f"missing host in {text!r}; use 0.0.0.0 or [::] for all interfaces")
+        _check_host_name(host)
+    if not port_text:
+        raise ValueError(f"missing port in {text!r}")
+    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError(f"port must be a number 0..65535, got {port_text!r} in {text!r}")
+    return ListenAddress(host, int(port_text))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkers: each turns a raw TOML value into the stored value or raises _Invalid
+# --------------------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """A value failed its check; ``problems`` holds (key suffix, message) pairs."""
+
+    def __init__(self, message: str = "", problems: Iterable[tuple[str, str]] = ()) -> None:
+        self.problems = list(problems) or [("", message)]
+        super().__init__(message)
+
+
+@dataclass(slots=True)
+class _Context:
+    """What checkers need besides the value: where relative paths start."""
+
+    base_dir: str
+
+
+_Check: TypeAlias = Callable[[object, _Context], Any]
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """Render a TOML value for an error message (TOML spelling, truncated)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= limit else text[: limit - 4] + '..."'
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, datetime | date | time):
+        return f"a date/time ({value.isoformat()})"
+    return f"a {type(value).__name__}"
+
+
+def _str(value: object, _ctx: _Context) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {_show(value)}")
+    return value
+
+
+def _bool(value: object, _ctx: _Context) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"must be an integer, got {_show(value)}")
+    return value
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(f"must be a number, got {_show(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Invalid(f"must be a finite number, got {_show(value)}")
+    return float(value)
+
+
+def _positive_int(value: object, _ctx: _Context) -> int:
+    n = _int(value)
+    if n <= 0:
+        raise _Invalid(f"must be a positive integer, got {n}")
+    return n
+
+
+def _int_at_least(minimum: int, why: str = "", *, zero_ok: bool = False) -> _Check:
+    def check(value: object, _ctx: _Context) -> int:
+        n = _int(value)
+        if n == 0 and zero_ok:
+            return n
+        if n < minimum:
+            what = (
+                f"0 (unlimited) or an integer >= {minimum}"
+                if zero_ok
+                else (f"an integer >= {minimum}")
+            )
+            raise _Invalid(f"must be {what}{why}, got {n}")
+        return n
+
+    return check
+
+
+def _positive_seconds(value: object, _ctx: _Context) -> float:
+    x = _number(value)
+    if x <= 0:
+        raise _Invalid(f"must be a positive number of seconds, got {_show(value)}")
+    return x
+
+
+def _nonnegative_seconds(value: object, _ctx: _Context) -> float:
+    x = _number(value)
+    if x < 0:
+        raise _Invalid(f"must be a number of seconds >= 0, got {_show(value)}")
+    return x
+
+
+def _choice(*allowed: str, fold: bool = True) -> _Check:
+    """Accept one of ``allowed``; with ``fold``, case-insensitively (stored canonical)."""
+    by_key = {(a.upper() if fold else a): a for a in allowed}
+
+    def check(value: object, ctx: _Context) -> str:
+        text = _str(value, ctx)
+        hit = by_key.get(text.upper() if fold else text)
+        if hit is None:
+            choices = ", ".join(json.dumps(a) for a in allowed)
+            raise _Invalid(f"must be one of {choices}, got {_show(value)}")
+        return hit
+
+    return check
+
+
+def _printable_ascii(what: str, *, spaces: bool) -> _Check:
+    def check(value: object, ctx: _Context) -> str:
+        text = _str(value, ctx)
+        if not text:
+            raise _Invalid(f"must not be empty ({what})")
+        bad = [c for c in text if not (" " < c < "\x7f" or (spaces and c == " "))]
+        if bad:
+            kind = "spaces, control characters" if not spaces else "control characters"
+            raise _Invalid(f"must be printable ASCII without {kind} ({what}), got {_show(value)}")
+        return text
+
+    return check
+
+
+def _str_list(value: object) -> list[object]:
+    """A TOML array, or a single string standing for an array of one."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a string or an array of strings, got {_show(value)}")
+    return value
+
+
+def _each(item_check: Callable[[str], Any], *, nonempty: bool = False) -> _Check:
+    """Check every entry of a string list; report each bad entry as ``key[i]``."""
+
+    def check(value: object, _ctx: _Context) -> tuple[Any, ...]:
+        items = _str_list(value)
+        if nonempty and not items:
+            raise _Invalid("must contain at least one entry")
+        out: list[Any] = []
+        problems: list[tuple[str, str]] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                problems.append((f"[{i}]", f"must be a string, got {_show(item)}"))
+                continue
+            try:
+                out.append(item_check(item))
+            except (_Invalid, ValueError) as exc:
+                problems.append((f"[{i}]", str(exc)))
+        if problems:
+            raise _Invalid(problems=problems)
+        return tuple(out)
+
+    return check
+
+
+def _listen_entry(text: str) -> ListenAddress:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise _Invalid(f"{exc}") from None
+
+
+def _listen(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
+    addresses: tuple[ListenAddress, ...] = _each(_listen_entry, nonempty=True)(value, ctx)
+    seen: set[ListenAddress] = set()
+    for addr in addresses:
+        if addr in seen and addr.port != 0:
+            raise _Invalid(f"{addr} is listed twice")
+        seen.add(addr)
+    return addresses
+
+
+def _hook_spec(text: str) -> str:
+    """Syntax check for ``package.module:attribute`` (importing happens elsewhere)."""
+    module, sep, attr = text.partition(":")
+
+    def dotted(name: str) -> bool:
+        parts = name.split(".")
+        return all(p.isidentifier() and not keyword.iskeyword(p) for p in parts)
+
+    if not sep or not dotted(module) or not dotted(attr):
+        raise _Invalid(f'must look like "package.module:function", got {_show(text)}')
+    return text
+
+
+def _hook_list(value: object, ctx: _Context) -> tuple[str, ...]:
+    result: tuple[str, ...] = _each(_hook_spec)(value, ctx)
+    return result
+
+
+def _optional_hook(value: object, ctx: _Context) -> str:
+    text = _str(value, ctx)
+    return _hook_spec(text) if text else ""
+
+
+def _path(kind: str) -> _Check:
+    """A path that, when non-empty, must exist; ``kind`` is ``"file"`` or ``"dir"``.
+
+    Relative paths are resolved against ``ctx.base_dir`` (the config file's directory).
+    """
+
+    def check(value: object, ctx: _Context) -> str:
+        text = _str(value, ctx)
+        if not text:
+            return ""
+        path = os.path.abspath(os.path.join(ctx.base_dir, os.path.expanduser(text)))
+        if not os.path.exists(path):
+            raise _Invalid(f"{kind} not found: {path}")
+        if kind == "file" and not os.path.isfile(path):
+            raise _Invalid(f"not a regular file: {path}")
+        if kind == "dir" and not os.path.isdir(path):
+            raise _Invalid(f"not a directory: {path}")
+        if not os.access(path, os.R_OK):
+            raise _Invalid(f"not readable: {path}")
+        return path
+
+    return check
+
+
+def _ciphers(value: object, ctx: _Context) -> str:
+    text = _str(value, ctx)
+    if text:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(text)
+        except ssl.SSLError:
+            raise _Invalid(f"OpenSSL selects no cipher from {_show(text)}") from None
+    return text
+
+
+def _mechanism(text: str) -> str:
+    name = text.upper()
+    if name not in ("PLAIN", "LOGIN"):
+        raise _Invalid(f'must be "PLAIN" or "LOGIN", got {_show(text)}')
+    return name
+
+
+def _mechanisms(value: object, ctx: _Context) -> tuple[str, ...]:
+    names: tuple[str, ...] = _each(_mechanism)(value, ctx)
+    if not names:
+        raise _Invalid('must contain at least one of "PLAIN", "LOGIN"')
+    return tuple(dict.fromkeys(names))  # drop repeats, keep order
+
+
+_DOMAIN_BAD = frozenset(" \t\r\n@/:[]\\,;")
+
+
+def _domain(text: str) -> str:
+    if not text or any(c in _DOMAIN_BAD or not c.isprintable() for c in text):
+        raise _Invalid(f"must be a domain name such as example.org, got {_show(text)}")
+    return text.lower().rstrip(".")
+
+
+def _network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise _Invalid(
+            f"must be an IP address or a CIDR network such as 192.0.2.0/24, got {_show(text)}"
+        ) from None
+    return text.strip()
+
+
+_RELAY_HOST_SCHEMES = ("smtp", "smtp+starttls", "smtps", "plain")
+_RELAY_HINT = (
+    'expected "" (Maildir), smtp://HOST:PORT, smtp+starttls://HOST:PORT, smtps://HOST:PORT, '
+    "plain://USER:PASSWORD@HOST:PORT or discard:"
+)
+_PCT_HINT = " (percent-encode @ : / # ? in the user name or password)"
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:).*@", re.DOTALL)
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for logs, reprs and errors).
+
+    Args:
+        url: a relay URL such as ``plain://user:secret@mx.example.org:587``.
+
+    Returns:
+        ``plain://user:***@mx.example.org:587``; URLs without a password unchanged.
+    """
+    return _USERINFO_RE.sub(r"\1***@", url, count=1)
+
+
+def _relay_url(value: object, ctx: _Context) -> str:
+    """Validate scheme, host and port of the upstream URL. Messages never echo the URL."""
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {_show(value)}")
+    url = value
+    if url == "":
+        return ""
+    if url.strip().lower() == "discard:":
+        return url.strip()
+    m = _SCHEME_RE.match(url)
+    if m is None:
+        raise _Invalid(f"not a relay URL; {_RELAY_HINT}")
+    scheme = m.group(1).lower()
+    if scheme == "discard":
+        raise _Invalid('the discard scheme takes nothing after it; write "discard:"')
+    if scheme not in _RELAY_HOST_SCHEMES:
+        raise _Invalid(f"unsupported scheme {scheme!r}; {_RELAY_HINT}")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        raise _Invalid(f"malformed {scheme}:// URL: the host cannot be parsed{_PCT_HINT}") from None
+    if not host:
+        raise _Invalid(f"{scheme}:// URL has no host; {_RELAY_HINT}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise _Invalid(f"{scheme}:// URL port must be a number 1..65535{_PCT_HINT}")
+    if scheme == "plain" and (not parts.username or parts.password is None):
+        raise _Invalid(f"plain:// needs USER:PASSWORD@ before the host{_PCT_HINT}")
+    return url
+
+
+# --------------------------------------------------------------------------------------------
+# The configuration model. Field defaults are THE defaults; ``metadata["check"]`` validates.
+# --------------------------------------------------------------------------------------------
+
+
+def _opt(default: Any = MISSING, check: _Check = _str, *, factory: Any = MISSING) -> Any:
+    """A dataclass field with a default and the checker used when loading it."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: listeners, protocol limits (RFC 5321 §4.5.3) and timeouts (seconds).
+
+    Attributes:
+        hostname: name in the 220 banner, the EHLO reply and the Received header.
+        listen: addresses to listen on (at least one).
+        max_message_size: bytes; advertised in EHLO ``SIZE`` (RFC 1870).
+        max_recipients: RCPTs per transaction; excess gets ``452 4.5.3``.
+        max_line_length: octets incl. CRLF per message text line; 0 = unlimited.
+        max_command_line: octets incl. CRLF per command line (RFC 5321 §4.5.3.1.4).
+        command_timeout: seconds to wait for a command (RFC 5321 §4.5.3.2).
+        data_timeout: seconds to wait for each chunk of message data.
+        max_connections: simultaneous sessions; beyond gets ``421 4.7.0``.
+        max_connections_per_ip: simultaneous sessions per client IP; beyond ``421 4.7.0``.
+        max_errors: error replies per session before ``421`` and close.
+        max_unknown_commands: unknown commands per session before ``421`` and close.
+        bare_line_endings: ``"reject"`` (550 5.6.11 after the data) or ``"normalize"``.
+        greeting: 220 banner text; ``%H`` is replaced by ``hostname``.
+        shutdown_timeout: seconds a graceful shutdown waits for transactions in flight.
+        vrfy: False answers VRFY with ``252 2.5.0``.
+        received_tls: put TLS version and cipher into the Received header.
+        received_auth: put the authenticated user into the Received header.
+        smtputf8: advertise SMTPUTF8 (RFC 6531).
+        use_uvloop: use uvloop when it is installed.
+    """
+
+    hostname: str = _opt(
+        factory=socket.gethostname, check=_printable_ascii("a host name", spaces=False)
+    )
+    listen: tuple[ListenAddress, ...] = _opt((ListenAddress("127.0.0.1", 2525),), _listen)
+    max_message_size: int = _opt(10_485_760, _positive_int)
+    max_recipients: int = _opt(100, _positive_int)
+    max_line_length: int = _opt(1000, _int_at_least(1000, zero_ok=True))
+    max_command_line: int = _opt(512, _int_at_least(512, " (RFC 5321 §4.5.3.1.4)"))
+    command_timeout: float = _opt(300.0, _positive_seconds)
+    data_timeout: float = _opt(600.0, _positive_seconds)
+    max_connections: int = _opt(1000, _positive_int)
+    max_connections_per_ip: int = _opt(50, _positive_int)
+    max_errors: int = _opt(10, _positive_int)
+    max_unknown_commands: int = _opt(5, _positive_int)
+    bare_line_endings: str = _opt("reject", _choice("reject", "normalize", fold=False))
+    greeting: str = _opt("%H ESMTP smtpgate", _printable_ascii("banner text", spaces=True))
+    shutdown_timeout: float = _opt(30.0, _nonnegative_seconds)
+    vrfy: bool = _opt(False, _bool)
+    received_tls: bool = _opt(True, _bool)
+    received_auth: bool = _opt(False, _bool)
+    smtputf8: bool = _opt(True, _bool)
+    use_uvloop: bool = _opt(True, _bool)
+
+    @property
+    def banner(self) -> str:
+        """The 220 greeting text with ``%H`` replaced by :attr:`hostname`."""
+        return self.greeting.replace("%H", self.hostname)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """``[tls]``: certificate and key for STARTTLS / implicit TLS.
+
+    TLS is enabled iff :attr:`certificate` is non-empty. Paths are absolute after loading
+    (relative ones are resolved against the config file's directory); ``""`` = not set.
+
+    Attributes:
+        certificate: PEM file with the certificate chain (the key may be in it too).
+        key: optional separate PEM private key file.
+        cafile: CA bundle for verifying client certificates.
+        capath: directory of hashed CA certificates.
+        ciphers: OpenSSL cipher string for TLS 1.2; ``""`` = OpenSSL defaults.
+        min_version: ``"TLSv1.2"`` or ``"TLSv1.3"``.
+    """
+
+    certificate: str = _opt("", _path("file"))
+    key: str = _opt("", _path("file"))
+    cafile: str = _opt("", _path("file"))
+    capath: str = _opt("", _path("dir"))
+    ciphers: str = _opt("", _ciphers)
+    min_version: str = _opt("TLSv1.2", _choice("TLSv1.2", "TLSv1.3"))
+
+    @property
+    def enabled(self) -> bool:
+        """True when a certificate is configured."""
+        return bool(self.certificate)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """``[auth]``: SMTP AUTH (RFC 4954) with SASL PLAIN (RFC 4616) and LOGIN.
+
+    AUTH is enabled iff :attr:`users_file` or :attr:`authenticator` is set.
+
+    Attributes:
+        users_file: absolute path of the users file (``smtpgate user add``), or ``""``.
+        authenticator: ``"package.module:function"`` called as
+            ``(username, password[, session]) -> bool``, or ``""``.
+        require_tls: do not advertise or accept AUTH before TLS.
+        mechanisms: offered SASL mechanisms, upper case, a subset of PLAIN and LOGIN.
+        max_failures: failed AUTH attempts per client IP per :attr:`failure_window`.
+        failure_window: seconds.
+    """
+
+    users_file: str = _opt("", _path("file"))
+    authenticator: str = _opt("", _optional_hook)
+    require_tls: bool = _opt(True, _bool)
+    mechanisms: tuple[str, ...] = _opt(("PLAIN", "LOGIN"), _mechanisms)
+    max_failures: int = _opt(5, _positive_int)
+    failure_window: float = _opt(300.0, _positive_seconds)
+
+    @property
+    def enabled(self) -> bool:
+        """True when a users file or an authenticator callable is configured."""
+        return bool(self.users_file or self.authenticator)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RelayConfig:
+    """``[relay]``: where accepted mail goes, and who may relay.
+
+    ``repr()`` shows the URL with its password replaced by ``***``.
+
+    Attributes:
+        url: ``""`` (deliver to the Maildir), ``smtp://``, ``smtp+starttls://``, ``smtps://``,
+            ``plain://USER:PASSWORD@HOST:PORT`` or ``discard:``. Syntax-checked only.
+        relay_domains: recipient domains accepted from anyone (lower case).
+        local_networks: CIDRs or addresses whose clients may relay anywhere.
+        timeout: seconds for the upstream connect and each upstream command.
+        cafile: absolute path of the CA bundle for the upstream certificate; ``""`` = system.
+    """
+
+    url: str = _opt("", _relay_url)
+    relay_domains: tuple[str, ...] = _opt((), _each(_domain))
+    local_networks: tuple[str, ...] = _opt(("127.0.0.0/8", "::1"), _each(_network))
+    timeout: float = _opt(60.0, _positive_seconds)
+    cafile: str = _opt("", _path("file"))
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        """:attr:`local_networks` parsed with ``ipaddress.ip_network(strict=False)``."""
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.local_networks)
+
+    @property
+    def display_url(self) -> str:
+        """:attr:`url` with the password replaced by ``***``; safe for logs."""
+        return redact_url(self.url)
+
+    def __repr__(self) -> str:
+        return (
+            f"RelayConfig(url={self.display_url!r}, relay_domains={self.relay_domains!r}, "
+            f"local_networks={self.local_networks!r}, timeout={self.timeout!r}, "
+            f"cafile={self.cafile!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MaildirConfig:
+    """``[maildir]``: local delivery when ``relay.url`` is empty.
+
+    Attributes:
+        path: Maildir directory; relative paths are relative to the current directory.
+    """
+
+    path: str = _opt("./smtpgate-mail", _printable_ascii("a directory path", spaces=True))
+
+
+@dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """``[hooks]``: ``"package.module:function"`` callables per hook point.
+
+    Attributes:
+        connect, helo, mail, rcpt, data, quit, error: callables for that point, in order.
+        timeout: seconds per hook call.
+    """
+
+    POINTS: ClassVar[tuple[str, ...]] = (
+        "connect",
+        "helo",
+        "mail",
+        "rcpt",
+        "data",
+        "quit",
+        "error",
+    )
+
+    connect: tuple[str, ...] = _opt((), _hook_list)
+    helo: tuple[str, ...] = _opt((), _hook_list)
+    mail: tuple[str, ...] = _opt((), _hook_list)
+    rcpt: tuple[str, ...] = _opt((), _hook_list)
+    data: tuple[str, ...] = _opt((), _hook_list)
+    quit: tuple[str, ...] = _opt((), _hook_list)
+    error: tuple[str, ...] = _opt((), _hook_list)
+    timeout: float = _opt(30.0, _positive_seconds)
+
+    def by_point(self) -> dict[str, tuple[str, ...]]:
+        """Return ``{hook point: callable specs}`` for the points that have any."""
+        return {p: getattr(self, p) for p in self.POINTS if getattr(self, p)}
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """``[logging]``.
+
+    Attributes:
+        level: ``"DEBUG"``, ``"INFO"``, ``"WARNING"`` or ``"ERROR"`` (upper case).
+    """
+
+    level: str = _opt("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "tls": TlsConfig,
+    "auth": AuthConfig,
+    "relay": RelayConfig,
+    "maildir": MaildirConfig,
+    "hooks": HooksConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration: one attribute per TOML section.
+
+    Immutable; derive variants with :func:`dataclasses.replace` or :meth:`with_overrides`.
+    Lists from the file are stored as tuples.
+
+    Attributes:
+        server, tls, auth, relay, maildir, hooks, logging: the sections.
+        source: where it came from (a file path, ``"<mapping>"`` or ``"<defaults>"``);
+            ignored by ``==``.
+    """
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    maildir: MaildirConfig = field(default_factory=MaildirConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="<defaults>", compare=False)
+
+    @classmethod
+    def default(cls) -> Config:
+        """Return the configuration used when no file is given (all defaults).
+
+        ``server.hostname`` is :func:`socket.gethostname` at call time.
+        """
+        return cls()
+
+    def with_overrides(
+        self, listen: list[str] | None = None, log_level: str | None = None
+    ) -> Config:
+        """Apply the CLI flags ``--listen ADDR`` (repeatable) and ``--log-level LEVEL``.
+
+        Args:
+            listen: replaces ``server.listen`` when not None (must hold at least one address).
+            log_level: replaces ``logging.level`` when not None (case-insensitive).
+
+        Returns:
+            A new :class:`Config`; ``self`` is unchanged.
+
+        Raises:
+            ConfigError: naming ``server.listen`` / ``logging.level`` for bad values.
+        """
+        ctx = _Context(base_dir=os.getcwd())
+        problems: list[str] = []
+        result = self
+        if listen is not None:
+            try:
+                addrs = _listen(list(listen), ctx)
+            except _Invalid as exc:
+                problems += [f"server.listen{sfx} (--listen): {msg}" for sfx, msg in exc.problems]
+            else:
+                result = replace(result, server=replace(result.server, listen=addrs))
+        if log_level is not None:
+            try:
+                level = _choice("DEBUG", "INFO", "WARNING", "ERROR")(log_level, ctx)
+            except _Invalid as exc:
+                problems += [f"logging.level (--log-level): {msg}" for _, msg in exc.problems]
+            else:
+                result = replace(result, logging=replace(result.logging, level=level))
+        if problems:
+            raise ConfigError(problems)
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _unknown(kind: str, key: str, name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+    return f"{key}: unknown {kind}{hint}"
+
+
+def _load_section(
+    name: str, cls: type[Any], raw: object, ctx: _Context, problems: list[str]
+) -> Any:
+    if not isinstance(raw, Mapping):
+        problems.append(f"{name}: must be a table ([{name}]), got {_show(raw)}")
+        return None
+    checks = {f.name: f.metadata["check"] for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{name}.{key}"
+        check = checks.get(key)
+        if check is None:
+            problems.append(_unknown("key", dotted, str(key), checks))
+            continue
+        try:
+            kwargs[key] = check(value, ctx)
+        except _Invalid as exc:
+            problems.extend(f"{dotted}{suffix}: {msg}" for suffix, msg in exc.problems)
+    return cls(**kwargs)
+
+
+def _cross_checks(sections: Mapping[str, Any], problems: list[str]) -> None:
+    tls = sections.get("tls")
+    if isinstance(tls, TlsConfig) and not tls.certificate:
+        for key in ("key", "cafile", "capath"):
+            if getattr(tls, key):
+                problems.append(f"tls.{key}: set, but tls.certificate is empty (TLS is off)")
+
+
+def config_from_mapping(
+    data: Mapping[str, Any],
+    source: str = "<mapping>",
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Config:
+    """Build and validate a :class:`Config` from a parsed-TOML-shaped mapping.
+
+    Args:
+        data: ``{"server": {...}, "tls": {...}, ...}``; missing sections and keys take
+            their defaults.
+        source: a name for where ``data`` came from, kept in :attr:`Config.source`.
+        base_dir: directory that relative ``[tls]``, ``[auth]`` and ``relay.cafile`` paths
+            are resolved against; defaults to the current directory.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: listing every problem, each starting with its dotted key.
+    """
+    ctx = _Context(base_dir=os.fspath(base_dir) if base_dir is not None else os.getcwd())
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for name, raw in data.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            problems.append(_unknown("section", str(name), str(name), _SECTIONS))
+            continue
+        section = _load_section(name, cls, raw, ctx, problems)
+        if section is not None:
+            sections[name] = section
+    _cross_checks(sections, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections, source=source)
+
+
+_TOML_POS_RE = re.compile(r"\s*\((?:at line (\d+), column (\d+)|at end of document)\)$")
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read a TOML configuration file (see docs/configuration.md).
+
+    Args:
+        path: the file; ``None`` returns :meth:`Config.default`.
+
+    Returns:
+        The validated configuration; ``source`` is the path as given.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not valid TOML (the problem names
+            the file and line), or has invalid values (every problem, by dotted key).
+    """
+    if path is None:
+        return Config.default()
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read configuration file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not UTF-8 text (byte offset {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        pos = _TOML_POS_RE.search(message)
+        if pos and pos.group(1):
+            where = f"{name}, line {pos.group(1)}, column {pos.group(2)}"
+            message = message[: pos.start()]
+        elif pos:
+            where = f"{name}, at end of file"
+            message = message[: pos.start()]
+        else:
+            where = name
+        raise ConfigError(f"{where}: TOML syntax error: {message}") from None
+    base_dir = os.path.dirname(os.path.abspath(name))
+    config = config_from_mapping(data, source=name, base_dir=base_dir)
+    _log.debug("configuration loaded from %s", name)
+    return config
+
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "HooksConfig",
+    "ListenAddress",
+    "LoggingConfig",
+    "MaildirConfig",
+    "RelayConfig",
+    "ServerConfig",
+    "TlsConfig",
+    "config_from_mapping",
+    "load_config",
+    "parse_listen",
+    "redact_url",
+]

@@ -1,0 +1,168 @@
+"""The Received: trace header smtpgate prepends to every message it accepts.
+
+Entry point: :func:`build_received`. RFC 5321 §4.4 (trace information), RFC 5322
+§3.6.7 (trace fields) and §3.3 (date-time), RFC 3848 / RFC 6531 §3.7.3 (the
+``with`` protocol keywords ESMTPSA, UTF8SMTPS, LMTPA, ...). No DNS lookups.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from ..envelope import Envelope, SessionInfo
+
+__all__ = ["build_received", "protocol_keyword"]
+
+#: Fold lines at this many characters where a space allows it (RFC 5322 §2.1.1).
+FOLD_WIDTH = 78
+#: Longest HELO name / user name / address copied into the header, in characters.
+MAX_FIELD = 255
+
+_UNSAFE_TOKEN = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+_UNSAFE_COMMENT = re.compile(r"[\x00-\x20\x7f()\\]")
+_UNSAFE_ADDR = re.compile(r"[\x00-\x1f\x7f<>\\]")
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _clip(text: str, limit: int = MAX_FIELD) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _token(text: str) -> str:
+    """A client-supplied name as one header token: printable ASCII, no specials."""
+    return _clip(_UNSAFE_TOKEN.sub("?", text)) or "unknown"
+
+
+def _comment_text(text: str) -> str:
+    """Text safe inside a ``(comment)``: no controls, spaces, parentheses or backslash."""
+    return _clip(_UNSAFE_COMMENT.sub("?", text))
+
+
+def _addr(text: str) -> str:
+    """An envelope address safe inside ``<...>`` (UTF-8 is kept: RFC 6532)."""
+    return _clip(_UNSAFE_ADDR.sub("?", text).replace(" ", "?"))
+
+
+def _ip_literal(ip: str) -> str | None:
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 §4.1.3), ``None`` if not an IP."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return f"[{addr.ipv4_mapped}]"
+        return f"[IPv6:{addr.compressed}]"
+    return f"[{addr}]"
+
+
+def protocol_keyword(
+    session: SessionInfo, envelope: Envelope | None = None, *, lmtp: bool = False
+) -> str:
+    """The ``with`` keyword for a session (RFC 3848 and RFC 6531 §3.7.3 registries).
+
+    Args:
+        session: the SMTP session (``esmtp``, ``tls``, ``auth_user`` are used).
+        envelope: the transaction; ``SMTPUTF8`` in its MAIL parameters selects
+            the ``UTF8SMTP`` / ``UTF8LMTP`` family.
+        lmtp: the message came in over LMTP (RFC 2033).
+
+    Returns:
+        One of SMTP, ESMTP[S][A], UTF8SMTP[S][A], LMTP[S][A], UTF8LMTP[S][A].
+        A HELO session (no ESMTP) is always ``SMTP``: no keyword is registered
+        for HELO with TLS.
+    """
+    utf8 = envelope is not None and envelope.smtputf8
+    if lmtp:
+        base = "UTF8LMTP" if utf8 else "LMTP"
+    elif utf8:
+        base = "UTF8SMTP"
+    elif session.esmtp:
+        base = "ESMTP"
+    else:
+        return "SMTP"
+    return base + ("S" if session.tls else "") + ("A" if session.auth_user else "")
+
+
+def _fold(line: str, width: int = FOLD_WIDTH) -> list[str]:
+    """Split one logical line at spaces into lines of at most ``width`` characters
+    where possible; continuation lines begin with a TAB (RFC 5322 §3.2.2 FWS)."""
+    words = line.split(" ")
+    out: list[str] = []
+    current = words[0]
+    for word in words[1:]:
+        if len(current) + 1 + len(word) <= width:
+            current += " " + word
+        else:
+            out.append(current)
+            current = "\t" + word
+    out.append(current)
+    return out
+
+
+def build_received(
+    session: SessionInfo,
+    envelope: Envelope,
+    *,
+    queue_id: str,
+    include_tls: bool = True,
+    include_auth: bool = False,
+    lmtp: bool = False,
+    now: float | None = None,
+) -> bytes:
+    """Build one ``Received:`` header field (RFC 5321 §4.4), CRLF-terminated and folded.
+
+    Example (folded with a TAB before each continuation line)::
+
+        Received: from helo.name (unknown [192.0.2.1])
+        \\tby mx.example.org (smtpgate) with ESMTPS id 1A2B3C
+        \\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)
+        \\tfor <rcpt@example.com>; Sun, 22 Nov 2026 00:11:06 +0000
+
+    The reverse-DNS name is always ``unknown`` (no DNS lookups here). Values the
+    client controls (HELO name, addresses, user name) are sanitised: control
+    characters, CR and LF never reach the header, specials are replaced by
+    ``?`` and each value is cut to :data:`MAX_FIELD` characters.
+
+    Args:
+        session: the SMTP session (peer address, HELO name, TLS, auth user, our host name).
+        envelope: the transaction; ``for <addr>`` is added only when it has
+            exactly one recipient, and SMTPUTF8 selects the UTF8SMTP keyword.
+        queue_id: the id shown after ``id`` (letters, digits, ``.``, ``_``, ``-``).
+        include_tls: add the ``(using <version> with cipher <cipher>)`` comment
+            when TLS is active.
+        include_auth: add ``(Authenticated sender: <user>)`` when authenticated.
+        lmtp: the message came in over LMTP (keyword LMTP...).
+        now: the time to stamp, seconds since the epoch (default: now).
+
+    Returns:
+        The header as UTF-8 bytes ending in CRLF.
+    """
+    helo = _token(session.helo_name) if session.helo_name else "unknown"
+    literal = _ip_literal(session.peer_ip)
+    from_comment = f"(unknown {literal})" if literal else "(unknown)"
+    logical: list[str] = [f"Received: from {helo} {from_comment}"]
+    if include_auth and session.auth_user:
+        logical.append(f"(Authenticated sender: {_comment_text(session.auth_user)})")
+    by_host = _token(session.hostname)
+    keyword = protocol_keyword(session, envelope, lmtp=lmtp)
+    qid = _UNSAFE_ID.sub("", queue_id)[:64] or "unknown"
+    logical.append(f"by {by_host} (smtpgate) with {keyword} id {qid}")
+    if include_tls and session.tls_version:
+        tls = f"(using {_comment_text(session.tls_version)}"
+        if session.tls_cipher:
+            tls += f" with cipher {_comment_text(session.tls_cipher)}"
+        logical.append(tls + ")")
+    stamp = format_datetime(datetime.fromtimestamp(time.time() if now is None else now, UTC))
+    if len(envelope.rcpt_to) == 1:
+        logical.append(f"for <{_addr(envelope.rcpt_to[0].address)}>; {stamp}")
+    else:
+        logical[-1] += f"; {stamp}"
+    lines: list[str] = []
+    for i, item in enumerate(logical):
+        lines.extend(_fold(item if i == 0 else "\t" + item))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")

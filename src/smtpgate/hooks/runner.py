@@ -1,0 +1,318 @@
+"""The hook runner: ordered chains per stage, bounded calls, first non-CONT verdict wins.
+
+Entry points: :class:`HookRunner` (``register``, ``unregister``, ``has``, ``hooks``, ``run``)
+and :class:`RegisteredHook`. Verdict semantics follow Haraka (priority, then registration
+order; a timeout or an error is a temporary failure, never an accept). RFC 5321 §4.2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..reply import R, Reply
+from .verdict import (
+    CONT_RESULT,
+    HookResult,
+    HookVerdictException,
+    Stage,
+    Verdict,
+    default_reply,
+)
+
+__all__ = ["HOOK_TIMEOUT_REPLY", "HookRunner", "RegisteredHook", "normalise_result"]
+
+log = logging.getLogger("smtpgate.hooks")
+
+HOOK_TIMEOUT_REPLY = Reply(451, "4.3.0", "Hook timeout")
+"""Sent (as DENYSOFT) when a hook does not finish within the runner's timeout."""
+
+_NOTIFY_STAGES = frozenset({Stage.QUIT, Stage.ERROR})
+_SLOW_SYNC_SECONDS = 0.25
+_PRIORITY_MIN, _PRIORITY_MAX = -100, 100
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredHook:
+    """One entry of a stage's chain, as listed by :meth:`HookRunner.hooks`.
+
+    Attributes:
+        stage: where it runs.
+        name: display name (``"module:qualname"`` unless given at registration).
+        func: the callable (``def`` or ``async def``).
+        priority: -100..100; lower runs first.
+        blocking: a sync hook run in a worker thread (``asyncio.to_thread``).
+    """
+
+    stage: Stage
+    name: str
+    func: Callable[..., Any] = field(repr=False)
+    priority: int = 0
+    blocking: bool = False
+    seq: int = field(default=0, repr=False, compare=False)
+
+
+class _BadReturn(TypeError):
+    """A hook returned something that is not a verdict."""
+
+
+class _HookTimeout(Exception):
+    """A hook exceeded the runner's timeout."""
+
+
+def _callable_name(func: Callable[..., Any]) -> str:
+    inner: Any = func
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    module = getattr(inner, "__module__", None) or type(inner).__module__
+    qualname = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    return f"{module}:{qualname}"
+
+
+def _fill_default(stage: Stage, result: HookResult) -> HookResult:
+    if result.reply is None and result.verdict.is_denial:
+        return HookResult(result.verdict, default_reply(stage, result.verdict))
+    return result
+
+
+def normalise_result(stage: Stage | str, value: object) -> HookResult:
+    """Turn what a hook returned into a :class:`HookResult`.
+
+    Mapping: ``None``/``True`` → CONT; ``False`` → DENY with the stage's default
+    reply; a :class:`Verdict` → that verdict with the stage's default reply; a
+    :class:`HookResult` → itself (a denial without a reply gets the stage's
+    default); a :class:`~smtpgate.reply.Reply` → OK for 2xx/3xx, DENYSOFT for 4xx
+    (DENYSOFT_DISCONNECT for 421, which closes the channel per RFC 5321 §3.8),
+    DENY for 5xx.
+
+    Raises:
+        TypeError: any other value (the runner treats it as a hook error).
+        ValueError: ``stage`` is not a stage name.
+    """
+    stage = Stage(stage)
+    if value is None or value is True:
+        return CONT_RESULT
+    if value is False:
+        return HookResult(Verdict.DENY, default_reply(stage, Verdict.DENY))
+    if isinstance(value, HookResult):
+        return _fill_default(stage, value)
+    if isinstance(value, Verdict):
+        return _fill_default(stage, HookResult(value))
+    if isinstance(value, Reply):
+        if value.is_positive:
+            return HookResult(Verdict.OK, value)
+        if value.code == 421:
+            return HookResult(Verdict.DENYSOFT_DISCONNECT, value)
+        if value.is_transient:
+            return HookResult(Verdict.DENYSOFT, value)
+        return HookResult(Verdict.DENY, value)
+    raise _BadReturn(f"unsupported return value of type {type(value).__name__}")
+
+
+class HookRunner:
+    """Runs the hooks registered for each :class:`Stage`.
+
+    Hooks of a stage run in ascending priority, then registration order. The first
+    result other than CONT ends the chain and is returned; if every hook continues
+    the result is CONT. For QUIT and ERROR every hook runs and verdicts are ignored.
+
+    Each call is bounded by ``timeout`` seconds: ``async`` hooks (and sync hooks
+    returning an awaitable) through :func:`asyncio.timeout`, ``blocking=True`` sync
+    hooks through :func:`asyncio.to_thread` under the same deadline (the thread
+    cannot be killed and finishes in the background). Plain sync hooks run on the
+    event loop and cannot be interrupted; keep them quick. A timeout gives
+    DENYSOFT ``451 4.3.0 Hook timeout``; an exception other than
+    :class:`~smtpgate.hooks.verdict.HookVerdictException`, or an unsupported return
+    value, gives DENYSOFT ``451 4.3.0`` (``R.HOOK_ERROR``) and an ERROR log record
+    with the traceback on logger ``smtpgate.hooks``. Cancellation propagates.
+
+    Args:
+        timeout: per-call limit in seconds, > 0.
+
+    Raises:
+        ValueError: ``timeout`` is not positive.
+    """
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        if not timeout > 0:
+            raise ValueError(f"hook timeout must be positive, got {timeout!r}")
+        self.timeout = float(timeout)
+        # Keyed by Stage; Stage is a str enum, so a lookup with "rcpt" finds Stage.RCPT.
+        self._chains: dict[str, tuple[RegisteredHook, ...]] = {}
+        self._seq = 0
+
+    def register(
+        self,
+        stage: Stage | str,
+        func: Callable[..., Any],
+        *,
+        priority: int = 0,
+        name: str | None = None,
+        blocking: bool = False,
+    ) -> None:
+        """Add ``func`` to the chain of ``stage``.
+
+        Args:
+            stage: a :class:`Stage` or its value (``"rcpt"``).
+            func: the hook, ``def`` or ``async def``, with the stage's signature
+                (see the :mod:`smtpgate.hooks` docstring).
+            priority: lower runs first; clamped to -100..100.
+            name: display name for logs and listings (default ``module:qualname``).
+            blocking: run a sync hook in a worker thread (for hooks that do I/O).
+
+        Raises:
+            ValueError: unknown stage, or ``blocking=True`` for an ``async def``.
+            TypeError: ``func`` is not callable.
+        """
+        st = Stage(stage)
+        if not callable(func):
+            raise TypeError(f"hook for {st.value} is not callable: {func!r}")
+        if blocking and inspect.iscoroutinefunction(func):
+            raise ValueError("blocking=True applies to sync hooks only")
+        prio = max(_PRIORITY_MIN, min(_PRIORITY_MAX, int(priority)))
+        self._seq += 1
+        hook = RegisteredHook(
+            stage=st,
+            name=name or _callable_name(func),
+            func=func,
+            priority=prio,
+            blocking=blocking,
+            seq=self._seq,
+        )
+        chain = [*self._chains.get(st, ()), hook]
+        chain.sort(key=lambda h: (h.priority, h.seq))
+        self._chains[st] = tuple(chain)
+
+    def unregister(self, stage: Stage | str, func: Callable[..., Any]) -> None:
+        """Remove every registration of ``func`` (compared with ``==``) from ``stage``.
+
+        Raises:
+            ValueError: unknown stage, or ``func`` is not registered there.
+        """
+        st = Stage(stage)
+        chain = self._chains.get(st, ())
+        kept = tuple(h for h in chain if h.func != func)
+        if len(kept) == len(chain):
+            raise ValueError(f"hook {_callable_name(func)} is not registered for {st.value}")
+        if kept:
+            self._chains[st] = kept
+        else:
+            del self._chains[st]
+
+    def has(self, stage: Stage | str) -> bool:
+        """True when at least one hook is registered for ``stage`` (O(1), never raises)."""
+        return stage in self._chains
+
+    def hooks(self, stage: Stage | str) -> list[RegisteredHook]:
+        """The chain of ``stage`` in run order (a copy).
+
+        Raises:
+            ValueError: unknown stage.
+        """
+        return list(self._chains.get(Stage(stage), ()))
+
+    async def run(self, stage: Stage | str, *args: Any) -> HookResult:
+        """Run the chain of ``stage`` with ``args`` (the stage's hook arguments).
+
+        Returns:
+            The first non-CONT result (a denial always carries a reply: the hook's
+            or the stage default), or CONT when every hook continued or none is
+            registered. Always CONT for QUIT and ERROR.
+
+        Raises:
+            ValueError: unknown stage (only checked when hooks exist).
+            asyncio.CancelledError: when the calling task is cancelled.
+        """
+        chain = self._chains.get(stage)
+        if not chain:
+            return CONT_RESULT
+        st = Stage(stage)
+        if st in _NOTIFY_STAGES:
+            for hook in chain:
+                await self._call(st, hook, args)
+            return CONT_RESULT
+        for hook in chain:
+            result = await self._call(st, hook, args)
+            if result.verdict is not Verdict.CONT:
+                return result
+        return CONT_RESULT
+
+    async def _invoke(self, hook: RegisteredHook, args: tuple[Any, ...]) -> object:
+        timeout_cm = asyncio.timeout(self.timeout)
+        try:
+            async with timeout_cm:
+                if hook.blocking:
+                    value: object = await asyncio.to_thread(hook.func, *args)
+                else:
+                    started = time.monotonic()
+                    value = hook.func(*args)
+                    spent = time.monotonic() - started
+                    if spent > _SLOW_SYNC_SECONDS:
+                        log.warning(
+                            "hook %s at %s blocked the event loop for %.3f s; "
+                            "register it with blocking=True",
+                            hook.name,
+                            hook.stage.value,
+                            spent,
+                        )
+                if inspect.isawaitable(value):
+                    value = await value
+        except TimeoutError:
+            if timeout_cm.expired():
+                raise _HookTimeout from None
+            raise
+        return value
+
+    async def _call(
+        self, stage: Stage, hook: RegisteredHook, args: tuple[Any, ...]
+    ) -> HookResult:
+        session_id = getattr(args[0], "session_id", "-") if args else "-"
+        try:
+            result = normalise_result(stage, await self._invoke(hook, args))
+        except HookVerdictException as exc:
+            result = _fill_default(stage, exc.result)
+        except _HookTimeout:
+            log.warning(
+                "hook %s at %s timed out after %.1f s (session %s)",
+                hook.name,
+                stage.value,
+                self.timeout,
+                session_id,
+            )
+            result = HookResult(Verdict.DENYSOFT, HOOK_TIMEOUT_REPLY)
+        except _BadReturn as exc:
+            log.error(
+                "hook %s at %s: %s (session %s)", hook.name, stage.value, exc, session_id
+            )
+            result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
+        except Exception:
+            log.exception(
+                "hook %s at %s raised an exception (session %s)",
+                hook.name,
+                stage.value,
+                session_id,
+            )
+            result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "hook decision stage=%s hook=%s verdict=%s reply=%s session=%s",
+                stage.value,
+                hook.name,
+                result.verdict.name,
+                result.reply,
+                session_id,
+                extra={
+                    "hook_stage": stage.value,
+                    "hook_name": hook.name,
+                    "hook_verdict": result.verdict.name,
+                    "hook_reply": str(result.reply) if result.reply else None,
+                    "session_id": session_id,
+                },
+            )
+        return result

@@ -1,0 +1,765 @@
+"""The sans-IO SMTP server state machine: bytes in, events out, replies in, bytes out.
+
+Entry points: :class:`ServerConnection` (``receive_data``, ``next_event``, ``send``,
+``close_reply``, ``tls_established``) and :class:`ProtocolConfig`.
+No sockets, asyncio, ssl or logging here. RFC 5321 (commands, states, limits,
+§4.5.2 dot-stuffing, §4.5.3 limits), RFC 1869/1870/2034/2920/3207/4954/6152/6531.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import LocalProtocolError
+from ..reply import R, Reply
+from .events import (
+    NEED_DATA,
+    AuthCredentials,
+    AutoReply,
+    Data,
+    DataComplete,
+    Event,
+    Helo,
+    MailFrom,
+    Quit,
+    RcptTo,
+    Rset,
+    StartTls,
+    Vrfy,
+    _Sentinel,
+)
+from .grammar import PathSyntaxError, parse_params, parse_path, valid_helo_argument
+
+MAX_AUTH_LINE = 12288  # octets, RFC 4954 §4 (AUTH command line and SASL responses)
+MAX_PATH_COMMAND = 2048  # MAIL/RCPT with ESMTP parameters (RFC 1869 §4.1.2 lets extensions grow it)
+_COMPACT_AT = 16384
+
+_AUTH_PLAIN = "PLAIN"
+_AUTH_LOGIN = "LOGIN"
+_CHALLENGE_USERNAME = Reply(334, None, "VXNlcm5hbWU6")  # base64("Username:")
+_CHALLENGE_PASSWORD = Reply(334, None, "UGFzc3dvcmQ6")  # base64("Password:")
+_CHALLENGE_EMPTY = Reply(334, None, "")
+
+_BARE_LF_COMMAND = Reply(500, "5.5.2", "Bare <LF> received; command lines must end with <CRLF>")
+_TOO_MANY_UNKNOWN = Reply(421, "4.7.0", "Too many unrecognized commands, closing connection")
+_HTTP = Reply(421, "4.7.0", "This is an SMTP server, not a web proxy; closing connection")
+_NO_RCPT_YET = Reply(503, "5.5.1", "Need RCPT command first")
+_DATA_TX = Reply(503, "5.5.1", "Command not permitted during a mail transaction")
+_PARAM_UNKNOWN = Reply(555, "5.5.4", "MAIL or RCPT parameter not recognized or not implemented")
+_BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
+_BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter")
+_NO_PARAMS_HELO = Reply(555, "5.5.4", "ESMTP parameters not allowed after HELO")
+_SMTPUTF8_ARG = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+_NOT_UTF8 = Reply(501, "5.5.4", "Invalid UTF-8 in command arguments")
+_SMTPUTF8_RCPT = Reply(553, "5.6.7", "Non-ASCII recipient requires MAIL FROM with SMTPUTF8")
+_HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO/EHLO domain")
+_NO_ARGS = Reply(501, "5.5.4", "Syntax error: no arguments allowed")
+_MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+_RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
+_VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
+_AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+_AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "AUTH not available")
+_TLS_NOT_ADVERTISED = Reply(502, "5.5.1", "STARTTLS not available")
+_REJECTED_SESSION = Reply(503, "5.5.1", "Session rejected; only QUIT is allowed")
+
+_HELP_DEFAULT = (
+    "smtpgate: an ESMTP server\n"
+    "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY STARTTLS AUTH\n"
+    "See RFC 5321"
+)
+
+_BARE_RE = re.compile(rb"\r\n|\r|\n")
+
+
+class State(enum.Enum):
+    """Session states (RFC 5321 §3, §4.1.4)."""
+
+    GREETING = "GREETING"  # nothing sent yet; the driver must send the greeting
+    REJECTED = "REJECTED"  # greeting was 554: only QUIT (and NOOP/HELP) are allowed
+    INIT = "INIT"  # greeted, waiting for HELO/EHLO
+    READY = "READY"  # HELO/EHLO done, no transaction
+    MAIL = "MAIL"  # MAIL accepted, no recipient yet
+    RCPT = "RCPT"  # at least one recipient accepted
+    DATA = "DATA"  # reading message text
+    AUTH = "AUTH"  # SASL exchange in progress
+    TLS_PENDING = "TLS_PENDING"  # 220 sent to STARTTLS, handshake not yet done
+    CLOSED = "CLOSED"
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolConfig:
+    """Settings of the protocol core (a projection of the server configuration).
+
+    Attributes:
+        hostname: smtpgate's host name, used in HELO/EHLO replies.
+        max_message_size: bytes after dot-unstuffing; advertised in SIZE (RFC 1870).
+        max_recipients: recipients per transaction; the excess gets 452 4.5.3.
+        max_line_length: octets per message text line including CRLF (RFC 5321
+            §4.5.3.1.6); 0 disables the check.
+        max_command_line: octets per command line including CRLF (§4.5.3.1.4);
+            MAIL/RCPT may use up to 2048 (parameters), AUTH up to 12288 (RFC 4954).
+        max_errors: 5xx replies per session before ``421`` and close.
+        max_unknown_commands: unrecognized commands per session before ``421``.
+        normalize_bare_line_endings: rewrite bare CR/LF in message data to CRLF
+            instead of rejecting the message with 550 5.6.11.
+        smtputf8 / eightbitmime / pipelining / enhanced_status_codes: advertise
+            (and honour) those extensions.
+        tls_available: STARTTLS can be offered (a certificate is configured).
+        tls_active: the connection is already TLS (implicit TLS listener).
+        auth_mechanisms: SASL mechanisms offered (subset of PLAIN, LOGIN); empty
+            disables AUTH.
+        auth_require_tls: offer and accept AUTH only under TLS.
+        help_text: text of the 214 reply to HELP (lines separated by ``\\n``).
+    """
+
+    hostname: str = "localhost"
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 1000
+    max_command_line: int = 512
+    max_errors: int = 10
+    max_unknown_commands: int = 5
+    normalize_bare_line_endings: bool = False
+    smtputf8: bool = True
+    eightbitmime: bool = True
+    pipelining: bool = True
+    enhanced_status_codes: bool = True
+    tls_available: bool = False
+    tls_active: bool = False
+    auth_mechanisms: tuple[str, ...] = ()
+    auth_require_tls: bool = True
+    help_text: str = _HELP_DEFAULT
+
+
+class _LineTooLong:
+    pass
+
+
+_LINE_TOO_LONG = _LineTooLong()
+
+
+class ServerConnection:
+    """One SMTP session's protocol state, server side, with no I/O.
+
+    Usage (the driver's loop)::
+
+        conn = ServerConnection(config)
+        out = conn.send(Reply(220, None, "mx.example.org ESMTP"))
+        while not conn.closed:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                conn.receive_data(await read())   # b"" means the peer closed
+                continue
+            reply = decide(event)          # hooks, policy, delivery ...
+            write(conn.send(reply))
+
+    Exactly one ``send`` follows each event (PIPELINING: the driver may batch the
+    returned bytes until ``next_event`` returns ``NEED_DATA``). The reply sent
+    decides the transition (e.g. 354 to ``Data`` enters the DATA state, 2xx to
+    ``MailFrom`` starts a transaction). Protocol errors never raise: they come
+    out as :class:`AutoReply` events carrying the reply to send.
+    """
+
+    def __init__(self, config: ProtocolConfig | None = None) -> None:
+        self.config = config or ProtocolConfig()
+        self.state = State.GREETING
+        self.helo_name: str | None = None
+        self.esmtp = False
+        self.tls_active = self.config.tls_active
+        self.authenticated = False
+        self.peer_closed = False
+        self.errors = 0
+        self.unknown_commands = 0
+        self._pending: Event | None = None
+        self._close_after = False
+        self._buf = bytearray()
+        self._pos = 0
+        self._discarding = False
+        # transaction
+        self._mail_utf8 = False
+        self._rcpt_count = 0
+        self._rcpt_attempts = 0
+        # DATA reader
+        self._dbuf = bytearray()
+        self._dscan = 0
+        self._dsize = 0
+        self._dtoo_big = False
+        # SASL
+        self._sasl_mech = ""
+        self._sasl_user: str | None = None
+        self._dispatch: dict[str, Callable[[str, bool], Event]] = {
+            "HELO": self._cmd_helo,
+            "EHLO": self._cmd_ehlo,
+            "MAIL": self._cmd_mail,
+            "RCPT": self._cmd_rcpt,
+            "DATA": self._cmd_data,
+            "RSET": self._cmd_rset,
+            "NOOP": self._cmd_noop,
+            "QUIT": self._cmd_quit,
+            "HELP": self._cmd_help,
+            "VRFY": self._cmd_vrfy,
+            "EXPN": self._cmd_not_implemented,
+            "TURN": self._cmd_not_implemented,
+            "SEND": self._cmd_not_implemented,
+            "SOML": self._cmd_not_implemented,
+            "SAML": self._cmd_not_implemented,
+            "ETRN": self._cmd_not_implemented,
+            "BDAT": self._cmd_not_implemented,
+            "STARTTLS": self._cmd_starttls,
+            "AUTH": self._cmd_auth,
+        }
+
+    # ------------------------------------------------------------------ input
+
+    @property
+    def closed(self) -> bool:
+        """True once the session must be closed (after 221, 421, or the peer left)."""
+        return self.state is State.CLOSED
+
+    @property
+    def in_data(self) -> bool:
+        """True while message text is being read (the driver applies the data timeout)."""
+        return self.state is State.DATA and self._pending is None
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between an accepted MAIL and the reply to the end of data or RSET."""
+        return self.state in (State.MAIL, State.RCPT, State.DATA)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events (command mode), for flow control."""
+        return len(self._buf) - self._pos
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes received from the client; ``b""`` means the client closed.
+
+        Bytes received while a STARTTLS handshake is pending are discarded
+        (CVE-2011-0411: nothing sent in plaintext may survive into the TLS session).
+        """
+        if not data:
+            self.peer_closed = True
+            return
+        if self.state is State.TLS_PENDING or self.state is State.CLOSED:
+            return
+        if self.state is State.DATA and self._pending is None:
+            self._dbuf += data
+        else:
+            self._buf += data
+
+    def next_event(self) -> Event | _Sentinel:
+        """Return the next event, or :data:`NEED_DATA` when more bytes are needed.
+
+        Raises:
+            LocalProtocolError: if the previous event has not been answered with
+                :meth:`send` yet.
+        """
+        if self._pending is not None:
+            raise LocalProtocolError(R.TEMP_ERROR, "previous event not answered")
+        state = self.state
+        if state is State.CLOSED or state is State.TLS_PENDING or state is State.GREETING:
+            return NEED_DATA
+        if state is State.DATA:
+            return self._pend(self._next_data_event())
+        line = self._next_line()
+        if line is None:
+            return NEED_DATA
+        if line is _LINE_TOO_LONG:
+            return self._auto(R.LINE_TOO_LONG, "")
+        assert isinstance(line, bytes)
+        if state is State.AUTH:
+            return self._pend(self._sasl_response(line))
+        return self._pend(self._command(line))
+
+    def _pend(self, event: Event | _Sentinel) -> Event | _Sentinel:
+        if event is not NEED_DATA:
+            self._pending = event
+        return event
+
+    def _auto(self, reply: Reply, command: str) -> AutoReply:
+        ev = AutoReply(reply, command)
+        self._pending = ev
+        return ev
+
+    def _next_line(self) -> bytes | _LineTooLong | None:
+        buf = self._buf
+        pos = self._pos
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(buf) - pos > MAX_AUTH_LINE:
+                # Discard the overlong line up to its end, then answer once.
+                self._discarding = True
+                del buf[:]
+                self._pos = 0
+            elif pos and pos == len(buf):
+                del buf[:]
+                self._pos = 0
+            return None
+        line = bytes(buf[pos : nl + 1])
+        pos = nl + 1
+        if pos >= len(buf):
+            del buf[:]
+            pos = 0
+        elif pos > _COMPACT_AT:
+            del buf[:pos]
+            pos = 0
+        self._pos = pos
+        if self._discarding:
+            self._discarding = False
+            return _LINE_TOO_LONG
+        if len(line) > MAX_AUTH_LINE:
+            return _LINE_TOO_LONG
+        return line
+
+    # --------------------------------------------------------------- commands
+
+    def _command(self, raw: bytes) -> Event:
+        if not raw.endswith(b"\r\n"):
+            return self._auto(_BARE_LF_COMMAND, "")
+        body = raw[:-2]
+        if b"\r" in body or b"\x00" in body:
+            return self._auto(R.BAD_BYTES, _printable(body))
+        try:
+            text = body.decode("ascii")
+            utf8 = False
+        except UnicodeDecodeError:
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._auto(_NOT_UTF8, _printable(body))
+            utf8 = True
+        verb, _, arg = text.partition(" ")
+        verb_u = verb.upper()
+        handler = self._dispatch.get(verb_u)
+        if handler is None:
+            if verb_u in ("GET", "POST", "CONNECT", "HEAD", "PUT") or verb_u.startswith("HTTP/"):
+                return self._auto(_HTTP, _printable(body))
+            self.unknown_commands += 1
+            if not verb.isascii():
+                return self._auto(R.BAD_BYTES, _printable(body))
+            return self._auto(R.UNKNOWN_COMMAND, _printable(body))
+        limit = self.config.max_command_line
+        if verb_u == "AUTH":
+            limit = MAX_AUTH_LINE
+        elif verb_u in ("MAIL", "RCPT"):
+            limit = max(limit, MAX_PATH_COMMAND)
+        if len(raw) > limit:
+            return self._auto(R.LINE_TOO_LONG, verb_u)
+        if self.state is State.REJECTED and verb_u not in ("QUIT", "NOOP", "HELP"):
+            return self._auto(_REJECTED_SESSION, verb_u)
+        if utf8 and verb_u not in ("MAIL", "RCPT"):
+            return self._auto(_NOT_UTF8 if verb.isascii() else R.BAD_BYTES, _printable(body))
+        return handler(arg, utf8)
+
+    def _cmd_helo(self, arg: str, utf8: bool) -> Event:
+        return self._helo(arg, esmtp=False, verb="HELO")
+
+    def _cmd_ehlo(self, arg: str, utf8: bool) -> Event:
+        return self._helo(arg, esmtp=True, verb="EHLO")
+
+    def _helo(self, arg: str, *, esmtp: bool, verb: str) -> Event:
+        name = arg.strip(" ")
+        if not valid_helo_argument(name):
+            return self._auto(_HELO_SYNTAX, f"{verb} {name[:64]}")
+        return Helo(name, esmtp)
+
+    def _cmd_mail(self, arg: str, utf8: bool) -> Event:
+        cmd = "MAIL " + arg[:200]
+        if self.state is State.INIT:
+            return self._auto(R.HELO_FIRST, cmd)
+        if self.state in (State.MAIL, State.RCPT):
+            return self._auto(R.NESTED_MAIL, cmd)
+        if arg[:5].upper() != "FROM:":
+            return self._auto(_MAIL_SYNTAX, cmd)
+        cfg = self.config
+        try:
+            address, ptext = parse_path(arg[5:], reverse=True, smtputf8_allowed=cfg.smtputf8)
+            params = parse_params(ptext, utf8=cfg.smtputf8)
+        except PathSyntaxError as exc:
+            return self._auto(exc.reply, cmd)
+        if params:
+            if not self.esmtp:
+                return self._auto(_NO_PARAMS_HELO, cmd)
+            problem = self._check_mail_params(params)
+            if problem is not None:
+                return self._auto(problem, cmd)
+        is_utf8 = "SMTPUTF8" in params
+        if not is_utf8 and not address.isascii():
+            return self._auto(R.SMTPUTF8_REQUIRED, cmd)
+        return MailFrom(address, params)
+
+    def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
+        cfg = self.config
+        for kw, val in params.items():
+            if kw == "SIZE":
+                if val is None or not val.isdigit() or len(val) > 20:
+                    return _BAD_SIZE
+                if int(val) > cfg.max_message_size:
+                    return R.TOO_BIG
+            elif kw == "BODY":
+                body = (val or "").upper()
+                if body == "8BITMIME" and cfg.eightbitmime or body == "7BIT":
+                    params["BODY"] = body
+                else:
+                    return _BAD_BODY if body not in ("8BITMIME", "BINARYMIME") else _PARAM_UNKNOWN
+            elif kw == "SMTPUTF8":
+                if not cfg.smtputf8:
+                    return _PARAM_UNKNOWN
+                if val is not None:
+                    return _SMTPUTF8_ARG
+            elif kw == "AUTH":
+                # RFC 4954 §5: accepted when AUTH is offered; the value is xtext.
+                if not self._auth_offered() or val is None:
+                    return _PARAM_UNKNOWN
+            else:
+                return _PARAM_UNKNOWN
+        return None
+
+    def _cmd_rcpt(self, arg: str, utf8: bool) -> Event:
+        cmd = "RCPT " + arg[:200]
+        if self.state not in (State.MAIL, State.RCPT):
+            return self._auto(R.NEED_MAIL, cmd)
+        if arg[:3].upper() != "TO:":
+            return self._auto(_RCPT_SYNTAX, cmd)
+        self._rcpt_attempts += 1
+        if self._rcpt_count >= self.config.max_recipients:
+            return self._auto(R.TOO_MANY_RECIPIENTS, cmd)
+        try:
+            address, ptext = parse_path(
+                arg[3:],
+                reverse=False,
+                smtputf8_allowed=self.config.smtputf8,
+                allow_postmaster=True,
+            )
+            params = parse_params(ptext, utf8=self._mail_utf8)
+        except PathSyntaxError as exc:
+            return self._auto(exc.reply, cmd)
+        if not address.isascii() and not self._mail_utf8:
+            return self._auto(_SMTPUTF8_RCPT, cmd)
+        if params:
+            return self._auto(_PARAM_UNKNOWN, cmd)
+        return RcptTo(address, params)
+
+    def _cmd_data(self, arg: str, utf8: bool) -> Event:
+        if arg.strip(" "):
+            return self._auto(_NO_ARGS, "DATA")
+        if self.state is State.RCPT:
+            return Data()
+        if self.state is State.MAIL:
+            if self._rcpt_attempts:
+                return self._auto(R.NO_VALID_RECIPIENTS, "DATA")
+            return self._auto(_NO_RCPT_YET, "DATA")
+        if self.state is State.INIT:
+            return self._auto(R.HELO_FIRST, "DATA")
+        return self._auto(R.NEED_MAIL, "DATA")
+
+    def _cmd_rset(self, arg: str, utf8: bool) -> Event:
+        if arg.strip(" "):
+            return self._auto(_NO_ARGS, "RSET")
+        return Rset()
+
+    def _cmd_noop(self, arg: str, utf8: bool) -> Event:
+        return self._auto(R.NOOP, "NOOP")
+
+    def _cmd_quit(self, arg: str, utf8: bool) -> Event:
+        if arg.strip(" "):
+            return self._auto(_NO_ARGS, "QUIT")
+        return Quit()
+
+    def _cmd_help(self, arg: str, utf8: bool) -> Event:
+        return self._auto(Reply(214, "2.0.0", self.config.help_text), "HELP")
+
+    def _cmd_vrfy(self, arg: str, utf8: bool) -> Event:
+        if not arg.strip(" "):
+            return self._auto(_VRFY_SYNTAX, "VRFY")
+        return Vrfy(arg.strip(" "))
+
+    def _cmd_not_implemented(self, arg: str, utf8: bool) -> Event:
+        return self._auto(R.NOT_IMPLEMENTED, "")
+
+    def _cmd_starttls(self, arg: str, utf8: bool) -> Event:
+        if arg.strip(" "):
+            return self._auto(_NO_ARGS, "STARTTLS")
+        if self.tls_active:
+            return self._auto(R.ALREADY_TLS, "STARTTLS")
+        if not self.config.tls_available:
+            return self._auto(_TLS_NOT_ADVERTISED, "STARTTLS")
+        if self.state is State.INIT:
+            return self._auto(R.HELO_FIRST, "STARTTLS")
+        if self.state is not State.READY:
+            return self._auto(_DATA_TX, "STARTTLS")
+        return StartTls()
+
+    # ------------------------------------------------------------------- AUTH
+
+    def _auth_offered(self) -> bool:
+        cfg = self.config
+        return bool(cfg.auth_mechanisms) and (self.tls_active or not cfg.auth_require_tls)
+
+    def _cmd_auth(self, arg: str, utf8: bool) -> Event:
+        cfg = self.config
+        if not cfg.auth_mechanisms:
+            return self._auto(_AUTH_NOT_AVAILABLE, "AUTH")
+        if self.state is State.INIT:
+            return self._auto(R.HELO_FIRST, "AUTH")
+        if not self.esmtp:
+            return self._auto(R.BAD_SEQUENCE, "AUTH")
+        if self.authenticated:
+            return self._auto(R.ALREADY_AUTH, "AUTH")
+        if self.state is not State.READY:
+            return self._auto(R.AUTH_IN_TRANSACTION, "AUTH")
+        if not self._auth_offered():
+            return self._auto(R.AUTH_ENCRYPTION_REQUIRED, "AUTH")
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            return self._auto(_AUTH_SYNTAX, "AUTH")
+        mech = parts[0].upper()
+        if mech not in cfg.auth_mechanisms:
+            return self._auto(R.AUTH_MECH_UNKNOWN, "AUTH " + mech[:20])
+        initial = parts[1] if len(parts) == 2 else None
+        self._sasl_mech = mech
+        self._sasl_user = None
+        if initial is None:
+            self.state = State.AUTH
+            challenge = _CHALLENGE_EMPTY if mech == _AUTH_PLAIN else _CHALLENGE_USERNAME
+            return self._auto(challenge, "AUTH " + mech)
+        return self._sasl_step(initial.encode("ascii"), "AUTH " + mech)
+
+    def _sasl_response(self, raw: bytes) -> Event:
+        if not raw.endswith(b"\r\n"):
+            self.state = State.READY
+            return self._auto(R.AUTH_BAD_BASE64, "AUTH")
+        return self._sasl_step(raw[:-2], "AUTH " + self._sasl_mech)
+
+    def _sasl_step(self, response: bytes, cmd: str) -> Event:
+        """One client SASL response (RFC 4954 §4): ``*`` cancels, else base64."""
+        self.state = State.READY
+        if response == b"*":
+            return self._auto(R.AUTH_CANCELLED, cmd)
+        if response == b"=":
+            decoded = b""
+        else:
+            try:
+                decoded = binascii.a2b_base64(response, strict_mode=True)
+            except (binascii.Error, ValueError):
+                return self._auto(R.AUTH_BAD_BASE64, cmd)
+        try:
+            text = decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._auto(R.AUTH_BAD_BASE64, cmd)
+        if self._sasl_mech == _AUTH_PLAIN:
+            # RFC 4616: [authzid] NUL authcid NUL passwd
+            fields = text.split("\x00")
+            if len(fields) != 3 or not fields[1]:
+                return self._auto(R.AUTH_BAD_BASE64, cmd)
+            return AuthCredentials(_AUTH_PLAIN, fields[1], fields[2], fields[0])
+        # LOGIN: username, then password
+        if self._sasl_user is None:
+            if not text or "\x00" in text:
+                return self._auto(R.AUTH_BAD_BASE64, cmd)
+            self._sasl_user = text
+            self.state = State.AUTH
+            return self._auto(_CHALLENGE_PASSWORD, cmd)
+        user = self._sasl_user
+        self._sasl_user = None
+        return AuthCredentials(_AUTH_LOGIN, user, text)
+
+    # ------------------------------------------------------------------- DATA
+
+    def _start_data(self) -> None:
+        # The sentinel CRLF lets the first line be matched like every other line.
+        self._dbuf = bytearray(b"\r\n")
+        self._dbuf += self._buf[self._pos :]
+        del self._buf[:]
+        self._pos = 0
+        self._dscan = 0
+        self._dsize = 0
+        self._dtoo_big = False
+
+    def _next_data_event(self) -> Event | _Sentinel:
+        buf = self._dbuf
+        idx = buf.find(b"\r\n.\r\n", self._dscan)
+        cfg = self.config
+        if idx < 0:
+            n = len(buf)
+            # Stuffing can only make wire data longer; allow a margin, then stop keeping it.
+            if self._dsize + n > cfg.max_message_size + (cfg.max_message_size >> 3) + 1024:
+                self._dtoo_big = True
+            if self._dtoo_big and n > 4:
+                self._dsize += n - 4
+                del buf[:-4]
+                n = 4
+            self._dscan = max(0, n - 4)
+            return NEED_DATA
+        rest = bytes(buf[idx + 5 :])
+        self._buf = bytearray(rest)
+        self._pos = 0
+        if self._dtoo_big:
+            self._dbuf = bytearray()
+            return DataComplete(b"", R.TOO_BIG)
+        raw = bytes(buf[: idx + 2])
+        self._dbuf = bytearray()
+        return self._finish_message(raw)
+
+    def _finish_message(self, raw: bytes) -> DataComplete:
+        cfg = self.config
+        limit = cfg.max_line_length
+        if limit and len(raw) > limit and max(map(len, raw.split(b"\r\n"))) > limit - 2:
+            return DataComplete(b"", R.TEXT_LINE_TOO_LONG)
+        data = raw.replace(b"\r\n.", b"\r\n")[2:]
+        n_crlf = data.count(b"\r\n")
+        if data.count(b"\n") != n_crlf or data.count(b"\r") != n_crlf:
+            if not cfg.normalize_bare_line_endings:
+                return DataComplete(b"", R.BARE_LF)
+            data = _BARE_RE.sub(b"\r\n", data)
+        if len(data) > cfg.max_message_size:
+            return DataComplete(b"", R.TOO_BIG)
+        return DataComplete(data)
+
+    # ----------------------------------------------------------------- output
+
+    def send(self, reply: Reply) -> bytes:
+        """Answer the pending event (or send the greeting) and return the wire bytes.
+
+        The reply decides the state transition. After too many errors or unknown
+        commands a ``421`` is appended and the session is closed (check
+        :attr:`closed`).
+
+        Raises:
+            LocalProtocolError: when no event awaits a reply (use
+                :meth:`close_reply` for an unsolicited 421).
+        """
+        enh = self.config.enhanced_status_codes
+        if self.state is State.GREETING:
+            if reply.code == 220:
+                self.state = State.INIT
+            elif reply.code == 421:
+                self.state = State.CLOSED
+            else:
+                self.state = State.REJECTED
+            return reply.to_bytes(enh)
+        ev = self._pending
+        if ev is None:
+            raise LocalProtocolError(R.TEMP_ERROR, "no event awaiting a reply")
+        self._pending = None
+        code = reply.code
+        out = reply.to_bytes(enh)
+        t = type(ev)
+        if t is RcptTo:
+            if code < 300:
+                self.state = State.RCPT
+                self._rcpt_count += 1
+        elif t is MailFrom:
+            if code < 300:
+                assert isinstance(ev, MailFrom)
+                self.state = State.MAIL
+                self._mail_utf8 = "SMTPUTF8" in ev.params
+                self._rcpt_count = 0
+                self._rcpt_attempts = 0
+        elif t is DataComplete:
+            self._reset_transaction()
+        elif t is Data:
+            if code == 354:
+                self.state = State.DATA
+                self._start_data()
+        elif t is Helo:
+            if code < 300:
+                assert isinstance(ev, Helo)
+                self.helo_name = ev.name
+                self.esmtp = ev.esmtp
+                if self.state is not State.REJECTED:
+                    self.state = State.READY
+                self._reset_transaction()
+        elif t is Rset:
+            if code < 300:
+                self._reset_transaction()
+        elif t is Quit:
+            self.state = State.CLOSED
+        elif t is StartTls:
+            if code == 220:
+                self.state = State.TLS_PENDING
+                del self._buf[:]  # CVE-2011-0411: drop anything pipelined in plaintext
+                self._pos = 0
+        elif t is AuthCredentials:
+            if code == 235:
+                self.authenticated = True
+        elif t is AutoReply:
+            assert isinstance(ev, AutoReply)
+            if ev.reply is R.UNKNOWN_COMMAND or ev.reply is R.BAD_BYTES:
+                if self.unknown_commands > self.config.max_unknown_commands:
+                    self.state = State.CLOSED
+                    return out + _TOO_MANY_UNKNOWN.to_bytes(enh)
+        if code == 421:
+            self.state = State.CLOSED
+            return out
+        if code >= 500 and t is not DataComplete:
+            self.errors += 1
+            if self.errors >= self.config.max_errors:
+                self.state = State.CLOSED
+                out += R.TOO_MANY_ERRORS.to_bytes(enh)
+        return out
+
+    def close_reply(self, reply: Reply) -> bytes:
+        """Render an unsolicited reply (a 421 on timeout or shutdown) and close the session."""
+        self._pending = None
+        self.state = State.CLOSED
+        return reply.to_bytes(self.config.enhanced_status_codes)
+
+    def tls_established(self) -> None:
+        """Call after the STARTTLS handshake: state resets to before HELO (RFC 3207 §4.2)."""
+        if self.state is not State.TLS_PENDING:
+            raise LocalProtocolError(R.TEMP_ERROR, "no STARTTLS handshake pending")
+        self.tls_active = True
+        self.state = State.INIT
+        self.helo_name = None
+        self.esmtp = False
+        self.authenticated = False
+        del self._buf[:]
+        self._pos = 0
+        self._reset_transaction()
+        self.state = State.INIT
+
+    def _reset_transaction(self) -> None:
+        self._rcpt_count = 0
+        self._rcpt_attempts = 0
+        self._mail_utf8 = False
+        if self.state not in (State.INIT, State.REJECTED, State.CLOSED, State.TLS_PENDING):
+            self.state = State.READY if self.helo_name is not None else State.INIT
+
+    # ---------------------------------------------------------------- replies
+
+    def ehlo_keywords(self) -> list[str]:
+        """The EHLO keywords currently offered (RFC 1869 §4.3), in order."""
+        cfg = self.config
+        kws: list[str] = []
+        if cfg.pipelining:
+            kws.append("PIPELINING")
+        kws.append(f"SIZE {cfg.max_message_size}")
+        if cfg.eightbitmime:
+            kws.append("8BITMIME")
+        if cfg.smtputf8:
+            kws.append("SMTPUTF8")
+        if cfg.enhanced_status_codes:
+            kws.append("ENHANCEDSTATUSCODES")
+        if cfg.tls_available and not self.tls_active:
+            kws.append("STARTTLS")
+        if self._auth_offered() and not self.authenticated:
+            kws.append("AUTH " + " ".join(cfg.auth_mechanisms))
+        kws.append("HELP")
+        return kws
+
+    def helo_reply(self, event: Helo) -> Reply:
+        """The positive reply to HELO (one line) or EHLO (greeting plus keywords)."""
+        first = f"{self.config.hostname} Hello {event.name}"
+        if not event.esmtp:
+            return Reply(250, None, first)
+        return Reply(250, None, "\n".join([first, *self.ehlo_keywords()]))
+
+
+def _printable(data: bytes) -> str:
+    """A log-safe rendering of a command line (bounded, control bytes escaped)."""
+    return data[:200].decode("ascii", "backslashreplace").replace("\x00", "\\x00")

@@ -1,0 +1,123 @@
+"""Events produced by the sans-IO protocol core, one per client command or message.
+
+Entry points: the event classes below and the :data:`NEED_DATA` sentinel, returned by
+:meth:`smtpgate.protocol.ServerConnection.next_event`. RFC 5321 §4.1 (commands).
+Events are immutable values; do not subclass them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ..reply import Reply
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = _Sentinel.NEED_DATA
+"""Returned by ``next_event()`` when more bytes must be received first."""
+
+
+@dataclass(frozen=True, slots=True)
+class Helo:
+    """HELO (``esmtp=False``) or EHLO (``esmtp=True``) with the client's domain argument."""
+
+    name: str
+    esmtp: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MailFrom:
+    """MAIL FROM (RFC 5321 §4.1.1.2): reverse-path (``""`` for ``<>``) and ESMTP parameters."""
+
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo:
+    """RCPT TO (RFC 5321 §4.1.1.3): forward-path and ESMTP parameters."""
+
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """The DATA command; answer 354 to receive the message, or an error reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataComplete:
+    """The message ended with ``<CRLF>.<CRLF>``.
+
+    Attributes:
+        data: message bytes after dot-unstuffing (CRLF line endings; bare CR/LF
+            normalised only when the core was configured to), without the final
+            ``.<CRLF>``. Empty when ``problem`` is a size problem (the data was
+            discarded while reading).
+        problem: when set, the core found the message unacceptable (too big:
+            552 5.3.4; bare CR/LF: 550 5.6.11; text line too long: 500 5.5.2)
+            and the driver must send this reply and deliver nothing.
+    """
+
+    data: bytes
+    problem: Reply | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rset:
+    """RSET: abort the transaction (RFC 5321 §4.1.1.5)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """QUIT: answer 221 and close (RFC 5321 §4.1.1.10)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS (RFC 3207): answer 220, then start the TLS handshake."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthCredentials:
+    """A complete SASL PLAIN or LOGIN exchange (RFC 4954, RFC 4616).
+
+    The driver checks the credentials and answers 235 2.7.0, 535 5.7.8 or 454 4.7.0.
+    The password never appears in ``repr``.
+    """
+
+    mechanism: str
+    username: str
+    password: str = field(repr=False)
+    authzid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Vrfy:
+    """VRFY with its argument (RFC 5321 §4.1.1.6)."""
+
+    argument: str
+
+
+@dataclass(frozen=True, slots=True)
+class AutoReply:
+    """The core decided the reply itself: a protocol error, NOOP, HELP, a SASL challenge.
+
+    The driver sends ``reply`` as it is (it may notify its error hook first).
+    ``command`` is the offending or answered command line, for logs (AUTH data is
+    never included).
+    """
+
+    reply: Reply
+    command: str = ""
+
+
+Event = (
+    Helo | MailFrom | RcptTo | Data | DataComplete | Rset | Quit | StartTls | AuthCredentials
+    | Vrfy | AutoReply
+)
