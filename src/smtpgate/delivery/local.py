@@ -22,9 +22,7 @@ log = logging.getLogger("smtpgate.delivery.local")
 
 #: ``func(envelope, message)`` returning ``None`` (accepted), a :class:`Reply`,
 #: or an awaitable of either.
-DeliveryFunc: TypeAlias = Callable[
-    [Envelope, bytes], "Reply | None | Awaitable[Reply | None]"
-]
+DeliveryFunc: TypeAlias = Callable[[Envelope, bytes], "Reply | None | Awaitable[Reply | None]"]
 
 DISCARDED = Reply(250, "2.0.0", "Message accepted and discarded")
 ACCEPTED = Reply(250, "2.0.0", "Message accepted")

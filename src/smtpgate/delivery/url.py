@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote, unquote
 
@@ -91,9 +91,9 @@ class RelayUrl:
             return "discard:"
         userinfo = ""
         if self.username is not None:
-            userinfo = quote(self.username, safe="") + (
-                ":***" if self.password is not None else ""
-            ) + "@"
+            userinfo = (
+                quote(self.username, safe="") + (":***" if self.password is not None else "") + "@"
+            )
         query = ""
         if self.scheme != "smtp" and not self.verify:
             query = "?verify=no"

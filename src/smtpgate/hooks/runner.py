@@ -269,9 +269,7 @@ class HookRunner:
             raise
         return value
 
-    async def _call(
-        self, stage: Stage, hook: RegisteredHook, args: tuple[Any, ...]
-    ) -> HookResult:
+    async def _call(self, stage: Stage, hook: RegisteredHook, args: tuple[Any, ...]) -> HookResult:
         session_id = getattr(args[0], "session_id", "-") if args else "-"
         try:
             result = normalise_result(stage, await self._invoke(hook, args))
@@ -287,9 +285,7 @@ class HookRunner:
             )
             result = HookResult(Verdict.DENYSOFT, HOOK_TIMEOUT_REPLY)
         except _BadReturn as exc:
-            log.error(
-                "hook %s at %s: %s (session %s)", hook.name, stage.value, exc, session_id
-            )
+            log.error("hook %s at %s: %s (session %s)", hook.name, stage.value, exc, session_id)
             result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
         except Exception:
             log.exception(

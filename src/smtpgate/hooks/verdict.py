@@ -9,7 +9,7 @@ RFC 5321 §4.2 (reply codes), §3.8 (421 closes the channel); RFC 3463 (enhanced
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 
 from ..errors import SmtpgateError
 from ..reply import Reply
@@ -108,8 +108,8 @@ CONT_RESULT = HookResult(Verdict.CONT)
 """The shared "no opinion" result (results are immutable, so one instance serves)."""
 
 
-class Stage(str, Enum):
-    """The points in an SMTP session where hooks run.
+class Stage(StrEnum):
+    """The points in an SMTP session where hooks run (a ``str`` enum: ``Stage.RCPT == "rcpt"``).
 
     Members (values are the lower-case names used in configuration):
         CONNECT: after the TCP (and PROXY/TLS-on-connect) set-up, before the greeting.
@@ -153,9 +153,7 @@ for _stage, _reply in _DENY.items():
 for _stage, _reply in _DENYSOFT.items():
     _DEFAULTS[(_stage, Verdict.DENYSOFT)] = _reply
     _DEFAULTS[(_stage, Verdict.DENYSOFT_DISCONNECT)] = (
-        _reply
-        if _reply.code == 421
-        else Reply(421, "4.7.0", f"{_reply.text}, closing connection")
+        _reply if _reply.code == 421 else Reply(421, "4.7.0", f"{_reply.text}, closing connection")
     )
 del _stage, _reply
 

@@ -1,0 +1,284 @@
+"""The embeddable server: configuration + hooks + policy + delivery, started and stopped.
+
+Entry point: :class:`Smtpgate`. ``await app.start()`` / ``await app.stop()`` inside an
+event loop, or ``app.start_thread()`` / ``app.stop_thread()`` from synchronous code
+(like aiosmtpd's Controller or tcllib ``::smtpd::start``/``::smtpd::stop``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import __version__
+from .auth import Authenticator, CallableAuthenticator, FailureLimiter, UsersFileAuthenticator
+from .config import Config, config_from_mapping
+from .delivery import CallableDelivery, Delivery, make_delivery
+from .hooks import HookRunner, Stage, load_callable
+from .policy import RelayPolicy
+from .protocol import ProtocolConfig
+from .server import ServerContext, SmtpServer, server_tls_context
+
+log = logging.getLogger("smtpgate")
+
+DeliverFunc = Callable[..., Any]
+
+
+class Smtpgate:
+    """An smtpgate server instance.
+
+    Args:
+        config: a :class:`~smtpgate.config.Config` (``load_config(path)``), a mapping
+            with the TOML structure (``{"server": {"listen": ["127.0.0.1:0"]}}``), or
+            ``None`` for the embedded defaults (127.0.0.1:2525, Maildir delivery).
+        deliver: deliver accepted messages to this instead of the configured relay
+            or Maildir: a :class:`~smtpgate.delivery.Delivery`, or a callable
+            ``(envelope, message: bytes) -> None | Reply`` (sync or async; see
+            :class:`~smtpgate.delivery.local.CallableDelivery`).
+        authenticator: check AUTH credentials with this instead of ``auth.users_file``:
+            an :class:`~smtpgate.auth.Authenticator` or a callable
+            ``(username, password[, session]) -> bool``. Enables AUTH.
+
+    Attributes:
+        hooks: the :class:`~smtpgate.hooks.HookRunner`; register with
+            :meth:`hook` or ``app.hooks.register(stage, func)``.
+        relay: the :class:`~smtpgate.policy.RelayPolicy`; change relay domains and
+            local networks at run time (nssmtpd ``ns_smtpd relay|local ...``).
+        config: the configuration in force.
+
+    Raises:
+        ConfigError: invalid configuration (every problem listed), unloadable hook or
+            TLS files.
+    """
+
+    def __init__(
+        self,
+        config: Config | dict[str, Any] | None = None,
+        *,
+        deliver: Delivery | DeliverFunc | None = None,
+        authenticator: Authenticator | Callable[..., Any] | None = None,
+    ) -> None:
+        if config is None:
+            config = Config.default()
+        elif isinstance(config, dict):
+            config = config_from_mapping(config)
+        self.config = config
+        hooks_cfg = config.hooks
+        self.hooks = HookRunner(timeout=hooks_cfg.timeout)
+        for stage in Stage:
+            for spec in getattr(hooks_cfg, stage.value, ()):
+                self.hooks.register(stage, load_callable(spec, f"hooks.{stage.value}"), name=spec)
+        self.relay = RelayPolicy(config.relay.relay_domains, config.relay.local_networks)
+        self._delivery_arg = deliver
+        self.delivery: Delivery | None = None
+        self.authenticator = self._make_authenticator(authenticator)
+        self.tls_context = (
+            server_tls_context(
+                config.tls.certificate,
+                config.tls.key,
+                cafile=config.tls.cafile,
+                capath=config.tls.capath,
+                ciphers=config.tls.ciphers,
+                min_version=config.tls.min_version,
+            )
+            if config.tls.certificate
+            else None
+        )
+        self.server: SmtpServer | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_loop: asyncio.AbstractEventLoop | None = None
+
+    def _make_authenticator(
+        self, authenticator: Authenticator | Callable[..., Any] | None
+    ) -> Authenticator | None:
+        auth = self.config.auth
+        if authenticator is not None:
+            if hasattr(authenticator, "authenticate"):
+                return authenticator
+            return CallableAuthenticator(authenticator)
+        if auth.authenticator:
+            return CallableAuthenticator(load_callable(auth.authenticator, "auth.authenticator"))
+        if auth.users_file:
+            return UsersFileAuthenticator(auth.users_file)
+        return None
+
+    def _make_delivery(self) -> Delivery:
+        arg = self._delivery_arg
+        if arg is None:
+            cfg = self.config
+            return make_delivery(
+                cfg.relay.url or None,
+                maildir_path=cfg.maildir.path,
+                timeout=cfg.relay.timeout,
+                helo_name=cfg.server.hostname,
+                cafile=cfg.relay.cafile or None,
+            )
+        if hasattr(arg, "deliver") and not inspect.isroutine(arg):
+            return arg  # type: ignore[return-value]
+        return CallableDelivery(arg)
+
+    def hook(
+        self, stage: Stage | str, *, priority: int = 0
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering a hook: ``@app.hook("rcpt")`` (see :mod:`smtpgate.hooks`)."""
+
+        def register(func: Callable[..., Any]) -> Callable[..., Any]:
+            self.hooks.register(stage, func, priority=priority)
+            return func
+
+        return register
+
+    def protocol_config(self) -> ProtocolConfig:
+        """The sans-IO core settings derived from the configuration."""
+        s = self.config.server
+        mechanisms = tuple(self.config.auth.mechanisms) if self.authenticator else ()
+        return ProtocolConfig(
+            hostname=s.hostname,
+            max_message_size=s.max_message_size,
+            max_recipients=s.max_recipients,
+            max_line_length=s.max_line_length,
+            max_command_line=s.max_command_line,
+            max_errors=s.max_errors,
+            max_unknown_commands=s.max_unknown_commands,
+            normalize_bare_line_endings=s.bare_line_endings == "normalize",
+            smtputf8=s.smtputf8,
+            tls_available=self.tls_context is not None,
+            auth_mechanisms=mechanisms,
+            auth_require_tls=self.config.auth.require_tls,
+        )
+
+    def _context(self, delivery: Delivery) -> ServerContext:
+        s = self.config.server
+        a = self.config.auth
+        return ServerContext(
+            protocol=self.protocol_config(),
+            hooks=self.hooks,
+            relay=self.relay,
+            delivery=delivery,
+            authenticator=self.authenticator,
+            auth_limiter=FailureLimiter(a.max_failures, a.failure_window),
+            tls_context=self.tls_context,
+            greeting=s.greeting.replace("%H", s.hostname).replace("%V", __version__),
+            command_timeout=s.command_timeout,
+            data_timeout=s.data_timeout,
+            received_tls=s.received_tls,
+            received_auth=s.received_auth,
+        )
+
+    # ---------------------------------------------------------------- asyncio
+
+    async def start(self) -> None:
+        """Bind the listeners and start accepting connections (returns once listening).
+
+        Raises:
+            OSError: an address cannot be bound.
+        """
+        self.delivery = self._make_delivery()
+        s = self.config.server
+        self.server = SmtpServer(
+            self._context(self.delivery),
+            [(a.host, a.port) for a in s.listen],
+            max_connections=s.max_connections,
+            max_connections_per_ip=s.max_connections_per_ip,
+        )
+        await self.server.start()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every bound listener (port 0 resolved)."""
+        return self.server.bound_addresses if self.server else []
+
+    @property
+    def port(self) -> int:
+        """The port of the first listener (handy with ``listen = ["127.0.0.1:0"]``)."""
+        return self.addresses[0][1]
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Graceful shutdown: stop accepting, finish transactions in flight, close delivery.
+
+        Args:
+            timeout: seconds for transactions in flight; default ``server.shutdown_timeout``.
+        """
+        if self.server is not None:
+            await self.server.close(
+                self.config.server.shutdown_timeout if timeout is None else timeout
+            )
+            self.server = None
+        if self.delivery is not None:
+            await self.delivery.aclose()
+            self.delivery = None
+
+    async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
+        """Start, then run until ``stop`` is set (or the task is cancelled), then stop."""
+        await self.start()
+        try:
+            if stop is None:
+                await asyncio.Event().wait()
+            else:
+                await stop.wait()
+        finally:
+            await self.stop()
+
+    # ------------------------------------------------------------- threading
+
+    def start_thread(self, timeout: float = 10.0) -> None:
+        """Run the server in a background thread with its own event loop.
+
+        Returns once the listeners are bound.
+
+        Raises:
+            OSError / ConfigError: whatever :meth:`start` raised in the thread.
+            RuntimeError: already started, or the thread did not start within ``timeout``.
+        """
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def runner() -> None:
+            loop = asyncio.new_event_loop()
+            self._thread_loop = loop
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as exc:  # reported to the caller below
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=runner, name="smtpgate", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise RuntimeError("smtpgate did not start in time")
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+
+    def stop_thread(self, timeout: float | None = None) -> None:
+        """Stop a server started with :meth:`start_thread` (graceful, see :meth:`stop`)."""
+        loop, thread = self._thread_loop, self._thread
+        if loop is None or thread is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self.stop(timeout), loop)
+        fut.result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        self._thread = None
+        self._thread_loop = None
+
+    def run_sync(self, coro: Awaitable[Any]) -> Any:
+        """Run a coroutine on the server thread's loop (for relay/local changes from threads)."""
+        if self._thread_loop is None:
+            raise RuntimeError("not running in a thread")
+        return asyncio.run_coroutine_threadsafe(coro, self._thread_loop).result()  # type: ignore[arg-type]

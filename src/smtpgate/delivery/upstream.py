@@ -1,0 +1,668 @@
+"""Synchronous relay to one upstream SMTP server, with a pool of idle connections.
+
+Entry point: :class:`UpstreamDelivery` (``deliver`` / ``aclose``), built on aiosmtplib's
+low-level commands. RFC 5321 §3.3 (one transaction: MAIL, RCPT..., DATA), RFC 3207
+(STARTTLS), RFC 8314 (implicit TLS), RFC 4954/4616 (AUTH PLAIN), RFC 1870 (SIZE),
+RFC 6152 (8BITMIME), RFC 6531 (SMTPUTF8), RFC 3461 (DSN), RFC 8689 (REQUIRETLS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from ..envelope import Envelope, Recipient, SessionInfo
+from ..errors import (
+    ConfigError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
+from ..reply import Reply
+from .url import RelayUrl, parse_relay_url
+
+__all__ = ["UpstreamDelivery", "upstream_reply"]
+
+log = logging.getLogger("smtpgate.delivery.upstream")
+
+#: Any network-level failure: refused, timed out, TLS failed, connection lost.
+UNREACHABLE = Reply(451, "4.4.1", "Upstream unreachable, try again later")
+#: Our credentials for the upstream were refused: our configuration problem.
+UPSTREAM_AUTH_FAILED = Reply(451, "4.7.0", "Upstream authentication failed, try again later")
+SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery is shutting down, try again later")
+SMTPUTF8_UNSUPPORTED = Reply(
+    553, "5.6.7", "Upstream does not support SMTPUTF8; message needs it (RFC 6531)"
+)
+BINARY_UNSUPPORTED = Reply(
+    554, "5.6.3", "Binary content cannot be relayed (upstream BDAT/BINARYMIME not supported)"
+)
+REQUIRETLS_UNAVAILABLE = Reply(550, "5.7.30", "REQUIRETLS support required")
+NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+# RFC 5321 §4.1.2 esmtp-value (plus UTF-8 under SMTPUTF8, RFC 6531 §3.3).
+_ESMTP_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+$")
+_BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+_NOT_DATA_SAFE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+_HELO_NAME = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
+
+# ESMTP parameter -> the EHLO keyword (lower case) the upstream must advertise.
+_MAIL_PARAM_EXT: dict[str, str] = {
+    "RET": "dsn",
+    "ENVID": "dsn",
+    "MT-PRIORITY": "mt-priority",
+    "HOLDFOR": "futurerelease",
+    "HOLDUNTIL": "futurerelease",
+    "BY": "deliverby",
+}
+_RCPT_PARAM_EXT: dict[str, str] = {"NOTIFY": "dsn", "ORCPT": "dsn", "RRVS": "rrvs"}
+_NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError)
+
+
+def upstream_reply(code: int, message: str, what: str) -> Reply:
+    """Turn an upstream failure reply into the reply for our client.
+
+    The upstream's enhanced status code (RFC 3463) is taken from the start of its
+    text when present and of the same class, else ``4.0.0`` / ``5.0.0``. A 421
+    becomes 451 (the client's session is not closing); anything outside 4xx/5xx
+    becomes 451 4.0.0.
+
+    Args:
+        code: the upstream reply code.
+        message: the upstream reply text (aiosmtplib joins lines with ``\\n``).
+        what: our prefix, e.g. ``"Upstream refused <a@b>"``.
+
+    Returns:
+        ``Reply(code, enhanced, "<what>: <code> <enhanced> <upstream text>")``.
+    """
+    lines = [ln.strip() for ln in message.split("\n")] or [""]
+    enhanced: str | None = None
+    texts: list[str] = []
+    for line in lines:
+        m = _ENHANCED.match(line)
+        if m:
+            if enhanced is None:
+                enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+            line = line[m.end() :]
+        if line:
+            texts.append(line)
+    text = _UNPRINTABLE.sub("?", " ".join(texts))[:300]
+    shown = f"{code} {enhanced} {text}" if enhanced else f"{code} {text}"
+    if not 400 <= code < 600:
+        out_code, cls = 451, "4"
+    else:
+        out_code, cls = (451 if code == 421 else code), str(code)[0]
+    if enhanced is None or enhanced[0] != cls:
+        enhanced = f"{cls}.0.0"
+    return Reply(out_code, enhanced, f"{what}: {shown.strip()}")
+
+
+def _raise_upstream(code: int, message: str, what: str) -> DeliveryError:
+    reply = upstream_reply(code, message, what)
+    cls = TemporaryDeliveryError if reply.is_transient else PermanentDeliveryError
+    return cls(reply)
+
+
+def _strip_enhanced(message: str) -> str:
+    parts = []
+    for line in message.split("\n"):
+        line = line.strip()
+        m = _ENHANCED.match(line)
+        parts.append(line[m.end() :] if m else line)
+    return _UNPRINTABLE.sub("?", " ".join(p for p in parts if p))[:300]
+
+
+def _is_ascii(text: str) -> bool:
+    return text.isascii()
+
+
+class _AuthFailed(Exception):
+    """Our AUTH to the upstream failed (detail is the upstream's text, no credentials)."""
+
+
+class _Stale(Exception):
+    """A pooled connection turned out dead before anything was sent."""
+
+
+@dataclass(eq=False)
+class _Conn:
+    smtp: aiosmtplib.SMTP
+    created: float
+    last_used: float
+    authenticated: bool = False
+    tls: bool = False
+    uses: int = 0
+    clean: bool = True  # no transaction open on the upstream
+    extensions: dict[str, str] = field(default_factory=dict)
+
+
+class UpstreamDelivery:
+    """Relay each transaction to one upstream SMTP server, synchronously.
+
+    ``deliver`` returns only after the upstream accepted the message (its 250
+    to DATA). If the upstream refuses any recipient, the transaction is reset
+    (RSET) and nothing is sent to anyone. ESMTP parameters are passed on when
+    the upstream advertises the matching extension. An 8-bit body is sent as
+    is to an upstream without 8BITMIME (like Postfix).
+
+    Idle connections (already through STARTTLS and AUTH) are kept in a small
+    pool. Each connection carries one transaction at a time; a connection idle
+    for ``probe_after`` seconds is probed with RSET before reuse, and a pooled
+    connection found dead at MAIL is replaced by a fresh one (nothing was sent).
+
+    Args:
+        url: the relay URL (:class:`RelayUrl` or its text), not ``discard:``.
+        timeout: per-command and connect timeout, seconds.
+        helo_name: our EHLO name.
+        cafile: PEM CA bundle used instead of the system CAs to verify the
+            upstream certificate (``smtp+starttls``, ``smtps``, ``plain``).
+        pool_size: most idle connections kept (0 disables reuse).
+        idle_timeout: close an idle connection after this many seconds.
+        probe_after: RSET-probe a connection idle at least this long, seconds.
+        max_age: do not reuse a connection older than this, seconds.
+        max_uses: do not reuse a connection after this many transactions.
+
+    Raises:
+        ConfigError: bad URL, ``discard:``, or an invalid ``helo_name``.
+    """
+
+    def __init__(
+        self,
+        url: RelayUrl | str,
+        *,
+        timeout: float = 60.0,
+        helo_name: str = "localhost",
+        cafile: str | None = None,
+        pool_size: int = 4,
+        idle_timeout: float = 30.0,
+        probe_after: float = 5.0,
+        max_age: float = 300.0,
+        max_uses: int = 100,
+    ) -> None:
+        self.url = parse_relay_url(url) if isinstance(url, str) else url
+        if self.url.is_discard:
+            raise ConfigError("relay URL 'discard:' has no upstream; use DiscardDelivery")
+        if not _HELO_NAME.match(helo_name):
+            raise ConfigError(f"helo_name {helo_name[:80]!r}: not a valid host name")
+        self.timeout = timeout
+        self.helo_name = helo_name
+        self.cafile = cafile
+        self.pool_size = pool_size
+        self.idle_timeout = idle_timeout
+        self.probe_after = probe_after
+        self.max_age = max_age
+        self.max_uses = max_uses
+        self._idle: list[_Conn] = []
+        self._busy: set[_Conn] = set()
+        self._closed = False
+        self._reaper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+        #: Connections opened so far (for metrics and tests).
+        self.connections_opened = 0
+
+    def __repr__(self) -> str:
+        return f"UpstreamDelivery({self.url.redacted()!r})"
+
+    # -- TLS and connection set-up -------------------------------------------------
+
+    def _build_context(self, verify: bool) -> ssl.SSLContext:
+        if verify:
+            return ssl.create_default_context(cafile=self.cafile)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    async def _context(self, verify: bool) -> ssl.SSLContext:
+        ctx = self._contexts.get(verify)
+        if ctx is None:
+            ctx = await asyncio.to_thread(self._build_context, verify)
+            self._contexts[verify] = ctx
+        return ctx
+
+    async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            if not smtp.is_connected:
+                raise
+            await smtp.helo()
+
+    async def _open(self, *, plaintext: bool = False) -> _Conn:
+        """Connect, EHLO, STARTTLS per policy, AUTH. Raises network errors / _AuthFailed."""
+        url = self.url
+        mode = url.tls
+        verify = url.verify and mode != "may"
+        ctx = await self._context(verify) if mode != "none" else None
+        smtp = aiosmtplib.SMTP(
+            hostname=url.host,
+            port=url.port,
+            local_hostname=self.helo_name,
+            timeout=self.timeout,
+            use_tls=mode == "implicit",
+            start_tls=False,
+            tls_context=ctx,
+        )
+        self.connections_opened += 1
+        try:
+            await smtp.connect()
+            await self._ehlo(smtp)
+            tls = mode == "implicit"
+            if mode in ("may", "required") and not plaintext:
+                if smtp.supports_extension("starttls"):
+                    try:
+                        await smtp.starttls(tls_context=ctx)
+                    except aiosmtplib.SMTPResponseException as exc:
+                        if mode == "required" or not smtp.is_connected:
+                            raise
+                        log.info(
+                            "upstream %s refused STARTTLS (%s); continuing in plaintext",
+                            url.host_port,
+                            exc.code,
+                        )
+                    except _NETWORK_ERRORS as exc:
+                        if mode == "required":
+                            raise
+                        log.info(
+                            "upstream %s: STARTTLS failed (%s); retrying in plaintext",
+                            url.host_port,
+                            exc,
+                        )
+                        smtp.close()
+                        return await self._open(plaintext=True)
+                    else:
+                        tls = True
+                        await self._ehlo(smtp)
+                elif mode == "required":
+                    raise aiosmtplib.SMTPNotSupported("upstream does not offer STARTTLS")
+            authenticated = False
+            if url.username is not None and url.password is not None:
+                await self._auth(smtp)
+                authenticated = True
+        except BaseException:
+            smtp.close()
+            raise
+        now = time.monotonic()
+        return _Conn(
+            smtp,
+            now,
+            now,
+            authenticated=authenticated,
+            tls=tls,
+            extensions=dict(smtp.esmtp_extensions),
+        )
+
+    async def _auth(self, smtp: aiosmtplib.SMTP) -> None:
+        url = self.url
+        assert url.username is not None and url.password is not None
+        if not smtp.supports_extension("auth"):
+            raise _AuthFailed("upstream does not advertise AUTH")
+        try:
+            if url.auth_mechanism == "PLAIN":
+                await smtp.auth_plain(url.username, url.password)
+            else:
+                await smtp.login(url.username, url.password)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise _AuthFailed(f"{exc.code} {_strip_enhanced(exc.message)}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _AuthFailed(f"{exc.code} {_strip_enhanced(exc.message)}") from None
+        except aiosmtplib.SMTPServerDisconnected:
+            raise
+        except aiosmtplib.SMTPException as exc:
+            raise _AuthFailed(str(exc)) from None
+
+    async def _connect(self) -> _Conn:
+        """Open a fresh connection, mapping every failure to a DeliveryError."""
+        try:
+            return await self._open()
+        except _AuthFailed as exc:
+            log.error(
+                "AUTHENTICATION TO UPSTREAM %s FAILED as user %r: %s -- check the relay "
+                "credentials",
+                self.url.host_port,
+                self.url.username,
+                exc,
+            )
+            raise TemporaryDeliveryError(UPSTREAM_AUTH_FAILED, "upstream AUTH failed") from None
+        except _NETWORK_ERRORS as exc:
+            log.warning(
+                "upstream %s unreachable: %s: %s", self.url.host_port, type(exc).__name__, exc
+            )
+            raise TemporaryDeliveryError(UNREACHABLE, "upstream unreachable") from None
+
+    # -- pool -------------------------------------------------------------------
+
+    def _reusable(self, conn: _Conn, now: float) -> bool:
+        return (
+            conn.clean
+            and conn.smtp.is_connected
+            and now - conn.last_used < self.idle_timeout
+            and now - conn.created < self.max_age
+            and conn.uses < self.max_uses
+        )
+
+    async def _acquire(self, *, fresh: bool = False) -> tuple[_Conn, bool]:
+        """A connection for one transaction: (connection, taken from the pool)."""
+        while self._idle and not fresh:
+            conn = self._idle.pop()
+            now = time.monotonic()
+            if not self._reusable(conn, now):
+                self._spawn_close(conn)
+                continue
+            if now - conn.last_used >= self.probe_after:
+                try:
+                    await conn.smtp.rset(timeout=min(self.timeout, 10.0))
+                except _NETWORK_ERRORS:
+                    self._spawn_close(conn, polite=False)
+                    continue
+            return conn, True
+        return await self._connect(), False
+
+    def _release(self, conn: _Conn) -> None:
+        now = time.monotonic()
+        conn.last_used = now
+        if not self._closed and len(self._idle) < self.pool_size and self._reusable(conn, now):
+            self._idle.append(conn)
+            if self._reaper is None or self._reaper.done():
+                self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        else:
+            self._spawn_close(conn)
+
+    async def _close(self, conn: _Conn, polite: bool = True) -> None:
+        smtp = conn.smtp
+        try:
+            if polite and smtp.is_connected:
+                await asyncio.wait_for(smtp.quit(), timeout=min(self.timeout, 5.0))
+        except (*_NETWORK_ERRORS, asyncio.CancelledError):
+            pass
+        finally:
+            smtp.close()
+
+    def _spawn_close(self, conn: _Conn, polite: bool = True) -> None:
+        if not conn.smtp.is_connected:
+            conn.smtp.close()
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._close(conn, polite=polite and conn.clean)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reap(self) -> None:
+        """Close idle connections once they pass ``idle_timeout``."""
+        while self._idle and not self._closed:
+            now = time.monotonic()
+            expired = [c for c in self._idle if now - c.last_used >= self.idle_timeout]
+            for conn in expired:
+                self._idle.remove(conn)
+                self._spawn_close(conn)
+            if self._idle:
+                oldest = min(c.last_used for c in self._idle)
+                await asyncio.sleep(max(0.05, oldest + self.idle_timeout - now))
+
+    @property
+    def idle_connections(self) -> int:
+        """Connections currently idle in the pool."""
+        return len(self._idle)
+
+    async def aclose(self) -> None:
+        """Close every pooled connection (QUIT) and stop the pool.
+
+        Connections in use finish their transaction and are closed on release;
+        ``deliver`` calls after ``aclose`` raise TemporaryDeliveryError 451 4.3.2.
+        """
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except asyncio.CancelledError:
+                pass
+            self._reaper = None
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._close(c) for c in idle), return_exceptions=True)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- one transaction -----------------------------------------------------------
+
+    @staticmethod
+    def _param(key: str, value: str | None) -> str | None:
+        if value is None:
+            return key
+        if not _ESMTP_VALUE.match(value):
+            log.warning("dropping ESMTP parameter %s with an invalid value", key)
+            return None
+        return f"{key}={value}"
+
+    def _mail_options(
+        self, conn: _Conn, envelope: Envelope, message: bytes
+    ) -> tuple[list[str], bool]:
+        """MAIL FROM parameters for this upstream, and whether to use SMTPUTF8.
+
+        Raises:
+            PermanentDeliveryError: the message needs an extension the upstream lacks.
+        """
+        ext = conn.extensions
+        params = envelope.mail_params
+        addresses = [envelope.mail_from, *envelope.recipients]
+        needs_utf8 = not all(_is_ascii(a) for a in addresses)
+        if not needs_utf8 and envelope.smtputf8:
+            head = message.split(b"\r\n\r\n", 1)[0]
+            needs_utf8 = not head.isascii()
+        if needs_utf8 and "smtputf8" not in ext:
+            raise PermanentDeliveryError(SMTPUTF8_UNSUPPORTED)
+        use_utf8 = needs_utf8 or (envelope.smtputf8 and "smtputf8" in ext)
+        opts: list[str] = []
+        if "size" in ext:
+            opts.append(f"SIZE={len(message)}")
+        body = envelope.body_type
+        if body == "BINARYMIME":
+            if _NOT_DATA_SAFE.search(message):
+                raise PermanentDeliveryError(BINARY_UNSUPPORTED)
+            body = "8BITMIME"
+        if "BODY" in params and "8bitmime" in ext and body in ("7BIT", "8BITMIME"):
+            opts.append(f"BODY={body}")
+        if use_utf8:
+            opts.append("SMTPUTF8")
+        if "REQUIRETLS" in params:
+            if not (conn.tls and "requiretls" in ext):
+                raise PermanentDeliveryError(REQUIRETLS_UNAVAILABLE)
+            opts.append("REQUIRETLS")
+        for key, value in params.items():
+            if key in ("SIZE", "BODY", "SMTPUTF8", "REQUIRETLS"):
+                continue
+            needed = _MAIL_PARAM_EXT.get(key)
+            if key == "AUTH":
+                needed = "auth" if conn.authenticated else None
+            if needed is None or needed not in ext:
+                log.debug("not passing MAIL parameter %s upstream", key)
+                continue
+            item = self._param(key, value)
+            if item is not None:
+                opts.append(item)
+        return opts, use_utf8
+
+    def _rcpt_options(self, conn: _Conn, rcpt: Recipient) -> list[str]:
+        opts = []
+        for key, value in rcpt.params.items():
+            needed = _RCPT_PARAM_EXT.get(key)
+            if needed is None or needed not in conn.extensions:
+                continue
+            item = self._param(key, value)
+            if item is not None:
+                opts.append(item)
+        return opts
+
+    async def _rset(self, conn: _Conn) -> None:
+        """End an open transaction upstream; a failed RSET makes the connection unusable."""
+        if not conn.smtp.is_connected:
+            conn.clean = False
+            return
+        try:
+            await conn.smtp.rset(timeout=min(self.timeout, 10.0))
+            conn.clean = True
+        except _NETWORK_ERRORS:
+            conn.clean = False
+
+    async def _transaction(
+        self, conn: _Conn, envelope: Envelope, message: bytes, reused: bool
+    ) -> Reply:
+        smtp = conn.smtp
+        opts, use_utf8 = self._mail_options(conn, envelope, message)
+        enc = "utf-8" if use_utf8 else "ascii"
+        conn.uses += 1
+        conn.clean = False
+        try:
+            resp = await smtp.execute_command(
+                b"MAIL",
+                b"FROM:<" + envelope.mail_from.encode(enc) + b">",
+                *(o.encode(enc) for o in opts),
+            )
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            if reused:
+                raise _Stale() from exc
+            raise
+        if not 200 <= resp.code < 300:
+            await self._rset(conn)
+            raise _raise_upstream(
+                resp.code, resp.message, f"Upstream refused sender <{envelope.mail_from}>"
+            )
+        refusals: list[tuple[str, aiosmtplib.SMTPResponse]] = []
+        for rcpt in envelope.rcpt_to:
+            rcpt_opts = self._rcpt_options(conn, rcpt)
+            resp = await smtp.execute_command(
+                b"RCPT",
+                b"TO:<" + rcpt.address.encode(enc) + b">",
+                *(o.encode(enc) for o in rcpt_opts),
+            )
+            if not 200 <= resp.code < 300:
+                refusals.append((rcpt.address, resp))
+                if resp.code == 421 or not smtp.is_connected:
+                    break
+        if refusals:
+            await self._rset(conn)
+            temp = [r for r in refusals if 400 <= r[1].code < 500]
+            address, resp = (temp or refusals)[0]
+            more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
+            log.warning(
+                "upstream %s refused %d recipient(s); transaction reset, nothing delivered",
+                self.url.host_port,
+                len(refusals),
+            )
+            err = _raise_upstream(resp.code, resp.message, f"Upstream refused <{address}>")
+            if more:
+                err.reply = err.reply.with_text(err.reply.text + more)
+            raise err
+        try:
+            resp = await smtp.data(message)
+        except aiosmtplib.SMTPDataError as exc:
+            await self._rset(conn)
+            raise _raise_upstream(exc.code, exc.message, "Upstream rejected the message") from None
+        conn.clean = True
+        return Reply(250, "2.0.0", f"Message accepted upstream: {_strip_enhanced(resp.message)}")
+
+    # -- public --------------------------------------------------------------------
+
+    @staticmethod
+    def _check_envelope(envelope: Envelope) -> None:
+        if not envelope.rcpt_to:
+            raise PermanentDeliveryError(NO_RECIPIENTS)
+        if _BAD_ADDRESS.search(envelope.mail_from):
+            raise PermanentDeliveryError(BAD_SENDER)
+        for rcpt in envelope.rcpt_to:
+            if not rcpt.address or _BAD_ADDRESS.search(rcpt.address):
+                raise PermanentDeliveryError(BAD_RECIPIENT)
+
+    async def deliver(
+        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+    ) -> Reply:
+        """Relay one transaction upstream and return once it is accepted there.
+
+        Args:
+            envelope: reverse-path, MAIL parameters and recipients with their parameters.
+            message: the complete message: CRLF line endings, not dot-stuffed
+                (aiosmtplib dot-stuffs on the wire), trace header already prepended.
+            session: the client's session (its id is logged).
+
+        Returns:
+            ``250 2.0.0 Message accepted upstream: <upstream text>``.
+
+        Raises:
+            TemporaryDeliveryError: upstream unreachable / TLS failure / connection
+                lost (451 4.4.1), our AUTH refused (451 4.7.0), a 4xx from the
+                upstream (its code and enhanced code), or after :meth:`aclose`.
+            PermanentDeliveryError: a 5xx from the upstream (sender, any
+                recipient, or the data), or the message needs SMTPUTF8 /
+                REQUIRETLS / binary transport the upstream lacks.
+        """
+        if self._closed:
+            raise TemporaryDeliveryError(SHUTTING_DOWN)
+        self._check_envelope(envelope)
+        sid = session.session_id if session else "-"
+        fresh = False
+        while True:
+            conn, reused = await self._acquire(fresh=fresh)
+            self._busy.add(conn)
+            try:
+                reply = await self._transaction(conn, envelope, message, reused)
+            except _Stale:
+                log.info(
+                    "upstream %s: pooled connection was closed; reconnecting", self.url.host_port
+                )
+                conn.clean = False
+                fresh = True
+                continue
+            except DeliveryError as exc:
+                log.info(
+                    "session=%s upstream %s: from=%r rcpts=%d size=%d failed: %s",
+                    sid,
+                    self.url.host_port,
+                    envelope.mail_from,
+                    len(envelope.rcpt_to),
+                    len(message),
+                    exc.reply,
+                )
+                raise
+            except (*_NETWORK_ERRORS, UnicodeEncodeError, ValueError) as exc:
+                conn.clean = False
+                log.warning(
+                    "session=%s upstream %s: transaction failed: %s: %s",
+                    sid,
+                    self.url.host_port,
+                    type(exc).__name__,
+                    exc,
+                )
+                raise TemporaryDeliveryError(UNREACHABLE, "upstream connection failed") from None
+            except BaseException:
+                conn.clean = False
+                raise
+            finally:
+                self._busy.discard(conn)
+                self._release(conn)
+            log.info(
+                "session=%s upstream %s: from=%r rcpts=%d size=%d accepted: %s",
+                sid,
+                self.url.host_port,
+                envelope.mail_from,
+                len(envelope.rcpt_to),
+                len(message),
+                reply,
+            )
+            return reply
+
+    async def __aenter__(self) -> UpstreamDelivery:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

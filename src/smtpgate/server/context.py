@@ -1,0 +1,51 @@
+"""Everything a session needs from the running server, bundled once per listener.
+
+Entry point: :class:`ServerContext`. Built by :class:`smtpgate.app.Smtpgate`; sessions
+only read it (the relay policy and hook runner may be changed at run time through
+the app, and sessions see the change at their next command).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+
+from ..auth import Authenticator, FailureLimiter
+from ..delivery import Delivery
+from ..hooks import HookRunner
+from ..policy import RelayPolicy
+from ..protocol import ProtocolConfig
+
+
+@dataclass(slots=True)
+class ServerContext:
+    """Shared, per-listener session settings and services.
+
+    Attributes:
+        protocol: settings of the sans-IO core.
+        hooks: the hook runner (connect, helo, mail, rcpt, data, quit, error).
+        relay: relay control (relay domains, local networks).
+        delivery: where accepted messages go (upstream relay, Maildir, callable).
+        authenticator: SASL credential check, ``None`` when AUTH is off.
+        auth_limiter: failed-AUTH rate limit per client IP.
+        tls_context: server TLS context for STARTTLS, ``None`` when TLS is off.
+        greeting: text of the 220 banner.
+        command_timeout / data_timeout: seconds (RFC 5321 §4.5.3.2).
+        received_tls / received_auth: what the Received header includes.
+        vrfy_reply: reply to VRFY.
+        tls_handshake_timeout: seconds allowed for the STARTTLS handshake.
+    """
+
+    protocol: ProtocolConfig
+    hooks: HookRunner
+    relay: RelayPolicy
+    delivery: Delivery
+    authenticator: Authenticator | None = None
+    auth_limiter: FailureLimiter = field(default_factory=FailureLimiter)
+    tls_context: ssl.SSLContext | None = None
+    greeting: str = "localhost ESMTP smtpgate"
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    received_tls: bool = True
+    received_auth: bool = False
+    tls_handshake_timeout: float = 60.0

@@ -1,0 +1,153 @@
+"""Listeners and connection admission: one asyncio server per listen address.
+
+Entry point: :class:`SmtpServer` (``start``, ``close``, ``sockets``). Enforces the
+total and per-client-IP connection limits (421 4.7.0 beyond them) and the graceful
+shutdown bound: idle sessions get 421 4.3.2 at once, sessions with a transaction in
+flight may finish it within ``shutdown_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Sequence
+
+from ..reply import R, Reply
+from .context import ServerContext
+from .session import Session
+
+log = logging.getLogger("smtpgate.server")
+
+
+class SmtpServer:
+    """Accepts SMTP connections on several addresses and runs a :class:`Session` for each.
+
+    Args:
+        ctx: the shared session context.
+        addresses: ``(host, port)`` pairs; port 0 picks a free port (see
+            :attr:`bound_addresses`). IPv6 hosts are given without brackets.
+        max_connections: total concurrent sessions.
+        max_connections_per_ip: concurrent sessions per client IP.
+        backlog: listen(2) queue length.
+    """
+
+    def __init__(
+        self,
+        ctx: ServerContext,
+        addresses: Sequence[tuple[str, int]],
+        *,
+        max_connections: int = 1000,
+        max_connections_per_ip: int = 50,
+        backlog: int = 1024,
+    ) -> None:
+        self.ctx = ctx
+        self.addresses = list(addresses)
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.backlog = backlog
+        self.sessions: set[Session] = set()
+        self._per_ip: dict[str, int] = {}
+        self._servers: list[asyncio.Server] = []
+        self._closing = False
+
+    async def start(self) -> None:
+        """Bind every address and start accepting.
+
+        Raises:
+            OSError: when an address cannot be bound (in use, no such interface);
+                listeners already bound are closed first.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            for host, port in self.addresses:
+                server = await loop.create_server(
+                    lambda: Session(self, self.ctx),
+                    host=host,
+                    port=port,
+                    backlog=self.backlog,
+                    reuse_address=True,
+                    family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
+                )
+                self._servers.append(server)
+                for sock in server.sockets:
+                    log.info("listening on %s", _fmt(sock.getsockname()))
+        except OSError:
+            await self._close_listeners()
+            raise
+
+    @property
+    def bound_addresses(self) -> list[tuple[str, int]]:
+        """The ``(host, port)`` pairs actually bound (useful with port 0)."""
+        out: list[tuple[str, int]] = []
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((str(name[0]), int(name[1])))
+        return out
+
+    def admit(self, session: Session, ip: str) -> Reply | None:
+        """Count a new connection; return the 421 reply when a limit is reached."""
+        if self._closing:
+            return R.SHUTDOWN
+        if len(self.sessions) >= self.max_connections:
+            return R.TOO_MANY_CONNECTIONS
+        n = self._per_ip.get(ip, 0)
+        if n >= self.max_connections_per_ip:
+            return R.TOO_MANY_FROM_IP
+        self._per_ip[ip] = n + 1
+        self.sessions.add(session)
+        return None
+
+    def release(self, session: Session, ip: str) -> None:
+        """Forget a connection admitted by :meth:`admit`."""
+        self.sessions.discard(session)
+        n = self._per_ip.get(ip, 0) - 1
+        if n > 0:
+            self._per_ip[ip] = n
+        else:
+            self._per_ip.pop(ip, None)
+
+    async def _close_listeners(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Graceful shutdown: stop accepting, let transactions in flight finish.
+
+        Args:
+            timeout: seconds to wait for sessions with a transaction in flight;
+                sessions still running then are ended with 421 4.3.2.
+        """
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        tasks = []
+        for session in list(self.sessions):
+            session.shutdown()
+            if session.task is not None:
+                tasks.append(session.task)
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for session in list(self.sessions):
+                session.abort()
+            if pending:
+                log.warning("shutdown: %d session(s) cut off after %.1fs", len(pending), timeout)
+                await asyncio.wait(pending, timeout=5.0)
+        # Server.wait_closed() also waits for connections; the sessions are gone by now.
+        for server in self._servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 5.0)
+            except asyncio.TimeoutError:
+                pass
+        self._servers.clear()
+
+
+def _fmt(name: tuple[object, ...] | str) -> str:
+    if isinstance(name, tuple):
+        host = str(name[0])
+        return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
+    return str(name)

@@ -1,0 +1,581 @@
+"""The session driver: one asyncio protocol per client connection.
+
+Entry point: :class:`Session` (an ``asyncio.Protocol``), created by
+:class:`smtpgate.server.listener.SmtpServer`. It feeds received bytes to the sans-IO
+core, awaits hooks, policy and delivery for each event, and writes the replies,
+batched while the client pipelines (RFC 2920). Timeouts per RFC 5321 §4.5.3.2,
+STARTTLS per RFC 3207 (``loop.start_tls``), AUTH per RFC 4954. No protocol rules here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from ..delivery.received import build_received
+from ..envelope import Envelope, Recipient, SessionInfo
+from ..errors import AuthError, DeliveryError
+from ..hooks import HookResult, Stage, Transaction, Verdict, default_reply
+from ..protocol import (
+    NEED_DATA,
+    AuthCredentials,
+    AutoReply,
+    Data,
+    DataComplete,
+    Helo,
+    MailFrom,
+    Quit,
+    RcptTo,
+    Rset,
+    ServerConnection,
+    StartTls,
+    Vrfy,
+)
+from ..reply import R, Reply
+
+if TYPE_CHECKING:
+    from .context import ServerContext
+    from .listener import SmtpServer
+
+log = logging.getLogger("smtpgate.session")
+
+_PAUSE_AT = 1 << 20  # bytes of unprocessed command input before we stop reading
+_ids = itertools.count(1)
+_ID_PREFIX = f"{os.getpid() & 0xFFFF:04X}{int(time.time()) & 0xFFFFFF:06X}"
+
+
+def _new_session_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):06X}"
+
+
+def _normalise_ip(ip: str) -> str:
+    if ip.startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _PeerGone(Exception):
+    pass
+
+
+class Session(asyncio.Protocol):
+    """One SMTP session over one connection.
+
+    Lifecycle: ``connection_made`` → admission by the server (connection limits) →
+    a task runs :meth:`_run` until QUIT, 421, timeout or disconnect → the quit hook
+    runs → ``connection_lost`` releases the connection slot.
+    """
+
+    def __init__(self, server: SmtpServer, ctx: ServerContext) -> None:
+        self.server = server
+        self.ctx = ctx
+        self.conn = ServerConnection(ctx.protocol)
+        self.info: SessionInfo | None = None
+        self.transport: asyncio.Transport | None = None
+        self.transaction: Transaction | None = None
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._out: list[bytes] = []
+        self._lost = False
+        self._paused = False
+        self._write_paused = False
+        self._shutdown = False
+        self._idle = False
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._admitted = False
+        self._tx_count = 0
+        self._messages = 0
+        self._ip = ""
+
+    # ----------------------------------------------------------- asyncio glue
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; duck typing suffices.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("sockname") or ("", 0)
+        ip = _normalise_ip(str(peer[0])) if peer else ""
+        self._ip = ip
+        refusal = self.server.admit(self, ip)
+        if refusal is not None:
+            transport.write(refusal.to_bytes())
+            transport.close()
+            log.info("refused client=%s reason=%r", ip, refusal.text)
+            return
+        self._admitted = True
+        self.info = SessionInfo(
+            session_id=_new_session_id(),
+            peer_ip=ip,
+            peer_port=int(peer[1]) if len(peer) > 1 else 0,
+            local_ip=_normalise_ip(str(sock[0])) if sock else "",
+            local_port=int(sock[1]) if len(sock) > 1 else 0,
+            hostname=self.ctx.protocol.hostname,
+        )
+        if self.conn.tls_active:
+            self._record_tls(transport)
+        self._task = self._loop.create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.receive_data(data)
+        if conn.buffered > _PAUSE_AT and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_data(b"")
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self.conn.receive_data(b"")
+        self._wake()
+        dw = self._drain_waiter
+        if dw is not None and not dw.done():
+            dw.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._admitted:
+            self._admitted = False
+            self.server.release(self, self._ip)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        dw = self._drain_waiter
+        if dw is not None and not dw.done():
+            dw.set_result(None)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # --------------------------------------------------------------- plumbing
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            if self.transport is not None and not self._lost:
+                self.transport.write(data)
+
+    async def _drain(self) -> None:
+        if self._write_paused and not self._lost:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+            self._drain_waiter = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        if now < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(_Timeout())
+
+    async def _wait_data(self, timeout: float) -> None:
+        """Wait for bytes from the client; raises _Timeout or _PeerGone."""
+        if self._lost or self.conn.peer_closed:
+            raise _PeerGone()
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        self._deadline = self._loop.time() + timeout
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    # ------------------------------------------------------------ session run
+
+    async def _run(self) -> None:
+        info = self.info
+        assert info is not None
+        conn = self.conn
+        ctx = self.ctx
+        hooks = ctx.hooks
+        reason = "quit"
+        try:
+            greeting = Reply(220, None, ctx.greeting)
+            if hooks.has(Stage.CONNECT):
+                result = await hooks.run(Stage.CONNECT, info)
+                if result.verdict.is_denial:
+                    greeting = self._denial(Stage.CONNECT, result)
+                    if result.disconnect or greeting.code == 421:
+                        self._out.append(conn.close_reply(greeting))
+                        reason = "rejected"
+                        return
+            self._out.append(conn.send(greeting))
+            while not conn.closed:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    if conn.peer_closed:
+                        reason = "disconnected" if not conn.closed else reason
+                        break
+                    self._flush()
+                    await self._drain()
+                    if self._shutdown and not conn.in_transaction:
+                        self._out.append(conn.close_reply(R.SHUTDOWN))
+                        reason = "shutdown"
+                        break
+                    self._idle = not conn.in_transaction
+                    try:
+                        await self._wait_data(
+                            ctx.data_timeout if conn.in_data else ctx.command_timeout
+                        )
+                    finally:
+                        self._idle = False
+                    continue
+                t = type(ev)
+                if t is AutoReply:
+                    assert isinstance(ev, AutoReply)
+                    reply = ev.reply
+                    self._out.append(conn.send(reply))
+                    if reply.code >= 400:
+                        await self._error_hook(reply, ev.command)
+                    continue
+                if t is DataComplete:
+                    assert isinstance(ev, DataComplete)
+                    self._flush()
+                    reply = await self._on_message(ev)
+                elif t is RcptTo:
+                    assert isinstance(ev, RcptTo)
+                    reply = await self._on_rcpt(ev)
+                elif t is MailFrom:
+                    assert isinstance(ev, MailFrom)
+                    reply = await self._on_mail(ev)
+                elif t is Data:
+                    reply = R.DATA_GO
+                elif t is Helo:
+                    assert isinstance(ev, Helo)
+                    reply = await self._on_helo(ev)
+                elif t is Rset:
+                    self.transaction = None
+                    reply = R.RESET
+                elif t is Quit:
+                    self._out.append(conn.send(R.BYE))
+                    reason = "quit"
+                    break
+                elif t is StartTls:
+                    await self._on_starttls()
+                    continue
+                elif t is AuthCredentials:
+                    assert isinstance(ev, AuthCredentials)
+                    reply = await self._on_auth(ev)
+                elif t is Vrfy:
+                    reply = R.VRFY
+                else:  # pragma: no cover - every event type is handled above
+                    reply = R.TEMP_ERROR
+                disconnect = self._disconnect_after
+                self._disconnect_after = False
+                self._out.append(conn.send(reply))
+                if reply.code >= 400:
+                    await self._error_hook(reply, type(ev).__name__)
+                if disconnect and not conn.closed:
+                    conn.close_reply(reply)  # state only: the reply is already queued
+                    reason = "dropped by hook"
+            if conn.closed and reason == "quit" and not isinstance(ev, Quit):
+                reason = "closed"
+        except _Timeout:
+            self._out.append(conn.close_reply(R.TIMEOUT))
+            reason = "timeout"
+        except _PeerGone:
+            reason = "disconnected"
+        except asyncio.CancelledError:
+            if not self._lost:
+                self._out.append(conn.close_reply(R.SHUTDOWN))
+            reason = "shutdown"
+        except Exception:
+            log.exception("session %s: internal error", info.session_id)
+            if not self._lost:
+                self._out.append(conn.close_reply(R.TEMP_ERROR.with_text(
+                    "Local error, closing connection")))
+            reason = "internal error"
+        finally:
+            await self._finish(reason)
+
+    _disconnect_after = False
+
+    async def _finish(self, reason: str) -> None:
+        info = self.info
+        assert info is not None
+        self._flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None and not self._lost:
+            self.transport.close()
+        if self.ctx.hooks.has(Stage.QUIT):
+            try:
+                await self.ctx.hooks.run(Stage.QUIT, info)
+            except Exception:  # the runner logs hook errors; never let them escape
+                log.exception("session %s: quit hook failed", info.session_id)
+        log.info(
+            "session id=%s client=%s helo=%s tls=%s auth=%s messages=%d errors=%d "
+            "duration=%.3fs end=%s",
+            info.session_id,
+            info.peer_ip,
+            info.helo_name or "-",
+            info.tls_version or "-",
+            info.auth_user or "-",
+            self._messages,
+            self.conn.errors,
+            time.time() - info.start_time,
+            reason,
+        )
+
+    def _denial(self, stage: Stage, result: HookResult) -> Reply:
+        reply = result.reply or default_reply(stage, result.verdict)
+        if reply is None:
+            reply = R.TEMP_ERROR if result.verdict.is_transient else R.ACCESS_DENIED
+        if result.disconnect:
+            self._disconnect_after = True
+        return reply
+
+    async def _error_hook(self, reply: Reply, command: str) -> None:
+        if self.ctx.hooks.has(Stage.ERROR):
+            assert self.info is not None
+            await self.ctx.hooks.run(Stage.ERROR, self.info, reply, command)
+
+    # -------------------------------------------------------------- commands
+
+    async def _on_helo(self, ev: Helo) -> Reply:
+        info = self.info
+        assert info is not None
+        hooks = self.ctx.hooks
+        if hooks.has(Stage.HELO):
+            result = await hooks.run(Stage.HELO, info, ev.name)
+            if result.verdict.is_denial:
+                return self._denial(Stage.HELO, result)
+        info.helo_name = ev.name
+        info.esmtp = ev.esmtp
+        self.transaction = None
+        return self.conn.helo_reply(ev)
+
+    async def _on_mail(self, ev: MailFrom) -> Reply:
+        info = self.info
+        assert info is not None
+        self._tx_count += 1
+        tx = Transaction(
+            Envelope(ev.address, dict(ev.params)), f"{info.session_id}.{self._tx_count}"
+        )
+        hooks = self.ctx.hooks
+        if hooks.has(Stage.MAIL):
+            result = await hooks.run(Stage.MAIL, info, tx)
+            if result.verdict.is_denial:
+                return self._denial(Stage.MAIL, result)
+            if result.verdict is Verdict.OK and result.reply is not None:
+                self.transaction = tx
+                return result.reply
+        self.transaction = tx
+        return R.SENDER_OK
+
+    async def _on_rcpt(self, ev: RcptTo) -> Reply:
+        info = self.info
+        tx = self.transaction
+        assert info is not None and tx is not None
+        if not self.ctx.relay.may_relay(info.peer_ip, info.auth_user, ev.address):
+            log.info(
+                "relay denied id=%s client=%s from=<%s> to=<%s>",
+                tx.id, info.peer_ip, tx.envelope.mail_from, ev.address,
+            )
+            return R.RELAY_DENIED
+        rcpt = Recipient(ev.address, dict(ev.params))
+        hooks = self.ctx.hooks
+        reply = R.RCPT_OK
+        if hooks.has(Stage.RCPT):
+            result = await hooks.run(Stage.RCPT, info, tx, rcpt)
+            if result.verdict.is_denial:
+                return self._denial(Stage.RCPT, result)
+            if result.verdict is Verdict.OK and result.reply is not None:
+                reply = result.reply
+        tx.envelope.rcpt_to.append(rcpt)
+        return reply
+
+    async def _on_starttls(self) -> None:
+        ctx = self.ctx
+        conn = self.conn
+        info = self.info
+        assert info is not None and self.transport is not None
+        if ctx.tls_context is None:  # the core does not offer STARTTLS without one
+            self._out.append(conn.send(R.TLS_NOT_AVAILABLE))
+            return
+        self._out.append(conn.send(R.STARTTLS_GO))
+        self._flush()
+        try:
+            new_transport = await self._loop.start_tls(
+                self.transport,
+                self,
+                ctx.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=ctx.tls_handshake_timeout,
+            )
+        except (OSError, asyncio.TimeoutError, ConnectionError, Exception) as exc:
+            log.info("session %s: TLS handshake failed: %s", info.session_id, exc)
+            conn.close_reply(R.TLS_NOT_AVAILABLE)
+            self._lost = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if new_transport is None:
+            conn.close_reply(R.TLS_NOT_AVAILABLE)
+            return
+        self.transport = new_transport
+        conn.tls_established()
+        self.transaction = None
+        info.helo_name = None
+        info.esmtp = False
+        info.auth_user = None
+        self._record_tls(new_transport)
+
+    def _record_tls(self, transport: asyncio.BaseTransport) -> None:
+        info = self.info
+        assert info is not None
+        sslobj: Any = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            info.tls_version = sslobj.version()
+            cipher = sslobj.cipher()
+            info.tls_cipher = cipher[0] if cipher else None
+
+    async def _on_auth(self, ev: AuthCredentials) -> Reply:
+        ctx = self.ctx
+        info = self.info
+        assert info is not None
+        if ctx.authenticator is None:
+            return R.AUTH_TEMP
+        limiter = ctx.auth_limiter
+        if limiter.is_blocked(info.peer_ip):
+            log.warning("auth rate-limited client=%s", info.peer_ip)
+            return R.AUTH_RATE
+        if ev.authzid and ev.authzid != ev.username:
+            ok = False
+        else:
+            try:
+                ok = await ctx.authenticator.authenticate(ev.username, ev.password, info)
+            except AuthError as exc:
+                log.error("auth back end failed client=%s: %s", info.peer_ip, exc)
+                return R.AUTH_TEMP
+            except Exception:
+                log.exception("auth back end raised client=%s", info.peer_ip)
+                return R.AUTH_TEMP
+        if ok:
+            limiter.record_success(info.peer_ip)
+            info.auth_user = ev.username
+            log.info("auth ok id=%s client=%s user=%s mechanism=%s",
+                     info.session_id, info.peer_ip, ev.username, ev.mechanism)
+            return R.AUTH_OK
+        limiter.record_failure(info.peer_ip)
+        log.warning("auth failed id=%s client=%s user=%r mechanism=%s",
+                    info.session_id, info.peer_ip, ev.username[:64], ev.mechanism)
+        return R.AUTH_FAILED
+
+    # --------------------------------------------------------------- message
+
+    async def _on_message(self, ev: DataComplete) -> Reply:
+        info = self.info
+        tx = self.transaction
+        assert info is not None and tx is not None
+        self.transaction = None
+        started = time.monotonic()
+        envelope = tx.envelope
+        if ev.problem is not None:
+            self._log_tx(tx, len(ev.data), ev.problem, started, "refused by core")
+            return ev.problem
+        tx.message = ev.data
+        hooks = self.ctx.hooks
+        if hooks.has(Stage.DATA):
+            result = await hooks.run(Stage.DATA, info, tx)
+            if result.verdict.is_denial:
+                reply = self._denial(Stage.DATA, result)
+                self._log_tx(tx, len(ev.data), reply, started, "data hook")
+                return reply
+        message = tx.raw if tx.modified else ev.data
+        if not envelope.rcpt_to:
+            reply = tx.reply or R.OK.with_text("Message accepted; no recipients left")
+            self._log_tx(tx, len(message), reply, started, "no recipients after data hook")
+            return reply
+        received = build_received(
+            info,
+            envelope,
+            queue_id=tx.id,
+            include_tls=self.ctx.received_tls,
+            include_auth=self.ctx.received_auth,
+        )
+        try:
+            reply = await self.ctx.delivery.deliver(envelope, received + message, info)
+        except DeliveryError as exc:
+            reply = exc.reply
+            self._log_tx(tx, len(message), reply, started, "delivery failed")
+            return reply
+        except Exception:
+            log.exception("transaction %s: delivery raised", tx.id)
+            reply = R.TEMP_ERROR
+            self._log_tx(tx, len(message), reply, started, "delivery error")
+            return reply
+        if not reply.is_positive:
+            self._log_tx(tx, len(message), reply, started, "delivery refused")
+            return reply
+        self._messages += 1
+        if tx.reply is not None and tx.reply.code < 300:
+            reply = tx.reply
+        self._log_tx(tx, len(message), reply, started, "delivered")
+        return reply
+
+    def _log_tx(self, tx: Transaction, size: int, reply: Reply, started: float, what: str) -> None:
+        info = self.info
+        assert info is not None
+        env = tx.envelope
+        log.info(
+            "transaction id=%s client=%s helo=%s from=<%s> to=%s size=%d result=%r "
+            "outcome=%s time=%.3fs",
+            tx.id,
+            info.peer_ip,
+            info.helo_name or "-",
+            env.mail_from,
+            ",".join(f"<{r.address}>" for r in env.rcpt_to) or "-",
+            size,
+            f"{reply.code} {reply.enhanced or ''} {reply.text}".replace("  ", " ")[:300],
+            what,
+            time.monotonic() - started,
+        )
+
+    # -------------------------------------------------------------- shutdown
+
+    def shutdown(self) -> None:
+        """Ask the session to end: now if idle between transactions, else after the transaction."""
+        self._shutdown = True
+        if self._idle and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def abort(self) -> None:
+        """End the session now (graceful shutdown bound exceeded): 421 and close."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The task running the session, ``None`` if the connection was refused."""
+        return self._task
