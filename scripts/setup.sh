@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what smtpgate needs on a fresh Debian machine (idempotent, quiet when done before):
+#   - Debian packages used by the tests and the benchmark: postfix (smtp-sink/smtp-source,
+#     installed WITHOUT configuring a mail system), swaks, openssl;
+#   - a virtualenv in .venv with smtpgate installed editable, plus the test/uvloop extras.
+# Usage: scripts/setup.sh [--no-apt]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_apt=1
+[ "${1:-}" = "--no-apt" ] && want_apt=0
+
+if [ "$want_apt" = 1 ]; then
+  missing=()
+  command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+  [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo"
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    $SUDO apt-get update -qq
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.smtpgate-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing smtpgate and its test dependencies into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e ".[test,uvloop]"
+  touch "$stamp"
+fi
