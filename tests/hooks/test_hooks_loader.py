@@ -16,7 +16,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.hooks import Stage, Transaction, Verdict, load_callable, runner_from_config
 
 HOOKS_SOURCE = textwrap.dedent(
-    '''
+    """
     from smtpgate.hooks import reject, accept
 
     CONSTANT = 42
@@ -40,7 +40,7 @@ HOOKS_SOURCE = textwrap.dedent(
             @classmethod
             def connect(cls, session):
                 return None
-    '''
+    """
 )
 
 
@@ -72,8 +72,11 @@ def test_load_function_and_attribute_chains(hookpkg: str) -> None:
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ("mypkg_does_not_exist.hooks:f", "hooks.rcpt: cannot import 'mypkg_does_not_exist.hooks'"
-         ": No module named 'mypkg_does_not_exist'"),
+        (
+            "mypkg_does_not_exist.hooks:f",
+            "hooks.rcpt: cannot import 'mypkg_does_not_exist.hooks'"
+            ": No module named 'mypkg_does_not_exist'",
+        ),
         ("{pkg}.nope:f", "hooks.rcpt: cannot import '{pkg}.nope': No module named '{pkg}.nope'"),
         ("{pkg}.needs_missing:f", "No module named 'surely_not_installed_xyz'"),
         ("{pkg}.broken:f", "hooks.rcpt: importing '{pkg}.broken' failed: RuntimeError"),
@@ -133,7 +136,11 @@ def test_runner_from_config_reports_every_problem(hookpkg: str) -> None:
     problems = info.value.problems
     keys = sorted(p.split(":", 1)[0] for p in problems)
     assert keys == [
-        "hooks.bogus", "hooks.data[1]", "hooks.data[2]", "hooks.mail", "hooks.rcpt",
+        "hooks.bogus",
+        "hooks.data[1]",
+        "hooks.data[2]",
+        "hooks.mail",
+        "hooks.rcpt",
         "hooks.timeout",
     ]
     assert any("unknown hook stage" in p and "rcpt" in p for p in problems)

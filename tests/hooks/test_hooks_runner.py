@@ -108,8 +108,11 @@ async def test_ok_stops_the_chain(session: SessionInfo) -> None:
         (lambda: Reply(550, "5.1.1", "Unknown"), Verdict.DENY, Reply(550, "5.1.1", "Unknown")),
         (lambda: Reply(452, "4.2.2", "Full"), Verdict.DENYSOFT, Reply(452, "4.2.2", "Full")),
         (lambda: Reply(250, "2.1.5", "Yes"), Verdict.OK, Reply(250, "2.1.5", "Yes")),
-        (lambda: HookResult(Verdict.DENYSOFT), Verdict.DENYSOFT,
-         Reply(450, "4.7.1", "Recipient temporarily rejected")),
+        (
+            lambda: HookResult(Verdict.DENYSOFT),
+            Verdict.DENYSOFT,
+            Reply(450, "4.7.1", "Recipient temporarily rejected"),
+        ),
         (lambda: drop(), Verdict.DENYSOFT_DISCONNECT, Reply(421, "4.7.0", "Closing connection")),
         (lambda: "250 OK", Verdict.DENYSOFT, R.HOOK_ERROR),  # garbage → hook error
         (lambda: 42, Verdict.DENYSOFT, R.HOOK_ERROR),
@@ -118,22 +121,19 @@ async def test_ok_stops_the_chain(session: SessionInfo) -> None:
 async def test_return_values_through_the_runner(
     session: SessionInfo, behaviour: Any, verdict: Verdict, reply: Reply | None
 ) -> None:
-    for is_async in (False, True):
+
+    async def async_hook(*args: Any) -> Any:
+        await asyncio.sleep(0)
+        return behaviour()
+
+    def sync_hook(*args: Any) -> Any:
+        return behaviour()
+
+    for hook in (sync_hook, async_hook):
         runner = HookRunner()
-        if is_async:
-
-            async def hook(*args: Any) -> Any:
-                await asyncio.sleep(0)
-                return behaviour()
-
-        else:
-
-            def hook(*args: Any) -> Any:
-                return behaviour()
-
         runner.register("rcpt", hook)
         result = await runner.run("rcpt", *rcpt_args(session))
-        assert (result.verdict, result.reply) == (verdict, reply), is_async
+        assert (result.verdict, result.reply) == (verdict, reply), hook.__name__
 
 
 @pytest.mark.parametrize(
@@ -268,9 +268,7 @@ async def test_sync_hook_runs_on_loop_thread(session: SessionInfo) -> None:
     assert seen == [threading.get_ident()]
 
 
-async def test_slow_sync_hook_warns(
-    session: SessionInfo, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_slow_sync_hook_warns(session: SessionInfo, caplog: pytest.LogCaptureFixture) -> None:
     runner = HookRunner()
 
     def slow(s: SessionInfo) -> None:

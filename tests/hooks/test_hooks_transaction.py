@@ -8,16 +8,17 @@ from collections.abc import Callable
 from email import message_from_bytes
 from email import policy as email_policy
 from email.errors import MisplacedEnvelopeHeaderDefect, MissingHeaderBodySeparatorDefect
+from email.parser import BytesParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from smtpgate.envelope import Envelope
 from smtpgate.hooks import Transaction
-from smtpgate.hooks import transaction as transaction_module
 from smtpgate.reply import Reply
 
-from .conftest import corpus_bytes, corpus_rows, to_crlf
+from .hooks_corpus import corpus_bytes, corpus_rows, to_crlf
 
 MakeTxn = Callable[..., Transaction]
 
@@ -110,7 +111,7 @@ def test_headers_match_the_email_package(row: dict[str, str], make_txn: MakeTxn)
         pytest.skip("the stdlib parser ends the header block early on this message")
     txn = make_txn(raw)
     ours = txn.get_headers()
-    theirs = list(ref.items())
+    theirs = list(ref.raw_items())
     assert [n for n, _ in ours] == [n for n, _ in theirs]
     for (_, mine), (_, ref_value) in zip(ours, theirs, strict=True):
         ref_bytes = re.sub(r"\r?\n(?=[ \t])", "", ref_value).strip(" \t\r\n")
@@ -189,7 +190,7 @@ def test_no_body_separator(make_txn: MakeTxn) -> None:
     txn.set_body(b"Now it has one.\r\n")
     assert txn.raw == raw + b"X-A: 1\r\n\r\nNow it has one.\r\n"
     assert txn.body == b"Now it has one.\r\n"
-    assert txn.email.get_content() == "Now it has one.\n"
+    assert txn.email.get_content().rstrip() == "Now it has one."
 
 
 def test_no_final_newline_lf_message(make_txn: MakeTxn) -> None:
@@ -258,13 +259,12 @@ def test_non_ascii_values(make_txn: MakeTxn) -> None:
 def test_injection_attempts_are_rejected(make_txn: MakeTxn, name: str, value: str) -> None:
     raw = corpus_bytes(LATIN1)
     txn = make_txn(raw)
-    for action in (
-        lambda: txn.add_header(name, value),
-        lambda: txn.add_header(name, value, prepend=True),
-        lambda: txn.set_header(name, value),
-    ):
-        with pytest.raises(ValueError):
-            action()
+    with pytest.raises(ValueError):
+        txn.add_header(name, value)
+    with pytest.raises(ValueError):
+        txn.add_header(name, value, prepend=True)
+    with pytest.raises(ValueError):
+        txn.set_header(name, value)
     assert txn.raw == raw and not txn.modified
 
 
@@ -291,7 +291,7 @@ def test_set_raw_and_modified(make_txn: MakeTxn) -> None:
     txn.set_raw(raw)  # identical bytes: not a modification
     assert not txn.modified
     txn.set_raw(b"Subject: new\r\n\r\nbody\r\n")
-    assert txn.modified and txn.get_header("subject") == "new" and txn.size == 24
+    assert txn.modified and txn.get_header("subject") == "new" and txn.size == 22
     txn.message = raw  # the server loading a message resets the flag
     assert not txn.modified and txn.get_header("subject") == "This message has no body! (EOM)"
 
@@ -303,14 +303,13 @@ def test_email_is_lazy_cached_and_invalidated(
     make_txn: MakeTxn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parses: list[int] = []
-    real_parser = transaction_module.BytesParser
 
-    class CountingParser(real_parser):  # type: ignore[misc, valid-type]
-        def parsebytes(self, text: bytes, headersonly: bool = False) -> object:
+    class CountingParser(BytesParser):
+        def parsebytes(self, text: bytes | bytearray, headersonly: bool = False) -> Any:
             parses.append(len(text))
             return super().parsebytes(text, headersonly)
 
-    monkeypatch.setattr(transaction_module, "BytesParser", CountingParser)
+    monkeypatch.setattr("smtpgate.hooks.transaction.BytesParser", CountingParser)
     txn = make_txn(corpus_bytes(RCVD7))
     txn.get_headers()
     txn.add_header("X-A", "1")
@@ -396,8 +395,10 @@ def test_recipient_api() -> None:
     txn = Transaction(env, "T1")
     r1 = txn.add_recipient("User@Example.COM", flags=["local"], data=7)
     r2 = txn.add_recipient("<other@example.net>", params={"NOTIFY": "NEVER"})
-    assert txn.recipients is env.rcpt_to and env.recipients == ["User@Example.COM",
-                                                                 "other@example.net"]
+    assert txn.recipients is env.rcpt_to and env.recipients == [
+        "User@Example.COM",
+        "other@example.net",
+    ]
     assert txn.get_recipient("User@example.com") is r1  # domain case-insensitive
     assert txn.get_recipient("<User@EXAMPLE.com>") is r1
     with pytest.raises(KeyError):

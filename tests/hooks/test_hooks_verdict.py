@@ -124,8 +124,11 @@ R250 = Reply(250, "2.1.5", "Fine")
         (None, Verdict.CONT, None),
         (True, Verdict.CONT, None),
         (False, Verdict.DENY, Reply(550, "5.7.1", "Recipient rejected")),
-        (HookResult(Verdict.DENYSOFT), Verdict.DENYSOFT,
-         Reply(450, "4.7.1", "Recipient temporarily rejected")),
+        (
+            HookResult(Verdict.DENYSOFT),
+            Verdict.DENYSOFT,
+            Reply(450, "4.7.1", "Recipient temporarily rejected"),
+        ),
         (HookResult(Verdict.OK), Verdict.OK, None),
         (reject("No", code=550, enhanced="5.1.1"), Verdict.DENY, Reply(550, "5.1.1", "No")),
         (Verdict.DENY, Verdict.DENY, Reply(550, "5.7.1", "Recipient rejected")),
@@ -150,7 +153,14 @@ def test_garbage_return_values_are_type_errors(garbage: object) -> None:
 
 def test_stage_is_a_str_enum() -> None:
     assert Stage("rcpt") is Stage.RCPT
-    assert Stage.RCPT == "rcpt"
+    assert isinstance(Stage.RCPT, str) and str(Stage.RCPT) == "rcpt"
+    assert {"rcpt": 1}[Stage.RCPT] == 1
     assert [s.value for s in Stage] == [
-        "connect", "helo", "mail", "rcpt", "data", "quit", "error",
+        "connect",
+        "helo",
+        "mail",
+        "rcpt",
+        "data",
+        "quit",
+        "error",
     ]

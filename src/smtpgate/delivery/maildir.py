@@ -61,8 +61,13 @@ class MaildirDelivery:
         Raises:
             OSError: a directory cannot be created.
         """
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
         for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
+            try:
+                os.mkdir(os.path.join(self.path, sub), mode=0o700)
+            except FileExistsError:
+                if not os.path.isdir(os.path.join(self.path, sub)):
+                    raise
         self._ready = True
 
     def _unique_name(self) -> str:

@@ -88,12 +88,12 @@ def protocol_keyword(
     return base + ("S" if session.tls else "") + ("A" if session.auth_user else "")
 
 
-def _fold(line: str, width: int = FOLD_WIDTH) -> list[str]:
-    """Split one logical line at spaces into lines of at most ``width`` characters
-    where possible; continuation lines begin with a TAB (RFC 5322 §3.2.2 FWS)."""
-    words = line.split(" ")
+def _fold(words: list[str], first: bool, width: int = FOLD_WIDTH) -> list[str]:
+    """Join ``words`` with spaces into lines of at most ``width`` characters where
+    possible; every line but the header's first begins with a TAB (RFC 5322 §3.2.2
+    FWS). A word (the date, for one) is never split."""
     out: list[str] = []
-    current = words[0]
+    current = words[0] if first else "\t" + words[0]
     for word in words[1:]:
         if len(current) + 1 + len(word) <= width:
             current += " " + word
@@ -158,11 +158,13 @@ def build_received(
             tls += f" with cipher {_comment_text(session.tls_cipher)}"
         logical.append(tls + ")")
     stamp = format_datetime(datetime.fromtimestamp(time.time() if now is None else now, UTC))
+    groups = [item.split(" ") for item in logical]
     if len(envelope.rcpt_to) == 1:
-        logical.append(f"for <{_addr(envelope.rcpt_to[0].address)}>; {stamp}")
+        groups.append(["for", f"<{_addr(envelope.rcpt_to[0].address)}>;", stamp])
     else:
-        logical[-1] += f"; {stamp}"
+        groups[-1][-1] += ";"
+        groups[-1].append(stamp)
     lines: list[str] = []
-    for i, item in enumerate(logical):
-        lines.extend(_fold(item if i == 0 else "\t" + item))
+    for i, words in enumerate(groups):
+        lines.extend(_fold(words, first=i == 0))
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")

@@ -281,7 +281,9 @@ class ServerConnection:
         return event
 
     def _auto(self, reply: Reply, command: str) -> AutoReply:
-        ev = AutoReply(reply, command)
+        # ``command`` is for logs: escape control characters (CR, ESC, ...) so a
+        # client cannot forge or garble log lines through it.
+        ev = AutoReply(reply, _loggable(command))
         self._pending = ev
         return ev
 
@@ -396,7 +398,9 @@ class ServerConnection:
         cfg = self.config
         for kw, val in params.items():
             if kw == "SIZE":
-                if val is None or not val.isdigit() or len(val) > 20:
+                # isascii(): str.isdigit() is also true for "²" and other Unicode
+                # digits (UTF-8 is allowed in MAIL parameters), which int() rejects.
+                if val is None or not (val.isascii() and val.isdigit()) or len(val) > 20:
                     return _BAD_SIZE
                 if int(val) > cfg.max_message_size:
                     return R.TOO_BIG
@@ -761,5 +765,12 @@ class ServerConnection:
 
 
 def _printable(data: bytes) -> str:
-    """A log-safe rendering of a command line (bounded, control bytes escaped)."""
-    return data[:200].decode("ascii", "backslashreplace").replace("\x00", "\\x00")
+    """A bounded rendering of a command line (``_auto`` escapes control characters)."""
+    return data[:200].decode("ascii", "backslashreplace")
+
+
+def _loggable(text: str) -> str:
+    """``text`` with non-printable characters (C0 controls, DEL, U+2028 ...) as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)

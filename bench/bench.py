@@ -1,0 +1,625 @@
+"""Benchmark harness: smtpgate vs aiosmtpd under Postfix's smtp-source, on loopback.
+
+Entry point: ``python bench/bench.py`` (normally via ``bench/run.sh``). Runs the
+scenarios a/b/c for several rounds, alternating the servers within each round, then
+measures resident memory per idle connection after EHLO, and prints (and writes to
+bench/results/latest.txt) a table of messages/s, same-round ratios, CPU per message.
+Tuning through the environment: ROUNDS, MESSAGES, SCENARIOS, EXTRAS, MEM_CONNS, PROFILE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import idle_mem
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+SENDER = "bench@client.test"
+RECIPIENT = "sink@bench.test"
+
+
+class BenchError(Exception):
+    """The run is not clean (server died, smtp-source failed): abort, exit status 1."""
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One smtp-source workload.
+
+    Attributes:
+        key: "a", "b" or "c".
+        title: human description for the table.
+        persistent: pass ``-d`` (many messages per connection) or not (one per connection).
+        sessions: smtp-source ``-s`` (concurrent sessions).
+        size: smtp-source ``-l``, payload bytes including CRLFs (headers add ~126 bytes).
+        share: messages per run = MESSAGES * share.
+        target: required median ratio smtpgate/aiosmtpd.
+    """
+
+    key: str
+    title: str
+    persistent: bool
+    sessions: int
+    size: int
+    share: float
+    target: float
+
+
+SCENARIOS = {
+    "a": Scenario("a", "persistent, 20 sessions, 4 KiB", True, 20, 4096, 1.0, 2.0),
+    "b": Scenario("b", "conn per message, 20 conc, 4 KiB", False, 20, 4096, 0.5, 1.3),
+    "c": Scenario("c", "persistent, 10 sessions, 100 KiB", True, 10, 102400, 0.125, 3.0),
+}
+
+
+# ------------------------------------------------------------------ servers
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A server under test.
+
+    Attributes:
+        name: row label.
+        kind: "smtpgate", "aiosmtpd" or "smtp-sink".
+        uvloop: run on uvloop (smtpgate ``server.use_uvloop``, aiosmtpd ``--uvloop``).
+        relay: smtpgate relays to a Postfix smtp-sink instead of ``discard:``.
+        compared: "sg" (the smtpgate of the ratio), "base" (the baseline) or "" (info).
+    """
+
+    name: str
+    kind: str
+    uvloop: bool = False
+    relay: bool = False
+    compared: str = ""
+
+
+SG = ServerSpec("smtpgate (uvloop)", "smtpgate", uvloop=True, compared="sg")
+SG_ASYNCIO = ServerSpec("smtpgate (asyncio)", "smtpgate", uvloop=False)
+AIO = ServerSpec("aiosmtpd 1.4.6", "aiosmtpd", uvloop=False, compared="base")
+AIO_UV = ServerSpec("aiosmtpd + uvloop", "aiosmtpd", uvloop=True)
+SINK = ServerSpec("smtp-sink (rig ceiling)", "smtp-sink")
+SG_RELAY = ServerSpec("smtpgate -> smtp-sink", "smtpgate", uvloop=True, relay=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (bind to port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def smtp_ping(port: int, timeout: float = 2.0) -> bool:
+    """True when 127.0.0.1:port answers with a 220 greeting (then QUIT)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            f = s.makefile("rb")
+            line = f.readline()
+            if not line.startswith(b"220"):
+                return False
+            s.sendall(b"QUIT\r\n")
+            f.readline()
+            return True
+    except OSError:
+        return False
+
+
+def tree_pids(pid: int) -> list[int]:
+    """pid and all its descendants (via /proc/PID/task/TID/children)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    todo.extend(int(c) for c in
+                                Path(f"/proc/{p}/task/{task}/children").read_text().split())
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime (seconds) of the process tree rooted at pid, from /proc/PID/stat."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
+    """VmRSS (or VmHWM) of one process in KiB, from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise BenchError(f"{key} missing for pid {pid}")
+
+
+class Server:
+    """A running server process (plus, for the relay row, its smtp-sink upstream)."""
+
+    def __init__(self, spec: ServerSpec, workdir: Path, upstream_port: int | None = None) -> None:
+        self.spec = spec
+        self.workdir = workdir
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / (re.sub(r"[^A-Za-z0-9]+", "_", spec.name).strip("_") + ".log")
+
+    def _command(self) -> list[str]:
+        spec = self.spec
+        if spec.kind == "smtpgate":
+            cfg = self.workdir / f"smtpgate-{self.port}.toml"
+            url = (f"smtp://127.0.0.1:{self.upstream_port}" if spec.relay else "discard:")
+            cfg.write_text(
+                "[server]\n"
+                'hostname = "bench.local"\n'
+                f'listen = ["127.0.0.1:{self.port}"]\n'
+                "max_connections = 5000\n"
+                "max_connections_per_ip = 5000\n"
+                f"use_uvloop = {'true' if spec.uvloop else 'false'}\n"
+                "[relay]\n"
+                f'url = "{url}"\n'
+                "[logging]\n"
+                'level = "WARNING"\n'
+            )
+            return [sys.executable, "-m", "smtpgate", "serve", "-c", str(cfg)]
+        if spec.kind == "aiosmtpd":
+            cmd = [sys.executable, str(HERE / "aiosmtpd_discard.py"), "--port", str(self.port)]
+            return cmd + (["--uvloop"] if spec.uvloop else [])
+        if spec.kind == "smtp-sink":
+            cmd = ["smtp-sink"]
+            if os.geteuid() == 0:
+                cmd += ["-u", "nobody"]
+            return cmd + ["-m", "2000", f"127.0.0.1:{self.port}", "1024"]
+        raise ValueError(spec.kind)
+
+    def start(self) -> Server:
+        """Start on a free port and wait (<= 20 s) for its 220 greeting.
+
+        Raises:
+            BenchError: the process exited or never greeted.
+        """
+        for _attempt in range(3):
+            self.port = free_port()
+            log = self.log_path.open("ab")
+            self.proc = subprocess.Popen(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+            )
+            log.close()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                if smtp_ping(self.port):
+                    return self
+                time.sleep(0.05)
+            self.stop()
+        raise BenchError(f"{self.spec.name} did not start; see {self.log_path}:\n"
+                         + self.log_path.read_text(errors="replace")[-2000:])
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        """Raise BenchError when the server process has exited."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise BenchError(f"{self.spec.name} died; see {self.log_path}:\n"
+                             + self.log_path.read_text(errors="replace")[-2000:])
+
+    def stop(self) -> None:
+        """SIGTERM, wait up to 10 s, then SIGKILL."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# ----------------------------------------------------------------- a run
+
+
+@dataclass
+class Run:
+    """One timed smtp-source run against one server."""
+
+    server: str
+    scenario: str
+    round: int
+    messages: int
+    seconds: float
+    server_cpu: float
+    client_cpu: float
+
+    @property
+    def rate(self) -> float:
+        """Messages per second (wall clock of smtp-source)."""
+        return self.messages / self.seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        """Server CPU milliseconds (user+system, whole process tree) per message."""
+        return 1000.0 * self.server_cpu / self.messages
+
+
+def smtp_source(sc: Scenario, port: int, messages: int) -> list[str]:
+    """The smtp-source command line for a scenario (no -c: it prints per message)."""
+    cmd = ["smtp-source", "-s", str(sc.sessions), "-m", str(messages), "-l", str(sc.size),
+           "-f", SENDER, "-t", RECIPIENT, "-M", "client.test"]
+    if sc.persistent:
+        cmd.append("-d")
+    return cmd + [f"127.0.0.1:{port}"]
+
+
+def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
+    """Run smtp-source once against server; time it and measure the server's CPU.
+
+    Raises:
+        BenchError: smtp-source exited non-zero (an unexpected reply), timed out, or the
+            server died.
+    """
+    server.check_alive()
+    cmd = smtp_source(sc, server.port, messages)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0 = cpu_seconds(server.pid)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=max(120.0, messages / 20))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise BenchError(f"smtp-source timed out against {server.spec.name}: {' '.join(cmd)}")
+    t1 = time.perf_counter()
+    cpu1 = cpu_seconds(server.pid)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise BenchError(
+            f"smtp-source exit {proc.returncode} against {server.spec.name} "
+            f"(scenario {sc.key}, round {rnd}): {' '.join(cmd)}\n"
+            + out.decode(errors="replace")[-2000:]
+        )
+    server.check_alive()
+    client = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return Run(server.spec.name, sc.key, rnd, messages, t1 - t0, cpu1 - cpu0, client)
+
+
+# ------------------------------------------------------------------ stats
+
+
+def med(xs: list[float]) -> float:
+    """Median."""
+    return statistics.median(xs)
+
+
+def spread(xs: list[float], fmt: str) -> str:
+    """'median [min-max]' with the given format."""
+    return f"{med(xs):{fmt}} [{min(xs):{fmt}}-{max(xs):{fmt}}]"
+
+
+@dataclass
+class Report:
+    """Everything measured, and the text table."""
+
+    header: list[str] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+    memory: dict[str, list[float]] = field(default_factory=dict)
+    rss_after: dict[str, tuple[int, int]] = field(default_factory=dict)
+    profile: list[str] = field(default_factory=list)
+
+    def rates(self, server: str, scenario: str) -> dict[int, Run]:
+        """Runs of one server in one scenario, by round."""
+        return {r.round: r for r in self.runs if r.server == server and r.scenario == scenario}
+
+    def table(self, servers: list[ServerSpec], scenarios: list[Scenario]) -> str:
+        """The result table (plain text, 100 columns)."""
+        lines = list(self.header)
+        lines.append("")
+        w = 34
+        lines.append(f"{'scenario / server':<{w}} {'msgs/s median [min-max]':>26} "
+                     f"{'CPU ms/msg':>11} {'srv CPU':>8} {'src CPU':>8}")
+        lines.append("-" * 92)
+        verdicts: list[str] = []
+        for sc in scenarios:
+            n = int(next((r.messages for r in self.runs if r.scenario == sc.key), 0))
+            flag = "-d " if sc.persistent else ""
+            lines.append(f"{sc.key}: {sc.title}  (smtp-source {flag}-s {sc.sessions} "
+                         f"-l {sc.size} -m {n})")
+            for spec in servers:
+                runs = list(self.rates(spec.name, sc.key).values())
+                if not runs:
+                    continue
+                rates = [r.rate for r in runs]
+                cpu = med([r.cpu_ms for r in runs])
+                srv = med([r.server_cpu / r.seconds for r in runs]) * 100
+                cli = med([r.client_cpu / r.seconds for r in runs]) * 100
+                lines.append(f"  {spec.name:<{w - 2}} {spread(rates, '.0f'):>26} "
+                             f"{cpu:>11.3f} {srv:>7.0f}% {cli:>7.0f}%")
+            base = self.rates(AIO.name, sc.key)
+            for spec in servers:
+                if spec.kind != "smtpgate" or spec.relay:
+                    continue
+                mine = self.rates(spec.name, sc.key)
+                ratios = [mine[k].rate / base[k].rate for k in mine if k in base]
+                if not ratios:
+                    continue
+                label = f"  ratio {spec.name}/aiosmtpd"
+                text = f"{label:<{w}} {spread(ratios, '.2f'):>26}"
+                if spec.compared == "sg":
+                    ok = med(ratios) >= sc.target
+                    verdict = "PASS" if ok else "MISS"
+                    text += f"   target >= {sc.target:.1f}: {verdict}"
+                    verdicts.append(f"{sc.key}: ratio {med(ratios):.2f} "
+                                    f"(target {sc.target:.1f}) {verdict}")
+                lines.append(text)
+            lines.append("")
+        if self.memory:
+            lines.append("Idle connections after EHLO: server RSS delta / connections "
+                         "(median [min-max] over fresh processes)")
+            for name, vals in self.memory.items():
+                lines.append(f"  {name:<{w - 2}} {spread(vals, '.1f'):>26} KiB/conn")
+            lines.append("")
+        if self.rss_after:
+            lines.append("RSS of the long-running servers at the end of the load rounds "
+                         "(VmRSS / VmHWM, MiB)")
+            for name, (rss, hwm) in self.rss_after.items():
+                lines.append(f"  {name:<{w - 2}} {rss / 1024:>10.1f} / {hwm / 1024:.1f}")
+            lines.append("")
+        if verdicts:
+            lines.append("Targets (median of same-round ratios): " + "; ".join(verdicts))
+        lines.append("CPU ms/msg: server user+system time per message (from /proc). srv/src CPU: "
+                     "server / smtp-source CPU as % of one core during the run "
+                     "(near 100% = that process is the bottleneck).")
+        if self.profile:
+            lines.append("")
+            lines.extend(self.profile)
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ phases
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer from the environment."""
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+def header(rounds: int, base_messages: int) -> list[str]:
+    """Context lines: versions, machine, load."""
+    import aiosmtpd
+    import smtpgate
+
+    try:
+        import uvloop
+        uv = uvloop.__version__
+    except ImportError:  # pragma: no cover
+        uv = "not installed"
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    pf = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "postfix"],
+                        capture_output=True, text=True).stdout.strip() or "?"
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    return [
+        f"smtpgate benchmark  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"smtpgate {smtpgate.__version__}, aiosmtpd {aiosmtpd.__version__}, uvloop {uv}, "
+        f"Python {platform.python_version()}, postfix smtp-source {pf}",
+        f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, "
+        f"loadavg at start {' '.join(load)}",
+        f"{rounds} rounds, servers alternate within each round; MESSAGES={base_messages}. "
+        "Absolute msgs/s swing between runs; compare only the same-round ratios.",
+    ]
+
+
+def load_rounds(report: Report, servers: list[ServerSpec], scenarios: list[Scenario],
+                rounds: int, base: int, workdir: Path) -> None:
+    """Start every server once, warm them up, then run the rounds (order rotates)."""
+    started: list[Server] = []
+    try:
+        upstream: Server | None = None
+        if any(s.relay for s in servers):
+            upstream = Server(ServerSpec("smtp-sink upstream", "smtp-sink"), workdir).start()
+            started.append(upstream)
+        live: dict[str, Server] = {}
+        for spec in servers:
+            srv = Server(spec, workdir, upstream.port if upstream else None).start()
+            started.append(srv)
+            live[spec.name] = srv
+        print("warm-up ...", flush=True)
+        for sc in scenarios:
+            for spec in servers:
+                run_load(live[spec.name], sc, max(200, int(base * sc.share / 20)), 0)
+        for rnd in range(1, rounds + 1):
+            for sc in scenarios:
+                n = max(100, int(base * sc.share))
+                shift = (rnd - 1) % len(servers)
+                order = servers[shift:] + servers[:shift]
+                if rnd % 2 == 0:
+                    order.reverse()
+                parts = []
+                for spec in order:
+                    run = run_load(live[spec.name], sc, n, rnd)
+                    report.runs.append(run)
+                    parts.append(f"{spec.name} {run.rate:.0f}/s")
+                print(f"round {rnd}/{rounds} {sc.key}: " + ", ".join(parts), flush=True)
+        for spec in servers:
+            srv = live[spec.name]
+            report.rss_after[spec.name] = (rss_kib(srv.pid), rss_kib(srv.pid, "VmHWM"))
+    finally:
+        for srv in reversed(started):
+            srv.stop()
+
+
+def memory_phase(report: Report, specs: list[ServerSpec], conns: int, reps: int,
+                 workdir: Path) -> None:
+    """Idle memory per connection after EHLO, on fresh server processes."""
+    for rep in range(reps):
+        for spec in (specs if rep % 2 == 0 else list(reversed(specs))):
+            srv = Server(spec, workdir).start()
+            try:
+                per_conn = idle_mem.measure(srv.pid, srv.port, conns)
+            finally:
+                srv.stop()
+            report.memory.setdefault(spec.name, []).append(per_conn)
+            print(f"idle memory {spec.name}: {per_conn:.1f} KiB/conn", flush=True)
+
+
+def profile_phase(report: Report, scenarios: list[Scenario], base: int, workdir: Path) -> None:
+    """py-spy the smtpgate (uvloop) process under each scenario; summarise the hot spots."""
+    pyspy = shutil.which("py-spy")
+    if pyspy is None:
+        report.profile.append("PROFILE: py-spy not found (pip install py-spy)")
+        return
+    for sc in scenarios:
+        srv = Server(SG, workdir).start()
+        raw = workdir / f"pyspy-{sc.key}.txt"
+        try:
+            run_load(srv, sc, max(200, int(base * sc.share / 10)), 0)  # warm-up
+            spy = subprocess.Popen(
+                [pyspy, "record", "--pid", str(srv.pid), "--format", "raw", "--rate", "250",
+                 "--nonblocking", "--output", str(raw)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+            run_load(srv, sc, max(100, int(base * sc.share)), 0)
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+        finally:
+            srv.stop()
+        report.profile.extend(summarise_pyspy(raw, sc))
+        shutil.copy(raw, RESULTS / f"pyspy-{sc.key}.txt")
+
+
+def summarise_pyspy(raw: Path, sc: Scenario, top: int = 22) -> list[str]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    if not raw.exists():
+        return [f"profile {sc.key}: py-spy wrote nothing"]
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        frames = [f for f in frames if f and not f.startswith("process ")
+                  and not f.startswith("thread ")]
+        total += n
+        if not frames:
+            continue
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    if not total:
+        return [f"profile {sc.key}: no samples"]
+    out = [f"py-spy profile of smtpgate (uvloop), scenario {sc.key} ({total} samples; "
+           "% of samples while the server ran Python; idle time in epoll is not sampled)",
+           f"  {'self%':>6} {'total%':>7}  function (file)"]
+    for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * n / total:>6.1f} {100 * incl[name] / total:>7.1f}  {name[:110]}")
+    out.append("  -- inclusive, top smtpgate frames --")
+    mine = [(k, v) for k, v in incl.items() if "smtpgate" in k]
+    for name, n in sorted(mine, key=lambda kv: -kv[1])[:12]:
+        out.append(f"  {'':>6} {100 * n / total:>7.1f}  {name[:110]}")
+    out.append("")
+    return out
+
+
+@contextlib.contextmanager
+def terminate_on_signal() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so that servers are always stopped."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main() -> int:
+    """Run all phases; print and write the table. Exit 1 when the run was not clean."""
+    rounds = env_int("ROUNDS", 5)
+    base = env_int("MESSAGES", 10000)
+    mem_conns = env_int("MEM_CONNS", 1000)
+    mem_reps = env_int("MEM_ROUNDS", 3)
+    keys = [k.strip() for k in os.environ.get("SCENARIOS", "a,b,c").split(",") if k.strip()]
+    extras = os.environ.get("EXTRAS", "1") != "0"
+    profile = os.environ.get("PROFILE", "0") not in ("", "0")
+    for tool in ("smtp-source", "smtp-sink"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found (apt-get install postfix; see bench/run.sh)",
+                  file=sys.stderr)
+            return 1
+    scenarios = [SCENARIOS[k] for k in keys]
+    servers = [SG, AIO] + ([SG_ASYNCIO, SINK, SG_RELAY] if extras else [])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = Report(header=header(rounds, base))
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="smtpgate-bench-") as tmp, terminate_on_signal():
+        workdir = Path(tmp)
+        os.chmod(workdir, 0o755)
+        try:
+            load_rounds(report, servers, scenarios, rounds, base, workdir)
+            if mem_conns > 0:
+                mem_specs = [SG, AIO] + ([SG_ASYNCIO] if extras else [])
+                memory_phase(report, mem_specs, mem_conns, mem_reps, workdir)
+            if profile:
+                profile_phase(report, [s for s in scenarios if s.key in "ac"], base, workdir)
+        except BenchError as exc:
+            print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            for log in workdir.glob("*.log"):
+                shutil.copy(log, RESULTS / log.name)
+    report.header.append(f"wall time of the whole run: {time.monotonic() - t_start:.0f} s")
+    text = report.table(servers, scenarios)
+    print("\n" + text)
+    (RESULTS / "latest.txt").write_text(text)
+    (RESULTS / "latest.json").write_text(json.dumps(
+        {"runs": [vars(r) for r in report.runs], "memory_kib_per_conn": report.memory},
+        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
