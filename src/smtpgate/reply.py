@@ -138,7 +138,9 @@ class R:
     AUTH_MECH_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
     AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
     TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
-    AUTH_ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+    AUTH_ENCRYPTION_REQUIRED = Reply(
+        538, "5.7.11", "Encryption required for requested authentication mechanism"
+    )
     AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
     RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
     BARE_LF = Reply(550, "5.6.11", "Bare CR or LF in message data not allowed (use CRLF)")

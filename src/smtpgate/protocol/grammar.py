@@ -26,7 +26,8 @@ _QUOTED_U = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"'
 # sub-domain = Let-dig [Ldh-str] ; Domain = sub-domain *("." sub-domain)
 _SUBDOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 _SUBDOMAIN_U = rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9\-{_UTF8}]*[A-Za-z0-9{_UTF8}])?"
-# address-literal = "[" ( IPv4-address-literal / IPv6-address-literal / General-address-literal ) "]"
+# address-literal = "[" ( IPv4-address-literal / IPv6-address-literal /
+#                         General-address-literal ) "]"
 _ADDR_LITERAL = (
     r"\[(?:\d{1,3}(?:\.\d{1,3}){3}"  # IPv4
     r"|IPv6:[0-9A-Fa-f:.]+"  # IPv6 (checked loosely; validated by ipaddress elsewhere)
@@ -41,7 +42,7 @@ _MAILBOX_U = re.compile(
     rf"@(?P<domain>{_SUBDOMAIN_U}(?:\.{_SUBDOMAIN_U})*|{_ADDR_LITERAL})"
 )
 # A-d-l = At-domain *( "," At-domain ) ; At-domain = "@" Domain  (source routes: accepted, ignored)
-_ADL = re.compile(rf"@[^,:<>\s]+(?:,@[^,:<>\s]+)*:")
+_ADL = re.compile(r"@[^,:<>\s]+(?:,@[^,:<>\s]+)*:")
 
 # esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-") ; esmtp-value = 1*(%d33-60 / %d62-126)
 _PARAM = re.compile(r"(?P<kw>[A-Za-z0-9][A-Za-z0-9\-]*)(?:=(?P<val>[\x21-\x3c\x3e-\x7e]+))?")

@@ -141,7 +141,7 @@ class SmtpServer:
         for server in self._servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._servers.clear()
 

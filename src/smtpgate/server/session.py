@@ -109,8 +109,8 @@ class Session(asyncio.Protocol):
         self._ip = ip
         refusal = self.server.admit(self, ip)
         if refusal is not None:
-            transport.write(refusal.to_bytes())
-            transport.close()
+            self.transport.write(refusal.to_bytes())
+            self.transport.close()
             log.info("refused client=%s reason=%r", ip, refusal.text)
             return
         self._admitted = True
@@ -433,7 +433,7 @@ class Session(asyncio.Protocol):
                 server_side=True,
                 ssl_handshake_timeout=ctx.tls_handshake_timeout,
             )
-        except (OSError, asyncio.TimeoutError, ConnectionError, Exception) as exc:
+        except (TimeoutError, OSError, ConnectionError, Exception) as exc:
             log.info("session %s: TLS handshake failed: %s", info.session_id, exc)
             conn.close_reply(R.TLS_NOT_AVAILABLE)
             self._lost = True
