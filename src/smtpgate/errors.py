@@ -61,6 +61,14 @@ class ScannerError(SmtpgateError):
     """A content scanner failed (unreachable, timed out, protocol error)."""
 
 
+class ScannerUnavailable(ScannerError):
+    """The scanner could not be reached (connection refused, socket missing, closed early)."""
+
+
+class ScannerTimeout(ScannerError):
+    """The scanner did not answer within its timeout."""
+
+
 class QueueError(SmtpgateError):
     """The durable queue could not store or read a message."""
 

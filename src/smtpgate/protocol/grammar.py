@@ -8,6 +8,7 @@ RFC 6531 §3.3 (UTF-8 in addresses), RFC 1869 §6 (esmtp-param).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from ..reply import Reply
@@ -29,7 +30,7 @@ _SUBDOMAIN_U = rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9\-{_UTF8}]*[A-Za-z0-9{_UTF8}])?
 # address-literal = "[" ( IPv4-address-literal / IPv6-address-literal /
 #                         General-address-literal ) "]"
 _ADDR_LITERAL = (
-    r"\[(?:\d{1,3}(?:\.\d{1,3}){3}"  # IPv4
+    r"\[(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}"  # IPv4 ([0-9], not \d: no Unicode digits)
     r"|IPv6:[0-9A-Fa-f:.]+"  # IPv6 (checked loosely; validated by ipaddress elsewhere)
     r"|[A-Za-z0-9\-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+)\]"  # General
 )
@@ -131,9 +132,31 @@ def parse_path(
         raise PathSyntaxError(bad)
     if len(mm.group("local").encode("utf-8")) > MAX_LOCAL_PART:
         raise PathSyntaxError(Reply(501, bad.enhanced, "Local part too long"))
-    if len(mm.group("domain").encode("utf-8")) > MAX_DOMAIN:
+    domain = mm.group("domain")
+    if len(domain.encode("utf-8")) > MAX_DOMAIN:
         raise PathSyntaxError(Reply(501, bad.enhanced, "Domain too long"))
+    if domain.startswith("[") and not _valid_address_literal(domain[1:-1]):
+        raise PathSyntaxError(bad)
     return path, params
+
+
+def _valid_address_literal(inner: str) -> bool:
+    """Check what the regex cannot (RFC 5321 §4.1.3).
+
+    IPv4 ``Snum`` must be 0..255, and an ``IPv6:`` tagged literal must hold a
+    valid IPv6 address (the general-literal branch of the regex would otherwise
+    accept ``[IPv6:anything]``).
+    """
+    tag, colon, rest = inner.partition(":")
+    if not colon:
+        return all(int(octet) <= 255 for octet in inner.split("."))
+    if tag.lower() == "ipv6":
+        try:
+            ipaddress.IPv6Address(rest)
+        except ValueError:
+            return False
+        return "%" not in rest  # no zone index in a mail address
+    return True
 
 
 def _find_close(arg: str) -> int:
