@@ -21,6 +21,7 @@ from .delivery import CallableDelivery, Delivery, make_delivery
 from .hooks import HookRunner, Stage, load_callable
 from .policy import RelayPolicy
 from .protocol import ProtocolConfig
+from .scanners.stage import ScannerSet
 from .server import ServerContext, SmtpServer, server_tls_context
 
 log = logging.getLogger("smtpgate")
@@ -48,6 +49,8 @@ class Smtpgate:
             :meth:`hook` or ``app.hooks.register(stage, func)``.
         relay: the :class:`~smtpgate.policy.RelayPolicy`; change relay domains and
             local networks at run time (nssmtpd ``ns_smtpd relay|local ...``).
+        scanners: the :class:`~smtpgate.scanners.stage.ScannerSet` from ``[[scanner]]``
+            (``check_spam``, ``check_virus``, ``train_spam``, ``spam_version``, ``virus_version``).
         config: the configuration in force.
 
     Raises:
@@ -88,6 +91,7 @@ class Smtpgate:
             if config.tls.certificate
             else None
         )
+        self.scanners = ScannerSet.from_config(config.scanners, config.server.hostname)
         self.server: SmtpServer | None = None
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
@@ -167,6 +171,7 @@ class Smtpgate:
             data_timeout=s.data_timeout,
             received_tls=s.received_tls,
             received_auth=s.received_auth,
+            scanners=self.scanners if self.scanners else None,
         )
 
     # ---------------------------------------------------------------- asyncio

@@ -694,6 +694,87 @@ class LoggingConfig:
     level: str = _opt("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
+def _nonnegative_number(value: object, _ctx: _Context) -> float:
+    x = _number(value)
+    if x < 0 or x != x or x == float("inf"):
+        raise _Invalid(f"must be a number >= 0, got {_show(value)}")
+    return x
+
+
+def _scanner_address(value: object, ctx: _Context) -> str:
+    text = _str(value, ctx)
+    if not text:
+        return ""
+    from .scanners.base import parse_scanner_address
+
+    try:
+        parse_scanner_address(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
+SCANNER_DEFAULT_ADDRESS = {
+    "spamassassin": "127.0.0.1:783",
+    "rspamd": "127.0.0.1:11333",
+    "clamav": "127.0.0.1:3310",
+    "sophos": "127.0.0.1:4010",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ScannerConfig:
+    """One ``[[scanner]]`` table: a content scanner in the data phase (see docs/scanning.md).
+
+    Attributes:
+        type: ``spamassassin`` | ``rspamd`` | ``clamav`` | ``sophos``.
+        address: ``host:port`` or ``unix:/path``; ``""`` = the type's usual port on 127.0.0.1.
+        timeout: seconds for one scan (connect included).
+        max_size: bytes; larger messages are not scanned (a header says so).
+        on_error: ``tempfail`` (451 4.7.1, nothing unscanned slips through) or ``accept``.
+        tag_score: spam score from which the message is tagged (X-Spam-* headers).
+        reject_score: spam score from which the message is rejected (0 = never).
+        quarantine_score: spam score from which it goes to ``quarantine_path`` (0 = never).
+        quarantine_path: Maildir for quarantined messages.
+        quarantine_reply: ``accept`` (250 after quarantining) or ``reject`` (550/554).
+        subject_prefix: prepended to the Subject of tagged spam (``""`` = none).
+        reject_text: text of the 550 reply for spam.
+        action: for virus scanners, ``reject`` (554 5.7.1) or ``quarantine``.
+        per_user: spamd only: scan once per recipient with its address as ``User``.
+        controller / password: rspamd controller address and password for training.
+    """
+
+    type: str = _opt("", _choice("spamassassin", "rspamd", "clamav", "sophos"))
+    address: str = _opt("", _scanner_address)
+    timeout: float = _opt(30.0, _positive_seconds)
+    max_size: int = _opt(1_048_576, _positive_int)
+    on_error: str = _opt("tempfail", _choice("tempfail", "accept"))
+    tag_score: float = _opt(5.0, _nonnegative_number)
+    reject_score: float = _opt(10.0, _nonnegative_number)
+    quarantine_score: float = _opt(0.0, _nonnegative_number)
+    quarantine_path: str = _opt("", _str)
+    quarantine_reply: str = _opt("accept", _choice("accept", "reject"))
+    subject_prefix: str = _opt("", _str)
+    reject_text: str = _opt("Message rejected as spam", _printable_ascii("reply text", spaces=True))
+    action: str = _opt("reject", _choice("reject", "quarantine"))
+    per_user: bool = _opt(False, _bool)
+    controller: str = _opt("", _scanner_address)
+    password: str = _opt("", _str)
+
+    @property
+    def kind(self) -> str:
+        """``"spam"`` or ``"virus"``."""
+        return "virus" if self.type in ("clamav", "sophos") else "spam"
+
+    @property
+    def effective_address(self) -> str:
+        """``address``, or the type's default when empty."""
+        return self.address or SCANNER_DEFAULT_ADDRESS[self.type]
+
+    def __repr__(self) -> str:
+        return f"ScannerConfig(type={self.type!r}, address={self.effective_address!r})"
+
+
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "tls": TlsConfig,
@@ -725,6 +806,7 @@ class Config:
     maildir: MaildirConfig = field(default_factory=MaildirConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    scanners: tuple[ScannerConfig, ...] = ()
     source: str = field(default="<defaults>", compare=False)
 
     @classmethod
@@ -804,6 +886,31 @@ def _load_section(
     return cls(**kwargs)
 
 
+def _load_scanners(raw: object, ctx: _Context, problems: list[str]) -> tuple[ScannerConfig, ...]:
+    """``[[scanner]]`` tables, in order; each needs a ``type``."""
+    if isinstance(raw, Mapping):
+        raw = [raw]
+    if not isinstance(raw, list):
+        problems.append(f"scanner: must be an array of tables ([[scanner]]), got {_show(raw)}")
+        return ()
+    out: list[ScannerConfig] = []
+    for i, table in enumerate(raw):
+        name = f"scanner[{i}]"
+        before = len(problems)
+        section = _load_section(name, ScannerConfig, table, ctx, problems)
+        if section is None or len(problems) > before:
+            continue
+        if not section.type:
+            problems.append(f"{name}.type: required (spamassassin, rspamd, clamav or sophos)")
+            continue
+        if section.quarantine_score and not section.quarantine_path:
+            problems.append(f"{name}.quarantine_path: required when quarantine_score is set")
+        if section.action == "quarantine" and not section.quarantine_path:
+            problems.append(f"{name}.quarantine_path: required when action = \"quarantine\"")
+        out.append(section)
+    return tuple(out)
+
+
 def _cross_checks(sections: Mapping[str, Any], problems: list[str]) -> None:
     tls = sections.get("tls")
     if isinstance(tls, TlsConfig) and not tls.certificate:
@@ -837,9 +944,12 @@ def config_from_mapping(
     problems: list[str] = []
     sections: dict[str, Any] = {}
     for name, raw in data.items():
+        if name == "scanner":
+            sections["scanners"] = _load_scanners(raw, ctx, problems)
+            continue
         cls = _SECTIONS.get(name)
         if cls is None:
-            problems.append(_unknown("section", str(name), str(name), _SECTIONS))
+            problems.append(_unknown("section", str(name), str(name), [*_SECTIONS, "scanner"]))
             continue
         section = _load_section(name, cls, raw, ctx, problems)
         if section is not None:
@@ -898,6 +1008,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 
 __all__ = [
     "AuthConfig",
+    "ScannerConfig",
     "Config",
     "HooksConfig",
     "ListenAddress",

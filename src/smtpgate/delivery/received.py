@@ -145,22 +145,23 @@ def build_received(
     helo = _token(session.helo_name) if session.helo_name else "unknown"
     literal = _ip_literal(session.peer_ip)
     from_comment = f"(unknown {literal})" if literal else "(unknown)"
-    logical: list[str] = [f"Received: from {helo} {from_comment}"]
+    # Each group is one logical line; each item in it is never split when folding.
+    groups: list[list[str]] = [[f"Received: from {helo}", *from_comment.split(" ")]]
     if include_auth and session.auth_user:
-        logical.append(f"(Authenticated sender: {_comment_text(session.auth_user)})")
+        groups.append(["(Authenticated", f"sender: {_comment_text(session.auth_user)})"])
     by_host = _token(session.hostname)
     keyword = protocol_keyword(session, envelope, lmtp=lmtp)
     qid = _UNSAFE_ID.sub("", queue_id)[:64] or "unknown"
-    logical.append(f"by {by_host} (smtpgate) with {keyword} id {qid}")
+    groups.append([f"by {by_host}", "(smtpgate)", f"with {keyword}", f"id {qid}"])
     if include_tls and session.tls_version:
-        tls = f"(using {_comment_text(session.tls_version)}"
+        tls = [f"(using {_comment_text(session.tls_version)}"]
         if session.tls_cipher:
-            tls += f" with cipher {_comment_text(session.tls_cipher)}"
-        logical.append(tls + ")")
+            tls += ["with", f"cipher {_comment_text(session.tls_cipher)}"]
+        tls[-1] += ")"
+        groups.append(tls)
     stamp = format_datetime(datetime.fromtimestamp(time.time() if now is None else now, UTC))
-    groups = [item.split(" ") for item in logical]
     if len(envelope.rcpt_to) == 1:
-        groups.append(["for", f"<{_addr(envelope.rcpt_to[0].address)}>;", stamp])
+        groups.append([f"for <{_addr(envelope.rcpt_to[0].address)}>;", stamp])
     else:
         groups[-1][-1] += ";"
         groups[-1].append(stamp)

@@ -143,6 +143,12 @@ class Transaction:
         reply: the final reply a hook chose for the end of data (nssmtpd setreply),
             ``None`` for the server's usual reply.
         sender_data: free-form data attached to the sender (nssmtpd setfromdata).
+        scan_results: :class:`~smtpgate.scanners.ScanResult` list from the scanner stage.
+        scan_decision: the :class:`~smtpgate.scanners.stage.ScanDecision` the scanners
+            reached (reject, tempfail, quarantine); a data hook may set it to ``None`` (or
+            return ``accept()``) to override it.
+        scanners: the :class:`~smtpgate.scanners.stage.ScannerSet` (``check_spam``,
+            ``check_virus``, ``train_spam``, ``spam_version``, ``virus_version``), or None.
     """
 
     __slots__ = (
@@ -151,6 +157,9 @@ class Transaction:
         "notes",
         "reply",
         "sender_data",
+        "scan_results",
+        "scan_decision",
+        "scanners",
         "_raw",
         "_modified",
         "_index",
@@ -163,6 +172,12 @@ class Transaction:
         self.notes: dict[str, Any] = {}
         self.reply: Reply | None = None
         self.sender_data: Any = None
+        # Filled by the scanner stage before the data hooks run (see smtpgate.scanners.stage):
+        # the results of every scanner, the decision they lead to (a hook may set it to None
+        # to override), and the scanner set itself (check_spam/check_virus/train_spam ...).
+        self.scan_results: list[Any] = []
+        self.scan_decision: Any = None
+        self.scanners: Any = None
         self._raw: bytes | None = None
         self._modified = False
         self._index: _Index | None = None

@@ -186,7 +186,8 @@ class ServerConnection:
         # DATA reader
         self._dbuf = bytearray()
         self._dscan = 0
-        self._dsize = 0
+        self._dsize = 0  # stuffed dots counted so far (see _next_data_event)
+        self._dcounted = 0
         self._dtoo_big = False
         # SASL
         self._sasl_mech = ""
@@ -269,6 +270,11 @@ class ServerConnection:
         if line is None:
             return NEED_DATA
         if line is _LINE_TOO_LONG:
+            if state is State.AUTH:
+                # An overlong SASL response ends the exchange; otherwise the next
+                # command line would be taken as a SASL response.
+                self.state = State.READY
+                self._sasl_user = None
             return self._auto(R.LINE_TOO_LONG, "")
         assert isinstance(line, bytes)
         if state is State.AUTH:
@@ -581,20 +587,32 @@ class ServerConnection:
         del self._buf[:]
         self._pos = 0
         self._dscan = 0
-        self._dsize = 0
+        self._dsize = 0  # stuffed dots counted so far (see _next_data_event)
+        self._dcounted = 0
         self._dtoo_big = False
 
     def _next_data_event(self) -> Event | _Sentinel:
         buf = self._dbuf
         idx = buf.find(b"\r\n.\r\n", self._dscan)
-        cfg = self.config
         if idx < 0:
             n = len(buf)
-            # Stuffing can only make wire data longer; allow a margin, then stop keeping it.
-            if self._dsize + n > cfg.max_message_size + (cfg.max_message_size >> 3) + 1024:
-                self._dtoo_big = True
+            if not self._dtoo_big and n > 6:
+                # Stop keeping the text once it is certainly too big, so memory stays
+                # bounded by the size limit (plus the stuffed dots and one chunk).
+                # The verdict must not depend on how the bytes were chunked, so it
+                # uses a lower bound of the size after unstuffing: the buffer minus
+                # the sentinel, minus the last 4 bytes (they may begin the end of
+                # data), minus one per "\r\n." counted so far (its dot is stuffing).
+                # ``_dsize`` counts those stuffed dots incrementally (the pattern
+                # cannot overlap itself): the ones starting before ``_dcounted``.
+                # (Exact bound: n - 4 - dots; 2 more octets of slack for safety.)
+                end = n - 2
+                if end - self._dcounted >= 3:
+                    self._dsize += buf.count(b"\r\n.", self._dcounted, end)
+                    self._dcounted = end - 2
+                if n - 6 - self._dsize > self.config.max_message_size:
+                    self._dtoo_big = True
             if self._dtoo_big and n > 4:
-                self._dsize += n - 4
                 del buf[:-4]
                 n = 4
             self._dscan = max(0, n - 4)
@@ -611,17 +629,24 @@ class ServerConnection:
 
     def _finish_message(self, raw: bytes) -> DataComplete:
         cfg = self.config
-        limit = cfg.max_line_length
-        if limit and len(raw) > limit and max(map(len, raw.split(b"\r\n"))) > limit - 2:
-            return DataComplete(b"", R.TEXT_LINE_TOO_LONG)
         data = raw.replace(b"\r\n.", b"\r\n")[2:]
+        # Size first: the streaming reader may already have answered 552 for this
+        # message, and the verdict must not depend on how the bytes were chunked.
+        if len(data) > cfg.max_message_size:
+            return DataComplete(b"", R.TOO_BIG)
         n_crlf = data.count(b"\r\n")
         if data.count(b"\n") != n_crlf or data.count(b"\r") != n_crlf:
             if not cfg.normalize_bare_line_endings:
                 return DataComplete(b"", R.BARE_LF)
             data = _BARE_RE.sub(b"\r\n", data)
-        if len(data) > cfg.max_message_size:
-            return DataComplete(b"", R.TOO_BIG)
+            if len(data) > cfg.max_message_size:
+                return DataComplete(b"", R.TOO_BIG)
+        # Line lengths are measured after unstuffing (RFC 5321 §4.5.3.1.6 does not
+        # count the transparency dot) and after normalisation (so bare-LF lines
+        # count as lines when they are being normalised).
+        limit = cfg.max_line_length
+        if limit and len(data) > limit - 2 and max(map(len, data.split(b"\r\n"))) > limit - 2:
+            return DataComplete(b"", R.TEXT_LINE_TOO_LONG)
         return DataComplete(data)
 
     # ----------------------------------------------------------------- output

@@ -15,6 +15,7 @@ from ..delivery import Delivery
 from ..hooks import HookRunner
 from ..policy import RelayPolicy
 from ..protocol import ProtocolConfig
+from ..scanners.stage import ScannerSet
 
 
 @dataclass(slots=True)
@@ -34,6 +35,7 @@ class ServerContext:
         received_tls / received_auth: what the Received header includes.
         vrfy_reply: reply to VRFY.
         tls_handshake_timeout: seconds allowed for the STARTTLS handshake.
+        scanners: the content scanners run in the data phase (``None``: none).
     """
 
     protocol: ProtocolConfig
@@ -49,3 +51,4 @@ class ServerContext:
     received_tls: bool = True
     received_auth: bool = False
     tls_handshake_timeout: float = 60.0
+    scanners: ScannerSet | None = None

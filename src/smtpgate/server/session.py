@@ -36,6 +36,7 @@ from ..protocol import (
     Vrfy,
 )
 from ..reply import R, Reply
+from ..scanners.stage import ScanDecision, summary_text
 
 if TYPE_CHECKING:
     from .context import ServerContext
@@ -505,6 +506,9 @@ class Session(asyncio.Protocol):
             self._log_tx(tx, len(ev.data), ev.problem, started, "refused by core")
             return ev.problem
         tx.message = ev.data
+        scanners = self.ctx.scanners
+        if scanners:
+            await scanners.run(tx, info)
         hooks = self.ctx.hooks
         if hooks.has(Stage.DATA):
             result = await hooks.run(Stage.DATA, info, tx)
@@ -512,7 +516,13 @@ class Session(asyncio.Protocol):
                 reply = self._denial(Stage.DATA, result)
                 self._log_tx(tx, len(ev.data), reply, started, "data hook")
                 return reply
+            if result.verdict is Verdict.OK:
+                tx.scan_decision = None  # an explicit accept overrides the scanners
         message = tx.raw if tx.modified else ev.data
+        decision: ScanDecision | None = tx.scan_decision
+        if decision is not None and decision.action != "quarantine":
+            self._log_tx(tx, len(message), decision.reply, started, f"scanner {decision.reason}")
+            return decision.reply
         if not envelope.rcpt_to:
             reply = tx.reply or R.OK.with_text("Message accepted; no recipients left")
             self._log_tx(tx, len(message), reply, started, "no recipients after data hook")
@@ -524,6 +534,8 @@ class Session(asyncio.Protocol):
             include_tls=self.ctx.received_tls,
             include_auth=self.ctx.received_auth,
         )
+        if decision is not None:  # quarantine: stored durably, then 250 or 5xx as configured
+            return await self._quarantine(tx, decision, received + message, started)
         try:
             reply = await self.ctx.delivery.deliver(envelope, received + message, info)
         except DeliveryError as exc:
@@ -544,13 +556,28 @@ class Session(asyncio.Protocol):
         self._log_tx(tx, len(message), reply, started, "delivered")
         return reply
 
+    async def _quarantine(
+        self, tx: Transaction, decision: ScanDecision, message: bytes, started: float
+    ) -> Reply:
+        from ..delivery.maildir import MaildirDelivery
+
+        try:
+            await MaildirDelivery(decision.quarantine_path).deliver(tx.envelope, message, self.info)
+        except DeliveryError as exc:
+            log.error("transaction %s: quarantine failed: %s", tx.id, exc)
+            self._log_tx(tx, len(message), exc.reply, started, "quarantine failed")
+            return exc.reply
+        self._log_tx(tx, len(message), decision.reply, started,
+                     f"quarantined ({decision.reason}) in {decision.quarantine_path}")
+        return decision.reply
+
     def _log_tx(self, tx: Transaction, size: int, reply: Reply, started: float, what: str) -> None:
         info = self.info
         assert info is not None
         env = tx.envelope
         log.info(
             "transaction id=%s client=%s helo=%s from=<%s> to=%s size=%d result=%r "
-            "outcome=%s time=%.3fs",
+            "outcome=%s scan=%s time=%.3fs",
             tx.id,
             info.peer_ip,
             info.helo_name or "-",
@@ -559,6 +586,7 @@ class Session(asyncio.Protocol):
             size,
             f"{reply.code} {reply.enhanced or ''} {reply.text}".replace("  ", " ")[:300],
             what,
+            summary_text(tx.scan_results) if tx.scan_results else "-",
             time.monotonic() - started,
         )
 
