@@ -1,4 +1,4 @@
-"""Command-line interface: ``smtpgate serve|check-config|user|send|version``.
+"""Command-line interface: ``smtpgate serve|check-config|user|send|scan|train|scanner|version``.
 
 Entry point: :func:`main` (the ``smtpgate`` console script and ``python -m smtpgate``).
 Exit codes: 0 success, 1 runtime failure (delivery refused, bind failure),
@@ -152,6 +152,91 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scanner_set(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .scanners.stage import ScannerSet
+
+    cfg = _load(args)
+    scanners = ScannerSet.from_config(cfg.scanners, cfg.server.hostname)
+    if not scanners:
+        raise ConfigError(f"{cfg.source}: no [[scanner]] configured")
+    return scanners
+
+
+def _read_message(path: str) -> bytes:
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    # Scanners see what smtpgate would deliver: CRLF line endings.
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Scan a message file (nssmtpd ``checkspam`` / ``checkvirus``).
+
+    Exit codes: 0 clean, 1 spam or virus found, 2 configuration error, 3 scanner error.
+    """
+    from .errors import ScannerError
+
+    scanners = _scanner_set(args)
+    message = _read_message(args.file)
+    try:
+        if args.kind == "spam":
+            results = asyncio.run(scanners.check_spam(message, args.user))
+        else:
+            results = asyncio.run(scanners.check_virus(message))
+    except ScannerError as exc:
+        print(f"scanner error: {exc}", file=sys.stderr)
+        return 3
+    if not results:
+        print(f"no {args.kind} scanner configured", file=sys.stderr)
+        return 2
+    found = False
+    for r in results:
+        found = found or r.verdict in ("spam", "infected")
+        score = "" if r.score is None else f" score={r.score:.2f}"
+        thr = "" if r.threshold is None else f" required={r.threshold:.2f}"
+        action = f" action={r.action}" if r.action else ""
+        symbols = f" symbols={','.join(r.symbols)}" if r.symbols else ""
+        print(f"{r.scanner}: {r.verdict}{score}{thr}{action}{symbols}")
+    return 1 if found else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the spam scanners (nssmtpd ``trainspam 1|0 email message``)."""
+    from .errors import ScannerError
+
+    scanners = _scanner_set(args)
+    message = _read_message(args.file)
+    spam = {"spam": True, "ham": False, "forget": None}[args.kind]
+    try:
+        answers = asyncio.run(scanners.train_spam(spam, message, args.user))
+    except ScannerError as exc:
+        print(f"scanner error: {exc}", file=sys.stderr)
+        return 3
+    if not answers:
+        print("no trainable spam scanner configured", file=sys.stderr)
+        return 2
+    for line in answers:
+        print(line)
+    return 0
+
+
+def cmd_scanner_versions(args: argparse.Namespace) -> int:
+    """Print the scanner daemons' versions (nssmtpd ``spamversion`` / ``virusversion``)."""
+    from .errors import ScannerError
+
+    scanners = _scanner_set(args)
+
+    async def versions() -> list[str]:
+        return [*await scanners.spam_version(), *await scanners.virus_version()]
+
+    try:
+        for line in asyncio.run(versions()):
+            print(line)
+    except ScannerError as exc:
+        print(f"scanner error: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     p = argparse.ArgumentParser(prog="smtpgate", description="ESMTP server and proxy")
@@ -190,6 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--port", type=int, default=None)
     m.add_argument("-c", "--config", help="take the relay URL from this configuration")
     m.set_defaults(func=cmd_send)
+
+    sc = sub.add_parser("scan", help="scan a message with the configured scanners")
+    sc.add_argument("kind", choices=["spam", "virus"])
+    sc.add_argument("file", help="message file, - for stdin")
+    sc.add_argument("-c", "--config", required=True)
+    sc.add_argument("--user", help="per-user preferences (spamd User)")
+    sc.set_defaults(func=cmd_scan)
+
+    tr = sub.add_parser("train", help="train the spam scanners")
+    tr.add_argument("kind", choices=["spam", "ham", "forget"])
+    tr.add_argument("file", help="message file, - for stdin")
+    tr.add_argument("-c", "--config", required=True)
+    tr.add_argument("--user", help="per-user database (spamd User)")
+    tr.set_defaults(func=cmd_train)
+
+    sv = sub.add_parser("scanner", help="scanner information")
+    svsub = sv.add_subparsers(dest="scanner_command", required=True)
+    svv = svsub.add_parser("versions", help="print the scanner daemons' versions")
+    svv.add_argument("-c", "--config", required=True)
+    svv.set_defaults(func=cmd_scanner_versions)
 
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(func=lambda a: print(f"smtpgate {__version__}") or 0)

@@ -4,7 +4,7 @@ Entry points: :class:`~smtpgate.scanners.base.Scanner`, :class:`ScanResult` and 
 clients in the submodules.
 """
 
-from .base import ScanResult, Scanner, SpamLearner, open_scanner_connection, parse_scanner_address
+from .base import Scanner, ScanResult, SpamLearner, open_scanner_connection, parse_scanner_address
 
 __all__ = [
     "ScanResult",
