@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 
 def vm_rss_kib(pid: int) -> int:
@@ -25,10 +26,10 @@ def vm_rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def _read_reply(f: socket.SocketIO | object) -> bytes:
+def _read_reply(f: BinaryIO) -> bytes:
     """Read one (multi-line) SMTP reply; return its last line. Raises on EOF."""
     while True:
-        line: bytes = f.readline()  # type: ignore[attr-defined]
+        line = f.readline()
         if not line:
             raise ConnectionError("server closed the connection")
         if len(line) < 4 or line[3:4] != b"-":

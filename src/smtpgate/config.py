@@ -217,6 +217,13 @@ def _positive_int(value: object, _ctx: _Context) -> int:
     return n
 
 
+def _nonnegative_int(value: object, _ctx: _Context) -> int:
+    n = _int(value)
+    if n < 0:
+        raise _Invalid(f"must be an integer >= 0, got {n}")
+    return n
+
+
 def _int_at_least(minimum: int, why: str = "", *, zero_ok: bool = False) -> _Check:
     def check(value: object, _ctx: _Context) -> int:
         n = _int(value)
@@ -420,7 +427,7 @@ def _network(text: str) -> str:
 _RELAY_HOST_SCHEMES = ("smtp", "smtp+starttls", "smtps", "plain")
 _RELAY_HINT = (
     'expected "" (Maildir), smtp://HOST:PORT, smtp+starttls://HOST:PORT, smtps://HOST:PORT, '
-    "plain://USER:PASSWORD@HOST:PORT or discard:"
+    "plain://USER:PASSWORD@HOST:PORT, discard: or mx: (queue mode: deliver by MX lookup)"
 )
 _PCT_HINT = " (percent-encode @ : / # ? in the user name or password)"
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -446,8 +453,8 @@ def _relay_url(value: object, ctx: _Context) -> str:
     url = value
     if url == "":
         return ""
-    if url.strip().lower() == "discard:":
-        return url.strip()
+    if url.strip().lower() in ("discard:", "mx:"):
+        return url.strip().lower()
     m = _SCHEME_RE.match(url)
     if m is None:
         raise _Invalid(f"not a relay URL; {_RELAY_HINT}")
@@ -775,6 +782,55 @@ class ScannerConfig:
         return f"ScannerConfig(type={self.type!r}, address={self.effective_address!r})"
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """``[delivery]``: how accepted mail leaves smtpgate (see docs/queue.md).
+
+    Attributes:
+        mode: ``"queue"`` (store durably, answer 250, deliver later with retries) or
+            ``"proxy"`` (relay synchronously: 250 only after the upstream accepted);
+            ``""`` = ``queue`` when ``relay.url`` names an upstream (or ``mx:``), else
+            local Maildir delivery.
+        mx_port: TCP port used for MX delivery (25; tests use another).
+    """
+
+    mode: str = _opt("", _choice("", "queue", "proxy"))
+    mx_port: int = _opt(25, _positive_int)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """``[queue]``: the durable spool and its delivery workers (queue mode).
+
+    Attributes:
+        path: spool directory (relative to the current directory).
+        fsync: fsync files and directories before acknowledging (never turn off in
+            production: a power loss would lose acknowledged mail).
+        min_backoff / max_backoff: seconds; retry delays double from min to max.
+        max_lifetime: seconds after arrival when a message still undelivered bounces.
+        delay_warning: seconds after arrival to send a delay DSN (0 = never).
+        workers: deliveries in flight at once.
+        per_destination: deliveries in flight per destination (domain or relay).
+        min_free_space: bytes; below this, new mail gets ``452 4.3.1``.
+        scan_interval: seconds between spool scans for due or flushed messages.
+        dsn: advertise DSN (RFC 3461) and honour NOTIFY/RET/ENVID/ORCPT.
+        etrn_networks: client networks allowed to use ETRN (RFC 1985).
+    """
+
+    path: str = _opt("./smtpgate-queue", _printable_ascii("a directory path", spaces=True))
+    fsync: bool = _opt(True, _bool)
+    min_backoff: float = _opt(300.0, _positive_seconds)
+    max_backoff: float = _opt(3600.0, _positive_seconds)
+    max_lifetime: float = _opt(432000.0, _positive_seconds)
+    delay_warning: float = _opt(0.0, _nonnegative_seconds)
+    workers: int = _opt(20, _positive_int)
+    per_destination: int = _opt(5, _positive_int)
+    min_free_space: int = _opt(104_857_600, _nonnegative_int)
+    scan_interval: float = _opt(1.0, _positive_seconds)
+    dsn: bool = _opt(True, _bool)
+    etrn_networks: tuple[str, ...] = _opt(("127.0.0.0/8", "::1"), _each(_network))
+
+
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "tls": TlsConfig,
@@ -783,6 +839,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "maildir": MaildirConfig,
     "hooks": HooksConfig,
     "logging": LoggingConfig,
+    "delivery": DeliveryConfig,
+    "queue": QueueConfig,
 }
 
 
@@ -806,8 +864,23 @@ class Config:
     maildir: MaildirConfig = field(default_factory=MaildirConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     scanners: tuple[ScannerConfig, ...] = ()
     source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def delivery_mode(self) -> str:
+        """The effective delivery mode: ``"queue"``, ``"proxy"`` or ``"local"``.
+
+        ``local`` (Maildir, a callable, or ``discard:``) answers after storing locally.
+        """
+        url = self.relay.url
+        if not url or url == "discard:":
+            return "local" if self.delivery.mode != "queue" or not url else "queue"
+        if url == "mx:":
+            return "queue"
+        return self.delivery.mode or "queue"
 
     @classmethod
     def default(cls) -> Config:
@@ -1008,6 +1081,8 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 
 __all__ = [
     "AuthConfig",
+    "DeliveryConfig",
+    "QueueConfig",
     "ScannerConfig",
     "Config",
     "HooksConfig",

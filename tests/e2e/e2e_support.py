@@ -10,10 +10,10 @@ SMTP client that writes exactly the bytes given). RFC 5321 §4.5.2 (dot-stuffing
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import re
 import shutil
+import smtplib
 import socket
 import threading
 import time
@@ -28,8 +28,6 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
 from smtpgate.app import Smtpgate
-
-log = logging.getLogger("smtpgate.tests.e2e")
 
 CORPUS = Path(os.environ.get("MAIL_CORPUS", "/work/shared/corpus"))
 MANIFEST = CORPUS / "MANIFEST.tsv"
@@ -297,6 +295,24 @@ def running_gate(
         app.stop_thread()
 
 
+def smtplib_send(port: int, msg: bytes, opts: list[str]) -> tuple[int, bytes]:
+    """Send ``msg`` (already CRLF) with ``smtplib.sendmail``; return the final reply.
+
+    smtplib dot-stuffs, adds the final CRLF if missing and (server offers SIZE) adds
+    ``SIZE=``. Refusals at MAIL or DATA come back as ``(code, text)`` too.
+    """
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=60) as smtp:
+        try:
+            refused = smtp.sendmail(SENDER, [RECIPIENT], msg, mail_options=opts)
+        except smtplib.SMTPSenderRefused as exc:
+            return exc.smtp_code, exc.smtp_error
+        except smtplib.SMTPDataError as exc:
+            err = exc.smtp_error
+            return exc.smtp_code, err if isinstance(err, bytes) else err.encode()
+        assert refused == {}
+        return 250, b""
+
+
 # --------------------------------------------------------------------------- raw client
 
 
@@ -341,19 +357,6 @@ class RawClient:
             lines.append(line[4:].decode("utf-8", "replace"))
             if line[3:4] != b"-":
                 return int(line[:3]), "\n".join(lines)
-
-    def pending_replies(self, wait: float = 0.3) -> list[tuple[int, str]]:
-        """Every further reply that arrives within ``wait`` seconds (none expected)."""
-        out = []
-        self.sock.settimeout(wait)
-        try:
-            while True:
-                out.append(self.reply())
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            self.sock.settimeout(30.0)
-        return out
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -8,7 +8,6 @@ server refuses get the right reply and deliver nothing. RFC 5321 §4.5.2 (dot-st
 
 from __future__ import annotations
 
-import smtplib
 from collections.abc import Iterator
 
 import pytest
@@ -31,28 +30,12 @@ from .e2e_support import (
     read_message,
     requires_corpus,
     running_gate,
+    smtplib_send,
 )
 
 pytestmark = requires_corpus
 
 FIVE_MIB = 5 * 1024 * 1024
-
-
-def smtplib_send(port: int, msg: bytes, opts: list[str]) -> tuple[int, bytes]:
-    """Send ``msg`` (already CRLF) with ``smtplib.sendmail``; return the final reply.
-
-    smtplib dot-stuffs, adds the final CRLF if missing and (server offers SIZE) adds
-    ``SIZE=``. Refusals at MAIL or DATA come back as ``(code, text)`` too.
-    """
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=60) as smtp:
-        try:
-            refused = smtp.sendmail(SENDER, [RECIPIENT], msg, mail_options=opts)
-        except smtplib.SMTPSenderRefused as exc:
-            return exc.smtp_code, exc.smtp_error
-        except smtplib.SMTPDataError as exc:
-            return exc.smtp_code, exc.smtp_error
-        assert refused == {}
-        return 250, b""
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +164,23 @@ def test_corpus_size_limit_at_end_of_data(
         assert code == 250, (code, text)
         assert c.cmd("QUIT")[0] == 221
     _check_delivered(upstream, small, [])
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["exactly-5MiB", "5MiB-plus-1"])
+def test_size_limit_boundary(extra: int, gate_5mib: Smtpgate, upstream: CaptureUpstream) -> None:
+    """A message of exactly max_message_size octets (as sent, without the Received header
+    smtpgate adds) is accepted; one octet more is refused with 552 5.3.4."""
+    head = b"Subject: boundary\r\n\r\n"
+    line = b"y" * 998 + b"\r\n"
+    body = line * ((FIVE_MIB - len(head)) // len(line))
+    pad = FIVE_MIB - len(head) - len(body) + extra
+    msg = head + body + b"z" * (pad - 2) + b"\r\n"
+    assert len(msg) == FIVE_MIB + extra
+    upstream.handler.take()
+    code, text = smtplib_send(gate_5mib.port, msg, [])
+    if extra:
+        assert (code, text[:5]) == (552, b"5.3.4"), (code, text)
+        assert upstream.handler.take() == []
+    else:
+        assert (code, text) == (250, b""), (code, text)
+        _check_delivered(upstream, msg, [])

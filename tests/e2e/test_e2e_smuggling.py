@@ -60,10 +60,13 @@ def smuggling_data(variant: bytes) -> tuple[bytes, bytes]:
     """(bytes written after 354 including the real ``.CRLF``, the message normalised).
 
     The message is everything before the final ``.CRLF``; under ``normalize`` it must
-    arrive with every bare CR/LF turned into CRLF, as one message.
+    arrive as one message with every bare CR/LF turned into CRLF. Only CRLF ends a line
+    on the wire, so in ``CRLF.LF`` / ``CRLF.CR`` the dot starts a line that has more
+    characters: it is a transparency dot and is removed (RFC 5321 §4.5.2).
     """
     message = REAL + variant + SMUGGLED
-    return message + b".\r\n", _ANY_EOL.sub(b"\r\n", message)
+    unstuffed = message.replace(b"\r\n.", b"\r\n")
+    return message + b".\r\n", _ANY_EOL.sub(b"\r\n", unstuffed)
 
 
 def converse(port: int, variant: bytes, mode: str) -> list[tuple[int, str]]:
@@ -76,7 +79,7 @@ def converse(port: int, variant: bytes, mode: str) -> list[tuple[int, str]]:
         elif mode == "small-writes":
             c.send_chunked(data, [1, 2, 3, 5, 7], pause=0.0005)
             c.send(b"QUIT\r\n")
-        else:  # "split-at-each-byte": two writes, split inside the fake terminator
+        else:
             raise AssertionError(mode)
         replies = []
         while True:
@@ -202,9 +205,7 @@ class Sink:
         while len(list(self.dump_dir.iterdir())) < expect and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.2)
-        return [
-            p.read_bytes().decode("utf-8", "replace") for p in sorted(self.dump_dir.iterdir())
-        ]
+        return [p.read_bytes().decode("utf-8", "replace") for p in sorted(self.dump_dir.iterdir())]
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,6 @@ def sink() -> Iterator[Sink]:
                     err = proc.stderr.read() if proc.stderr else b""
                     pytest.fail(f"smtp-sink did not start: {err!r}")
                 time.sleep(0.05)
-        # The probe connection above left no transaction behind.
         yield Sink(port, dump_dir)
     finally:
         proc.terminate()

@@ -1,9 +1,7 @@
 """Delivery: where an accepted transaction goes (upstream relay, Maildir, discard, callable).
 
-Entry points: the :class:`Delivery` protocol, :func:`make_delivery`, the relay URL
-parser :func:`parse_relay_url`, :func:`build_received` and :func:`send_message`.
-RFC 5321 §6.1: a delivery reports success only once the message is accepted
-upstream or durably stored.
+Entry points: :class:`Delivery` (protocol), :func:`make_delivery`, :func:`parse_relay_url`,
+:func:`build_received`, :func:`send_message`. RFC 5321 §6.1: success only once accepted/stored.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """In-process deliveries: drop the message, or hand it to a Python callable.
 
-Entry points: :class:`DiscardDelivery` (like Postfix's ``discard`` transport) and
-:class:`CallableDelivery` (a sync or async function decides). Replies per RFC 5321
-§4.2 with RFC 3463 enhanced codes.
+Entry points: :class:`DiscardDelivery` (Postfix ``discard``) and :class:`CallableDelivery`.
+Replies per RFC 5321 §4.2 with RFC 3463 enhanced status codes.
 """
 
 from __future__ import annotations

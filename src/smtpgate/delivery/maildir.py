@@ -1,8 +1,7 @@
 """Maildir delivery: one durable file per accepted transaction.
 
-Entry point: :class:`MaildirDelivery`. Follows the Maildir conventions
-(https://cr.yp.to/proto/maildir.html): write to ``tmp/<unique>``, fsync, rename into
-``new/``, fsync ``new/``; only then report success (RFC 5321 §6.1 responsibility).
+Entry point: :class:`MaildirDelivery`. Maildir spec (cr.yp.to/proto/maildir.html): tmp/, fsync,
+rename into new/, fsync new/; only then success (RFC 5321 §6.1).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The Received: trace header smtpgate prepends to every message it accepts.
 
-Entry point: :func:`build_received`. RFC 5321 §4.4 (trace information), RFC 5322
-§3.6.7 (trace fields) and §3.3 (date-time), RFC 3848 / RFC 6531 §3.7.3 (the
-``with`` protocol keywords ESMTPSA, UTF8SMTPS, LMTPA, ...). No DNS lookups.
+Entry point: :func:`build_received`. RFC 5321 §4.4, RFC 5322 §3.6.7/§3.3, protocol keywords
+per RFC 3848 and RFC 6531 §3.7.3 (ESMTPSA, UTF8SMTPS, LMTPA, ...). No DNS lookups.
 """
 
 from __future__ import annotations

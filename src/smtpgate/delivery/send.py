@@ -1,8 +1,7 @@
-"""Send one message through a relay: the ``ns_smtpd send`` of nssmtpd, for scripts and the CLI.
+"""Send one message through a relay: nssmtpd's ``ns_smtpd send``, for scripts and the CLI.
 
-Entry point: :func:`send_message`. Uses :class:`~smtpgate.delivery.upstream.UpstreamDelivery`
-(RFC 5321 transaction, STARTTLS per RFC 3207); bare LF line endings become CRLF
-(RFC 5321 §2.3.8).
+Entry point: :func:`send_message`, built on :class:`~.upstream.UpstreamDelivery`
+(RFC 5321 transaction, RFC 3207 STARTTLS); bare LF becomes CRLF (RFC 5321 §2.3.8).
 """
 
 from __future__ import annotations

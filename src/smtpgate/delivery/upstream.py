@@ -1,9 +1,7 @@
 """Synchronous relay to one upstream SMTP server, with a pool of idle connections.
 
-Entry point: :class:`UpstreamDelivery` (``deliver`` / ``aclose``), built on aiosmtplib's
-low-level commands. RFC 5321 §3.3 (one transaction: MAIL, RCPT..., DATA), RFC 3207
-(STARTTLS), RFC 8314 (implicit TLS), RFC 4954/4616 (AUTH PLAIN), RFC 1870 (SIZE),
-RFC 6152 (8BITMIME), RFC 6531 (SMTPUTF8), RFC 3461 (DSN), RFC 8689 (REQUIRETLS).
+Entry point: :class:`UpstreamDelivery` (aiosmtplib low-level commands). RFC 5321 §3.3, RFC 3207,
+RFC 8314, RFC 4954/4616, RFC 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8, 3461 DSN, 8689 REQUIRETLS.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Relay URLs: where and how smtpgate hands accepted mail on.
+"""Relay URLs: where and how smtpgate hands accepted mail on (RFC 3986 syntax).
 
-Entry points: :func:`parse_relay_url` -> :class:`RelayUrl`. Schemes ``smtp://``
-(opportunistic STARTTLS), ``smtp+starttls://``, ``smtps://`` (RFC 8314 implicit TLS),
-``plain://USER:PASSWORD@host`` (nssmtpd form: STARTTLS, then AUTH PLAIN, RFC 4616) and
-``discard:``. URL syntax per RFC 3986 (percent-encoded userinfo, bracketed IPv6).
+Entry point: :func:`parse_relay_url` -> :class:`RelayUrl`. Schemes ``smtp://`` (opportunistic
+STARTTLS), ``smtp+starttls://``, ``smtps://`` (RFC 8314), ``plain://`` (AUTH PLAIN), ``discard:``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""Queue mode as a :class:`~smtpgate.delivery.Delivery`: store durably, then answer 250.
+
+Entry point: :class:`QueueDelivery`. ``deliver`` returns only after the message and its
+envelope are fsync'd into the spool (see :mod:`smtpgate.queue.store`); free space below
+``min_free_space`` gives ``452 4.3.1`` (ZMailer ``min-availspace``; RFC 3463 X.3.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..envelope import Envelope, SessionInfo
+from ..errors import QueueError, TemporaryDeliveryError
+from ..reply import Reply
+from .manager import QueueManager
+from .store import QueueStore
+
+log = logging.getLogger("smtpgate.queue")
+
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+_QUEUE_FAILED = Reply(451, "4.3.0", "Cannot queue the message, try again later")
+
+
+class QueueDelivery:
+    """Accept messages into the spool for later delivery by a :class:`QueueManager`.
+
+    Args:
+        store: the spool.
+        manager: the running manager (gets each new message at once).
+        min_free_space: bytes that must stay free in the spool's file system.
+    """
+
+    def __init__(self, store: QueueStore, manager: QueueManager, min_free_space: int = 0) -> None:
+        self.store = store
+        self.manager = manager
+        self.min_free_space = min_free_space
+        self._free = 0
+        self._free_at = 0.0
+
+    def storage_reply(self, size: int = 0) -> Reply | None:
+        """``452 4.3.1`` when storing ``size`` more bytes would go below the free-space floor.
+
+        The free-space reading is cached for one second.
+        """
+        now = time.monotonic()
+        if now - self._free_at > 1.0:
+            try:
+                self._free = self.store.free_bytes()
+            except OSError:
+                self._free = 0
+            self._free_at = now
+        if self._free - size < self.min_free_space:
+            return NO_STORAGE
+        return None
+
+    async def deliver(
+        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+    ) -> Reply:
+        """Store durably; return ``250 2.0.0 Queued as ID`` only after the fsyncs.
+
+        Raises:
+            TemporaryDeliveryError: 452 4.3.1 (low disk) or 451 4.3.0 (write failed).
+        """
+        self._free_at = 0.0  # re-read: this is the last moment to refuse
+        low = self.storage_reply(len(message))
+        if low is not None:
+            raise TemporaryDeliveryError(low)
+        try:
+            entry = await asyncio.to_thread(self.store.enqueue, envelope, message, session)
+        except QueueError as exc:
+            log.error("queue: %s", exc)
+            raise TemporaryDeliveryError(_QUEUE_FAILED) from exc
+        self.manager.submit(entry)
+        return Reply(250, "2.0.0", f"Queued as {entry.id}")
+
+    async def aclose(self) -> None:
+        """Stop the manager (deliveries in flight get a bounded time to finish)."""
+        await self.manager.stop()

@@ -1,0 +1,340 @@
+"""Queue manager: schedules queued messages, runs delivery workers, retries, bounces.
+
+Entry points: :class:`QueueManager` (``start``, ``stop``, ``submit``, ``flush``),
+the :class:`Outbound` protocol it delivers through, and :func:`request_flush` (used by
+the ``smtpgate queue flush`` CLI on a running server's spool). Per-recipient outcomes
+(RFC 5321 §4.2.5 / §6.1): 2xx done, 4xx or no connection → retry with backoff, 5xx →
+permanent failure and an RFC 3464 DSN to the reverse-path (never for ``<>``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from ..envelope import Envelope, Recipient
+from ..errors import QueueError
+from ..reply import Reply
+from .schedule import RetrySchedule
+from .store import QueuedRecipient, QueueEntry, QueueStore
+
+log = logging.getLogger("smtpgate.queue")
+
+FLUSH_FILE = "flush"
+_RESCAN_EVERY = 60.0
+
+
+class Outbound(Protocol):
+    """How the queue reaches the next hop (a relay URL, or MX hosts per domain)."""
+
+    def destination(self, address: str) -> str:
+        """The grouping key for a recipient: ``"relay"`` or the recipient's domain."""
+        ...
+
+    async def send(
+        self, destination: str, envelope: Envelope, message: bytes
+    ) -> dict[str, tuple[Reply, str]]:
+        """Deliver to every recipient of ``envelope`` (all share ``destination``).
+
+        Returns:
+            forward-path → (reply, remote MTA name); a recipient missing from the
+            result counts as a temporary failure.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        ...
+
+
+DsnFactory = Callable[[QueueEntry, bytes, list[QueuedRecipient], str], bytes | None]
+"""(entry, original message, recipients, kind "failure"|"delay"|"success") → DSN bytes or
+None when no DSN is due (e.g. NOTIFY=NEVER)."""
+
+
+def request_flush(spool: str | os.PathLike[str]) -> None:
+    """Ask a running server to rescan its spool now (touches ``<spool>/flush``)."""
+    p = Path(spool) / FLUSH_FILE
+    p.touch()
+    os.utime(p)
+
+
+class QueueManager:
+    """Runs delivery for a :class:`~smtpgate.queue.store.QueueStore`.
+
+    Args:
+        store: the spool.
+        outbound: the next hop.
+        schedule: retry delays and message lifetime.
+        workers: deliveries in flight at once.
+        per_destination: deliveries in flight per destination.
+        scan_interval: seconds between checks for due messages and flush requests.
+        delay_warning: seconds after arrival for a delay DSN (0 = never).
+        make_dsn: builds DSN messages; ``None`` disables bounces (not recommended).
+        clock: time source (epoch seconds), injectable for tests.
+    """
+
+    def __init__(
+        self,
+        store: QueueStore,
+        outbound: Outbound,
+        *,
+        schedule: RetrySchedule | None = None,
+        workers: int = 20,
+        per_destination: int = 5,
+        scan_interval: float = 1.0,
+        delay_warning: float = 0.0,
+        make_dsn: DsnFactory | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.outbound = outbound
+        self.schedule = schedule or RetrySchedule()
+        self.n_workers = workers
+        self.per_destination = per_destination
+        self.scan_interval = scan_interval
+        self.delay_warning = delay_warning
+        self.make_dsn = make_dsn
+        self.clock = clock
+        self._due: dict[str, float] = {}
+        self._inflight: set[str] = set()
+        self._work: asyncio.Queue[str] = asyncio.Queue()
+        self._dest_sems: dict[str, asyncio.Semaphore] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._flush_mtime = 0.0
+        self._last_rescan = 0.0
+        self._stopping = False
+        self.delivered = 0
+        self.bounced = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Recover the spool after a crash, then start the scheduler and the workers."""
+        entries = await asyncio.to_thread(self.store.recover)
+        for entry in entries:
+            if entry.state != "hold":
+                self._due[entry.id] = entry.next_attempt
+        if entries:
+            log.info("queue: recovered %d message(s) from %s", len(entries), self.store.path)
+        self._flush_mtime = self._flush_stamp()
+        self._last_rescan = time.monotonic()
+        self._tasks.append(asyncio.create_task(self._scheduler(), name="queue-scheduler"))
+        for i in range(self.n_workers):
+            self._tasks.append(asyncio.create_task(self._worker(), name=f"queue-worker-{i}"))
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work; wait up to ``timeout`` seconds for deliveries in flight.
+
+        A delivery cut off here is retried after restart (at most a duplicate, never a loss).
+        """
+        self._stopping = True
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.outbound.aclose()
+
+    def submit(self, entry: QueueEntry) -> None:
+        """Schedule a freshly enqueued message for immediate delivery."""
+        self._due[entry.id] = entry.next_attempt
+        self._wake.set()
+
+    def flush(self, qid: str | None = None) -> None:
+        """Make one (or every) deferred message due now (in-process; see :func:`request_flush`)."""
+        now = self.clock()
+        for key in [qid] if qid else list(self._due):
+            if key in self._due:
+                self._due[key] = now
+        self._wake.set()
+
+    @property
+    def queued(self) -> int:
+        """Messages known to the scheduler (not on hold)."""
+        return len(self._due)
+
+    # ------------------------------------------------------------- scheduler
+
+    def _flush_stamp(self) -> float:
+        try:
+            return (self.store.path / FLUSH_FILE).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    async def _rescan(self) -> None:
+        entries = await asyncio.to_thread(lambda: list(self.store.entries()))
+        due: dict[str, float] = {}
+        for e in entries:
+            if e.state != "hold":
+                due[e.id] = e.next_attempt
+        for qid in self._inflight:
+            due.pop(qid, None)
+        self._due = due
+        self._last_rescan = time.monotonic()
+
+    async def _scheduler(self) -> None:
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(self.scan_interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                stamp = self._flush_stamp()
+                stale = time.monotonic() - self._last_rescan > _RESCAN_EVERY
+                if stamp != self._flush_mtime or stale:
+                    self._flush_mtime = stamp
+                    await self._rescan()
+                now = self.clock()
+                for qid, when in list(self._due.items()):
+                    if when <= now and qid not in self._inflight:
+                        self._inflight.add(qid)
+                        del self._due[qid]
+                        self._work.put_nowait(qid)
+            except Exception:
+                log.exception("queue scheduler error")
+
+    async def _worker(self) -> None:
+        while True:
+            qid = await self._work.get()
+            try:
+                await self._process(qid)
+            except Exception:
+                log.exception("queue: delivery of %s failed unexpectedly; retrying later", qid)
+                self._due[qid] = self.clock() + self.schedule.min_backoff
+            finally:
+                self._inflight.discard(qid)
+
+    # -------------------------------------------------------------- delivery
+
+    async def _process(self, qid: str) -> None:
+        try:
+            entry = await asyncio.to_thread(self.store.find, qid)
+        except KeyError:
+            return  # deleted meanwhile (queue delete)
+        if entry.state == "hold":
+            return
+        message = await asyncio.to_thread(self.store.read_message, qid)
+        now = self.clock()
+        newly_failed: list[QueuedRecipient] = []
+        newly_delivered: list[QueuedRecipient] = []
+        if entry.bounce:
+            for r in entry.pending:
+                r.state = "failed"
+                r.last_reply = "550 5.0.0 Returned to sender by the mail administrator"
+                newly_failed.append(r)
+        else:
+            groups: dict[str, list[QueuedRecipient]] = {}
+            for r in entry.pending:
+                groups.setdefault(self.outbound.destination(r.address), []).append(r)
+            await asyncio.gather(*(
+                self._deliver_group(entry, dest, rcpts, message, newly_failed, newly_delivered)
+                for dest, rcpts in groups.items()
+            ))
+        if entry.pending and self.schedule.expired(entry.created, now):
+            for r in entry.pending:
+                r.state = "failed"
+                r.last_reply = f"450 4.4.7 Delivery time expired; last reply: {r.last_reply}"
+                newly_failed.append(r)
+        await self._notify(entry, message, newly_failed, newly_delivered, now)
+        entry.attempts += 1
+        entry = await asyncio.to_thread(self.store.merge_after_attempt, entry)
+        if entry.state == "gone":
+            return  # deleted by the administrator during the attempt
+        if entry.finished:
+            await asyncio.to_thread(self.store.remove, entry)
+            log.info("queue id=%s done attempts=%d delivered=%d failed=%d", entry.id,
+                     entry.attempts, sum(r.state == "delivered" for r in entry.recipients),
+                     sum(r.state == "failed" for r in entry.recipients))
+            return
+        entry.next_attempt = now + self.schedule.delay(entry.attempts)
+        entry.last_reply = next((r.last_reply for r in entry.pending if r.last_reply), "")
+        target = "hold" if entry.state == "hold" else "deferred"
+        await asyncio.to_thread(self.store.save, entry, target)
+        if target != "hold":
+            self._due[entry.id] = entry.next_attempt
+        log.info("queue id=%s deferred attempts=%d next=%+.0fs reply=%r", entry.id,
+                 entry.attempts, entry.next_attempt - now, entry.last_reply[:200])
+
+    async def _deliver_group(
+        self, entry: QueueEntry, dest: str, rcpts: list[QueuedRecipient], message: bytes,
+        failed: list[QueuedRecipient], delivered: list[QueuedRecipient],
+    ) -> None:
+        sem = self._dest_sems.get(dest)
+        if sem is None:
+            sem = self._dest_sems[dest] = asyncio.Semaphore(self.per_destination)
+        env = Envelope(entry.mail_from, dict(entry.mail_params),
+                       [Recipient(r.address, dict(r.params)) for r in rcpts])
+        async with sem:
+            try:
+                results = await self.outbound.send(dest, env, message)
+            except Exception as exc:  # an outbound bug must not lose the message
+                log.exception("queue id=%s: outbound to %s raised", entry.id, dest)
+                results = {r.address: (Reply(451, "4.3.0", f"Local delivery error: {exc}"[:200]),
+                                       "") for r in rcpts}
+        for r in rcpts:
+            reply, remote = results.get(
+                r.address, (Reply(451, "4.4.1", "No result for this recipient"), "")
+            )
+            r.attempts += 1
+            r.last_reply = f"{reply.code} {reply.enhanced or ''} {reply.text}".replace("  ", " ")
+            r.remote_mta = remote
+            if reply.code < 400:
+                r.state = "delivered"
+                delivered.append(r)
+                self.delivered += 1
+            elif reply.code >= 500:
+                r.state = "failed"
+                failed.append(r)
+            log.info("queue id=%s to=<%s> dest=%s remote=%s reply=%r", entry.id, r.address,
+                     dest, remote or "-", r.last_reply[:200])
+
+    async def _notify(
+        self, entry: QueueEntry, message: bytes, failed: list[QueuedRecipient],
+        delivered: list[QueuedRecipient], now: float,
+    ) -> None:
+        if self.make_dsn is None or entry.mail_from == "":
+            if failed and entry.mail_from == "":
+                log.info("queue id=%s: %d recipient(s) failed; no bounce for null sender",
+                         entry.id, len(failed))
+            return
+        jobs: list[tuple[list[QueuedRecipient], str]] = []
+        if failed:
+            jobs.append((failed, "failure"))
+        if delivered:
+            jobs.append((delivered, "success"))
+        if self.delay_warning and now - entry.created >= self.delay_warning:
+            late = [r for r in entry.pending if not r.delay_notified]
+            if late:
+                jobs.append((late, "delay"))
+                for r in late:
+                    r.delay_notified = True
+        for rcpts, kind in jobs:
+            dsn = self.make_dsn(entry, message, rcpts, kind)
+            if dsn is None:
+                continue
+            env = Envelope("", {}, [Recipient(entry.mail_from)])
+            try:
+                dsn_entry = await asyncio.to_thread(self.store.enqueue, env, dsn)
+            except QueueError:
+                log.exception("queue id=%s: cannot queue the %s DSN", entry.id, kind)
+                continue
+            if kind == "failure":
+                self.bounced += len(rcpts)
+            log.info("queue id=%s: %s DSN queued as %s to <%s>", entry.id, kind, dsn_entry.id,
+                     entry.mail_from)
+            self.submit(dsn_entry)
+

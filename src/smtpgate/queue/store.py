@@ -1,0 +1,441 @@
+"""The durable spool: messages and their envelopes on disk, crash-safe.
+
+Entry points: :class:`QueueStore` (``enqueue``, ``load``, ``save``, ``move``,
+``remove``, ``entries``, ``recover``), :class:`QueueEntry`, :class:`QueuedRecipient`.
+Layout and crash guarantees are documented in docs/queue.md. Every method is
+synchronous and blocking (file system calls plus fsync); the asyncio side calls them
+in worker threads.
+
+Commit protocol of :meth:`QueueStore.enqueue`: write the message to ``tmp/``, fsync,
+rename it into ``messages/``, fsync ``messages/``; write the envelope to ``tmp/``,
+fsync, rename it into ``incoming/`` — that rename is the commit point — and fsync
+``incoming/``. Only then may the client see ``250``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..envelope import Envelope, SessionInfo
+from ..errors import QueueError
+
+log = logging.getLogger("smtpgate.queue")
+
+FORMAT_VERSION = 1
+STATES = ("incoming", "deferred", "hold")
+_ENV_SUFFIX = ".json"
+
+
+@dataclass(slots=True)
+class QueuedRecipient:
+    """One forward-path in the queue with its delivery state.
+
+    Attributes:
+        address: the forward-path.
+        params: RCPT parameters (NOTIFY, ORCPT).
+        state: ``"pending"``, ``"delivered"`` or ``"failed"`` (permanently).
+        last_reply: the last reply text for this recipient (``"550 5.1.1 ..."``).
+        remote_mta: the host that gave that reply.
+        attempts: delivery attempts for this recipient.
+        delay_notified: a delay DSN was sent for this recipient.
+    """
+
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)
+    state: str = "pending"
+    last_reply: str = ""
+    remote_mta: str = ""
+    attempts: int = 0
+    delay_notified: bool = False
+
+
+@dataclass(slots=True)
+class QueueEntry:
+    """The envelope file of one queued message.
+
+    Attributes:
+        id: queue id (also the file names).
+        mail_from: reverse-path (``""`` = null, never bounced).
+        mail_params: MAIL parameters (BODY, SMTPUTF8, RET, ENVID ...).
+        recipients: per-recipient state.
+        created: arrival time, seconds since the epoch.
+        next_attempt: when the next delivery attempt is due (epoch seconds).
+        attempts: delivery attempts so far.
+        last_reply: last reply summary (for ``queue list``).
+        size: message size in bytes.
+        client: client facts (ip, helo, auth user, session id) for the logs and DSNs.
+        state: the directory it is in: ``incoming``, ``deferred`` or ``hold``.
+        seq: increases on every save; recovery keeps the highest when a crash left two.
+        bounce: set by ``queue bounce ID``: return to sender at the next attempt.
+    """
+
+    id: str
+    mail_from: str
+    mail_params: dict[str, str | None]
+    recipients: list[QueuedRecipient]
+    created: float
+    next_attempt: float
+    attempts: int = 0
+    last_reply: str = ""
+    size: int = 0
+    client: dict[str, str] = field(default_factory=dict)
+    state: str = "incoming"
+    seq: int = 0
+    bounce: bool = False
+
+    @property
+    def pending(self) -> list[QueuedRecipient]:
+        """Recipients still to be delivered."""
+        return [r for r in self.recipients if r.state == "pending"]
+
+    @property
+    def finished(self) -> bool:
+        """True when no recipient is pending (the message may leave the queue)."""
+        return not self.pending
+
+    def to_json(self) -> bytes:
+        """Serialise (format version 1, UTF-8 JSON)."""
+        data = asdict(self)
+        data["version"] = FORMAT_VERSION
+        return json.dumps(data, ensure_ascii=False, sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> QueueEntry:
+        """Parse an envelope file.
+
+        Raises:
+            QueueError: malformed or of an unknown format version.
+        """
+        try:
+            data = json.loads(raw)
+            if data.pop("version", None) != FORMAT_VERSION:
+                raise QueueError("unknown envelope format version")
+            data["recipients"] = [QueuedRecipient(**r) for r in data["recipients"]]
+            return cls(**data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise QueueError(f"malformed envelope file: {exc}") from exc
+
+    def to_envelope(self, pending_only: bool = True) -> Envelope:
+        """An :class:`~smtpgate.envelope.Envelope` for delivery (pending recipients)."""
+        from ..envelope import Recipient
+
+        rcpts = self.pending if pending_only else self.recipients
+        return Envelope(
+            self.mail_from, dict(self.mail_params),
+            [Recipient(r.address, dict(r.params)) for r in rcpts],
+        )
+
+
+def new_queue_id() -> str:
+    """A unique, sortable queue id: arrival time in hex plus 10 random hex digits."""
+    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(5).upper()}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class QueueStore:
+    """A spool directory.
+
+    Args:
+        path: the spool directory (created with mode 0700 if missing).
+        fsync: flush files and directories to stable storage before a commit
+            returns (on by default; turning it off loses mail on power failure).
+
+    Raises:
+        QueueError: the directory cannot be created.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        try:
+            for sub in ("tmp", "messages", "corrupt", *STATES):
+                (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QueueError(f"cannot create spool {self.path}: {exc}") from exc
+
+    # --------------------------------------------------------------- locking
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the spool's advisory lock (``<spool>/lock``, flock) for a read-modify-write.
+
+        The server's workers and the ``smtpgate queue`` commands both take it, so an
+        administrator's hold/bounce/delete and a delivery attempt never overwrite each other.
+        """
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def update(self, qid: str, change: Callable[[QueueEntry], str | None]) -> QueueEntry:
+        """Apply ``change`` to the current entry under the lock and save it.
+
+        ``change`` mutates the entry and returns the target state (``None``: keep).
+
+        Raises:
+            KeyError: no such message. QueueError: file system failure.
+        """
+        with self.locked():
+            entry = self.find(qid)
+            target = change(entry)
+            self.save(entry, target)
+            return entry
+
+    def merge_after_attempt(self, attempted: QueueEntry) -> QueueEntry:
+        """Merge a delivery attempt's outcome with changes made meanwhile by an administrator.
+
+        The attempt's per-recipient results win; the administrator's hold and bounce
+        flags win. Returns the merged entry (not yet saved; the caller saves or removes
+        it); its ``state`` is ``"gone"`` when the message was deleted meanwhile.
+        """
+        with self.locked():
+            try:
+                current = self.find(attempted.id)
+            except KeyError:
+                attempted.state = "gone"
+                return attempted
+            attempted.seq = max(attempted.seq, current.seq)
+            attempted.bounce = attempted.bounce or current.bounce
+            attempted.state = current.state  # where its envelope file is now (hold wins)
+            return attempted
+
+    # --------------------------------------------------------------- writing
+
+    def enqueue(
+        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None,
+        *, queue_id: str | None = None,
+    ) -> QueueEntry:
+        """Store a message durably; return its entry once committed (only then reply 250).
+
+        Raises:
+            QueueError: any file system failure (disk full, permissions); nothing is
+                left behind that recovery would treat as committed.
+        """
+        qid = queue_id or new_queue_id()
+        now = time.time()
+        entry = QueueEntry(
+            id=qid,
+            mail_from=envelope.mail_from,
+            mail_params=dict(envelope.mail_params),
+            recipients=[QueuedRecipient(r.address, dict(r.params)) for r in envelope.rcpt_to],
+            created=now,
+            next_attempt=now,
+            size=len(message),
+            client=_client_facts(session),
+        )
+        tmp_msg = self.path / "tmp" / f"{qid}.msg"
+        tmp_env = self.path / "tmp" / f"{qid}{_ENV_SUFFIX}"
+        msg = self.path / "messages" / qid
+        try:
+            _write_file(tmp_msg, message, self.fsync)
+            os.rename(tmp_msg, msg)
+            if self.fsync:
+                _fsync_dir(self.path / "messages")
+            _write_file(tmp_env, entry.to_json(), self.fsync)
+            os.rename(tmp_env, self.path / "incoming" / f"{qid}{_ENV_SUFFIX}")  # commit point
+            if self.fsync:
+                _fsync_dir(self.path / "incoming")
+        except OSError as exc:
+            for leftover in (tmp_msg, tmp_env, msg):
+                try:
+                    leftover.unlink()
+                except OSError:
+                    pass
+            raise QueueError(f"cannot store message: {exc.strerror or exc}") from exc
+        return entry
+
+    def save(self, entry: QueueEntry, state: str | None = None) -> None:
+        """Rewrite an entry's envelope atomically, optionally moving it to another state.
+
+        Raises:
+            QueueError: file system failure, or an unknown state.
+        """
+        target = state or entry.state
+        if target not in STATES:
+            raise QueueError(f"unknown queue state {target!r}")
+        old = self._env_path(entry.id, entry.state)
+        entry.seq += 1
+        previous_state = entry.state
+        entry.state = target
+        tmp = self.path / "tmp" / f"{entry.id}.{entry.seq}{_ENV_SUFFIX}"
+        try:
+            _write_file(tmp, entry.to_json(), self.fsync)
+            os.rename(tmp, self._env_path(entry.id, target))
+            if self.fsync:
+                _fsync_dir(self.path / target)
+            if target != previous_state:
+                old.unlink(missing_ok=True)
+                if self.fsync:
+                    _fsync_dir(self.path / previous_state)
+        except OSError as exc:
+            entry.state = previous_state
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise QueueError(f"cannot update {entry.id}: {exc.strerror or exc}") from exc
+
+    def remove(self, entry: QueueEntry) -> None:
+        """Delete a message: the envelope first (the commit point), then the message file."""
+        try:
+            self._env_path(entry.id, entry.state).unlink(missing_ok=True)
+            if self.fsync:
+                _fsync_dir(self.path / entry.state)
+            (self.path / "messages" / entry.id).unlink(missing_ok=True)
+        except OSError as exc:
+            raise QueueError(f"cannot remove {entry.id}: {exc.strerror or exc}") from exc
+
+    # --------------------------------------------------------------- reading
+
+    def _env_path(self, qid: str, state: str) -> Path:
+        return self.path / state / f"{qid}{_ENV_SUFFIX}"
+
+    def find(self, qid: str) -> QueueEntry:
+        """Load an entry by id from whichever state holds it.
+
+        Raises:
+            KeyError: no such message. QueueError: unreadable envelope.
+        """
+        if not qid or "/" in qid or qid.startswith("."):
+            raise KeyError(qid)
+        found: list[QueueEntry] = []
+        for state in STATES:
+            p = self._env_path(qid, state)
+            try:
+                raw = p.read_bytes()
+            except FileNotFoundError:
+                continue
+            entry = QueueEntry.from_json(raw)
+            entry.state = state
+            found.append(entry)
+        if not found:
+            raise KeyError(qid)
+        return max(found, key=lambda e: e.seq)
+
+    def read_message(self, qid: str) -> bytes:
+        """The message bytes (never rewritten after enqueue).
+
+        Raises:
+            QueueError: the file is missing or unreadable.
+        """
+        try:
+            return (self.path / "messages" / qid).read_bytes()
+        except OSError as exc:
+            raise QueueError(f"cannot read message {qid}: {exc.strerror or exc}") from exc
+
+    def entries(self, states: tuple[str, ...] = STATES) -> Iterator[QueueEntry]:
+        """Every readable entry in the given states (unreadable ones are quarantined)."""
+        for state in states:
+            try:
+                names = os.listdir(self.path / state)
+            except FileNotFoundError:
+                continue
+            for name in sorted(names):
+                if not name.endswith(_ENV_SUFFIX):
+                    continue
+                p = self.path / state / name
+                try:
+                    entry = QueueEntry.from_json(p.read_bytes())
+                except FileNotFoundError:
+                    continue  # moved or removed meanwhile
+                except QueueError as exc:
+                    self._quarantine(p, str(exc))
+                    continue
+                entry.state = state
+                yield entry
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        log.error("queue: moving unreadable %s to corrupt/: %s", path.name, why)
+        try:
+            shutil.move(str(path), str(self.path / "corrupt" / f"{path.parent.name}.{path.name}"))
+        except OSError:
+            pass
+
+    def free_bytes(self) -> int:
+        """Free space available to unprivileged users in the spool's file system (bytes)."""
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    # -------------------------------------------------------------- recovery
+
+    def recover(self) -> list[QueueEntry]:
+        """Start-up recovery after a crash (``kill -9``, power loss).
+
+        Removes half-written temporary files (never acknowledged), message files whose
+        envelope was never committed, and duplicate envelopes left by a crash during a
+        state move (the higher ``seq`` wins). Returns every committed entry.
+        """
+        for name in os.listdir(self.path / "tmp"):
+            try:
+                (self.path / "tmp" / name).unlink()
+            except OSError:
+                pass
+        best: dict[str, QueueEntry] = {}
+        for entry in self.entries():
+            other = best.get(entry.id)
+            if other is None or entry.seq > other.seq:
+                if other is not None:
+                    self._env_path(other.id, other.state).unlink(missing_ok=True)
+                best[entry.id] = entry
+            else:
+                self._env_path(entry.id, entry.state).unlink(missing_ok=True)
+        for name in os.listdir(self.path / "messages"):
+            if name not in best:
+                log.info("queue recovery: removing uncommitted message %s", name)
+                (self.path / "messages" / name).unlink(missing_ok=True)
+        for qid, entry in list(best.items()):
+            if not (self.path / "messages" / qid).exists():
+                self._quarantine(self._env_path(qid, entry.state), "message file missing")
+                del best[qid]
+        return sorted(best.values(), key=lambda e: e.created)
+
+
+def _client_facts(session: SessionInfo | None) -> dict[str, str]:
+    if session is None:
+        return {}
+    out = {"ip": session.peer_ip, "helo": session.helo_name or "", "session": session.session_id}
+    if session.auth_user:
+        out["auth"] = session.auth_user
+    if session.tls_version:
+        out["tls"] = session.tls_version
+    return out
+
+
+def entry_dict(entry: QueueEntry) -> dict[str, Any]:
+    """A JSON-ready view of an entry (for ``queue list --json``)."""
+    data = asdict(entry)
+    data["recipients"] = [asdict(r) for r in entry.recipients]
+    return data
