@@ -1,4 +1,4 @@
-"""Command-line interface: ``smtpgate serve|check-config|user|send|scan|train|scanner|version``.
+"""Command-line interface: ``smtpgate serve|check-config|user|send|queue|scan|train|...``.
 
 Entry point: :func:`main` (the ``smtpgate`` console script and ``python -m smtpgate``).
 Exit codes: 0 success, 1 runtime failure (delivery refused, bind failure),
@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     svv = svsub.add_parser("versions", help="print the scanner daemons' versions")
     svv.add_argument("-c", "--config", required=True)
     svv.set_defaults(func=cmd_scanner_versions)
+
+    from .queue.cli import add_queue_commands
+
+    add_queue_commands(sub)
 
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(func=lambda a: print(f"smtpgate {__version__}") or 0)

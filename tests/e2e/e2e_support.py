@@ -34,7 +34,7 @@ MANIFEST = CORPUS / "MANIFEST.tsv"
 
 #: One dict per corpus file (the MANIFEST.tsv columns); empty when the corpus is missing.
 ROWS: list[dict[str, str]] = (
-    list(csv.DictReader(MANIFEST.open(newline="", encoding="utf-8"), delimiter="\t"))
+    list(csv.DictReader(MANIFEST.read_text(encoding="utf-8").splitlines(), delimiter="\t"))
     if MANIFEST.is_file()
     else []
 )

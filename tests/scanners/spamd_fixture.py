@@ -26,6 +26,9 @@ from pathlib import Path
 import pytest
 
 __all__ = [
+    "SPAMD_TEST_RULE",
+    "SPAMD_TEST_RULE_SCORE",
+    "SPAMD_TEST_TOKEN",
     "SPAMD_TEST_USER",
     "SPAMD_TEST_USER_THRESHOLD",
     "SpamdInstance",
@@ -39,6 +42,11 @@ __all__ = [
 #: ``User:`` and spamd's threshold becomes 2.5 instead of the default 5.0.
 SPAMD_TEST_USER = "alice@example.com"
 SPAMD_TEST_USER_THRESHOLD = 2.5
+#: A local rule in the fixture's local.cf: a body line containing SPAMD_TEST_TOKEN
+#: adds SPAMD_TEST_RULE_SCORE points (a score between the two thresholds above).
+SPAMD_TEST_RULE = "SMTPGATE_TEST_3"
+SPAMD_TEST_TOKEN = "smtpgate-test-three-points"
+SPAMD_TEST_RULE_SCORE = 3.0
 #: Seconds allowed for spamd to compile its rules and answer PING.
 STARTUP_TIMEOUT = 90.0
 
@@ -168,6 +176,9 @@ def _write_config(workdir: Path) -> Path:
         f"bayes_path {bayes_path}\n"
         "bayes_file_mode 0777\n"
         "lock_method flock\n"
+        f"body {SPAMD_TEST_RULE} /{SPAMD_TEST_TOKEN}/\n"
+        f"score {SPAMD_TEST_RULE} {SPAMD_TEST_RULE_SCORE}\n"
+        f"describe {SPAMD_TEST_RULE} smtpgate test rule\n"
     )
     user_dir = workdir / "users" / SPAMD_TEST_USER
     user_dir.mkdir(parents=True)
