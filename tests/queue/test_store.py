@@ -1,0 +1,156 @@
+"""The durable spool: commit protocol, recovery after crashes, locking, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smtpgate.envelope import Envelope, Recipient
+from smtpgate.errors import QueueError
+from smtpgate.queue.store import QueueEntry, QueueStore
+
+MSG = b"Subject: queued\r\n\r\nbody\r\n"
+
+
+def env(*rcpts: str) -> Envelope:
+    return Envelope("sender@example.org", {"BODY": "8BITMIME"},
+                    [Recipient(r, {"NOTIFY": "FAILURE"}) for r in rcpts or ("a@example.com",)])
+
+
+def test_enqueue_layout(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env("a@example.com", "b@example.net"), MSG)
+    assert (tmp_path / "messages" / entry.id).read_bytes() == MSG
+    data = json.loads((tmp_path / "incoming" / f"{entry.id}.json").read_bytes())
+    assert data["mail_from"] == "sender@example.org"
+    assert [r["address"] for r in data["recipients"]] == ["a@example.com", "b@example.net"]
+    assert data["recipients"][0]["params"] == {"NOTIFY": "FAILURE"}
+    assert os.listdir(tmp_path / "tmp") == []
+    assert oct((tmp_path / "messages" / entry.id).stat().st_mode & 0o777) == "0o600"
+    again = store.find(entry.id)
+    assert again.recipients[1].address == "b@example.net" and again.state == "incoming"
+    assert store.read_message(entry.id) == MSG
+
+
+def test_recover_removes_uncommitted_and_tmp(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    kept = store.enqueue(env(), MSG)
+    # a crash after the message rename but before the envelope commit:
+    (tmp_path / "messages" / "ORPHAN").write_bytes(MSG)
+    # a crash while writing:
+    (tmp_path / "tmp" / "HALF.msg").write_bytes(MSG[:5])
+    (tmp_path / "tmp" / "HALF.json").write_bytes(b"{")
+    entries = QueueStore(tmp_path).recover()
+    assert [e.id for e in entries] == [kept.id]
+    assert os.listdir(tmp_path / "tmp") == []
+    assert sorted(os.listdir(tmp_path / "messages")) == [kept.id]
+
+
+def test_recover_duplicate_envelopes_keeps_latest(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env(), MSG)
+    entry.attempts = 3
+    store.save(entry, "deferred")  # seq 1, in deferred/
+    # simulate a crash during a move: an older copy left behind in incoming/
+    stale = QueueEntry.from_json((tmp_path / "deferred" / f"{entry.id}.json").read_bytes())
+    stale.seq = 0
+    stale.attempts = 0
+    (tmp_path / "incoming" / f"{entry.id}.json").write_bytes(stale.to_json())
+    entries = store.recover()
+    assert len(entries) == 1 and entries[0].attempts == 3 and entries[0].state == "deferred"
+    assert not (tmp_path / "incoming" / f"{entry.id}.json").exists()
+
+
+def test_corrupt_envelope_quarantined(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env(), MSG)
+    (tmp_path / "incoming" / f"{entry.id}.json").write_bytes(b"not json")
+    assert store.recover() == []
+    assert os.listdir(tmp_path / "corrupt") == [f"incoming.{entry.id}.json"]
+
+
+def test_envelope_without_message_quarantined(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env(), MSG)
+    (tmp_path / "messages" / entry.id).unlink()
+    assert store.recover() == []
+    assert len(os.listdir(tmp_path / "corrupt")) == 1
+
+
+def test_state_moves_and_remove(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env(), MSG)
+    store.save(entry, "hold")
+    assert store.find(entry.id).state == "hold"
+    assert not (tmp_path / "incoming" / f"{entry.id}.json").exists()
+    with pytest.raises(QueueError):
+        store.save(entry, "nowhere")
+    store.remove(store.find(entry.id))
+    with pytest.raises(KeyError):
+        store.find(entry.id)
+    assert os.listdir(tmp_path / "messages") == []
+
+
+def test_update_under_lock_and_merge(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env("a@example.com", "b@example.com"), MSG)
+    attempt = store.find(entry.id)  # a worker starts an attempt
+    store.update(entry.id, lambda e: "hold")  # the administrator holds it meanwhile
+    attempt.recipients[0].state = "delivered"
+    merged = store.merge_after_attempt(attempt)
+    assert merged.state == "hold"
+    store.save(merged, "hold")
+    final = store.find(entry.id)
+    assert final.state == "hold" and final.recipients[0].state == "delivered"
+    store.remove(final)
+    gone = store.merge_after_attempt(attempt)
+    assert gone.state == "gone"
+
+
+def test_enqueue_failure_leaves_nothing(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    (tmp_path / "incoming").chmod(0o500)
+    try:
+        if os.geteuid() == 0:
+            pytest.skip("root ignores directory permissions")
+        with pytest.raises(QueueError):
+            store.enqueue(env(), MSG)
+        assert os.listdir(tmp_path / "messages") == []
+    finally:
+        (tmp_path / "incoming").chmod(0o700)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "smtpgate", "queue", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_queue_cli_commands(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    a = store.enqueue(env("a@example.com"), MSG)
+    b = store.enqueue(env("b@example.com"), MSG)
+    out = run_cli("list", "--spool", str(tmp_path))
+    assert out.returncode == 0 and a.id in out.stdout and "2 message(s)" in out.stdout
+    listed = json.loads(run_cli("list", "--spool", str(tmp_path), "--json").stdout)
+    assert {e["id"] for e in listed} == {a.id, b.id}
+    shown = run_cli("show", "--spool", str(tmp_path), a.id)
+    assert shown.returncode == 0 and "Subject: queued" in shown.stdout
+    assert run_cli("hold", "--spool", str(tmp_path), a.id).returncode == 0
+    assert store.find(a.id).state == "hold"
+    assert run_cli("release", "--spool", str(tmp_path), a.id).returncode == 0
+    assert store.find(a.id).state == "deferred"
+    assert run_cli("flush", "--spool", str(tmp_path), b.id).returncode == 0
+    assert store.find(b.id).next_attempt == 0.0
+    assert (tmp_path / "flush").exists()
+    assert run_cli("bounce", "--spool", str(tmp_path), b.id).returncode == 0
+    assert store.find(b.id).bounce
+    assert run_cli("delete", "--spool", str(tmp_path), a.id).returncode == 0
+    with pytest.raises(KeyError):
+        store.find(a.id)
+    assert run_cli("show", "--spool", str(tmp_path), "NOPE").returncode == 1
+    assert run_cli("delete", "--spool", str(tmp_path), "NOPE").returncode == 1
