@@ -220,7 +220,8 @@ def sink() -> Iterator[Sink]:
     if os.geteuid() == 0:
         cmd += ["-u", "nobody"]
     cmd += ["-d", f"{dump_dir}/%H%M%S.", f"127.0.0.1:{port}", "100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -229,13 +230,14 @@ def sink() -> Iterator[Sink]:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read() if proc.stderr else b""
-                    pytest.fail(f"smtp-sink did not start: {err!r}")
+                    errors.seek(0)
+                    pytest.fail(f"smtp-sink did not start: {errors.read()!r}")
                 time.sleep(0.05)
         yield Sink(port, dump_dir)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        errors.close()
         shutil.rmtree(dump_dir, ignore_errors=True)
 
 

@@ -1,7 +1,8 @@
 """A real SpamAssassin ``spamd`` on loopback for tests, started once per session.
 
-Entry points: the session-scoped fixture :func:`spamd_server` (yields ``"127.0.0.1:PORT"``;
-``from tests.scanners.spamd_fixture import spamd_server``), :func:`spamd_instance`
+Entry points: the session-scoped fixture ``spamd_server`` (yields ``"127.0.0.1:PORT"``;
+``from tests.scanners.spamd_fixture import spamd_server_fixture  # noqa: F401``, then take
+``spamd_server`` as an argument), :func:`spamd_instance`
 (the running :class:`SpamdInstance` for an address: Unix socket path, log), and
 :func:`start_spamd`. Skips when ``spamd`` (Debian ``spamassassin``) is not installed.
 """
@@ -35,6 +36,7 @@ __all__ = [
     "find_spamd",
     "spamd_instance",
     "spamd_server",
+    "spamd_server_fixture",
     "start_spamd",
 ]
 
@@ -270,12 +272,12 @@ _INSTANCES: dict[str, SpamdInstance] = {}
 
 
 def spamd_instance(address: str) -> SpamdInstance:
-    """The :class:`SpamdInstance` that :func:`spamd_server` yielded ``address`` for."""
+    """The :class:`SpamdInstance` that the ``spamd_server`` fixture yielded ``address`` for."""
     return _INSTANCES[address]
 
 
-@pytest.fixture(scope="session")
-def spamd_server() -> Iterator[str]:
+@pytest.fixture(scope="session", name="spamd_server")
+def spamd_server_fixture() -> Iterator[str]:
     """A real spamd for the whole session; yields its address ``"127.0.0.1:PORT"``.
 
     Skips the requesting tests when spamd is not installed (CI installs Debian's
@@ -291,3 +293,10 @@ def spamd_server() -> Iterator[str]:
     finally:
         _INSTANCES.pop(instance.address, None)
         instance.stop()
+
+
+#: The same fixture under its fixture name, for ``import spamd_server`` (ruff then
+#: reports F811 where a test takes it as an argument; importing
+#: ``spamd_server_fixture`` instead, marked as an intentionally unused import
+#: for F401, avoids that).
+spamd_server = spamd_server_fixture

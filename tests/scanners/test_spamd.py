@@ -21,14 +21,14 @@ import pytest
 from smtpgate.errors import ScannerError, ScannerTimeout, ScannerUnavailable
 from smtpgate.scanners.base import Scanner, SpamLearner
 from smtpgate.scanners.spamd import SpamdScanner, parse_reply
-from tests.scanners.spamd_fixture import (  # noqa: F401  (spamd_server is a fixture)
+from tests.scanners.spamd_fixture import (  # noqa: F401  (spamd_server_fixture)
     SPAMD_TEST_RULE,
     SPAMD_TEST_RULE_SCORE,
     SPAMD_TEST_TOKEN,
     SPAMD_TEST_USER,
     SPAMD_TEST_USER_THRESHOLD,
     spamd_instance,
-    spamd_server,
+    spamd_server_fixture,
 )
 
 CORPUS = Path("/work/shared/corpus")
@@ -357,9 +357,7 @@ async def test_request_bytes_half_close_and_lenient_symbols() -> None:
     async with fake_server(answering(reply, seen)) as address:
         # The fake answers only after reading EOF: this passes only if the client half-closes.
         result = await SpamdScanner(address, timeout=5, user="bob@example.com").scan(b"hello")
-    assert seen == [
-        b"SYMBOLS SPAMC/1.5\r\nContent-length: 5\r\nUser: bob@example.com\r\n\r\nhello"
-    ]
+    assert seen == [b"SYMBOLS SPAMC/1.5\r\nContent-length: 5\r\nUser: bob@example.com\r\n\r\nhello"]
     assert result.verdict == "clean"
     assert result.score == -1.5 and result.threshold == 5.0
     assert result.symbols == ("RULE_A", "RULE_B")

@@ -51,6 +51,7 @@ CLEAN_ACTIONS = frozenset({"no action"})
 _HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,128}$")  # RFC 5322 §2.2 field-name (ftext)
 _STATUS_RE = re.compile(rb"^HTTP/1\.[01] +(\d{3})(?: +(.*))?$")
 _CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_CTL_NO_TAB_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _LINEBREAK_RE = re.compile(r"\r\n|\r|\n")
 _ALREADY_LEARNED = "already learned"
 
@@ -417,7 +418,9 @@ class RspamdScanner:
                 f"rspamd: connection closed before a complete reply to {method} {path}"
             ) from exc
         except OSError as exc:  # reset, broken pipe
-            raise ScannerUnavailable(f"rspamd: connection failed during {method} {path}: {exc}") from exc
+            raise ScannerUnavailable(
+                f"rspamd: connection failed during {method} {path}: {exc}"
+            ) from exc
         finally:
             if writer is not None:
                 # abort(): never wait on a peer that stopped reading; the reply is complete.
@@ -471,14 +474,14 @@ async def _read_reply(reader: asyncio.StreamReader) -> _HttpReply:
             raise ScannerError(f"rspamd: reply of {length} bytes is too large")
         body = await reader.readexactly(length)
     else:
-        body = await reader.read(MAX_REPLY - size + 1)
-        while True:
-            more = await reader.read(MAX_REPLY - size + 1 - len(body))
-            if not more:
-                break
-            body += more
-        if len(body) > MAX_REPLY - size:
-            raise ScannerError("rspamd: reply too large")
+        chunks: list[bytes] = []
+        total = size
+        while more := await reader.read(1 << 16):
+            total += len(more)
+            if total > MAX_REPLY:
+                raise ScannerError("rspamd: reply too large")
+            chunks.append(more)
+        body = b"".join(chunks)
     return _HttpReply(status, reason, headers, body)
 
 
@@ -490,13 +493,15 @@ async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
         size_line = (await reader.readuntil(b"\n")).rstrip(b"\r\n")
         size_s = size_line.split(b";", 1)[0].strip()
         try:
-            size = int(size_s, 16)
+            size = int(size_s, 16) if size_s.isalnum() else -1
+            if size < 0:
+                raise ValueError(size_s)
         except ValueError as exc:
             raise ScannerError(f"rspamd: bad chunk size {size_line[:20]!r}") from exc
         if size == 0:
             break
         total += size
-        if total > limit or size < 0:
+        if total > limit:
             raise ScannerError("rspamd: reply too large")
         parts.append(await reader.readexactly(size))
         await reader.readuntil(b"\n")
@@ -514,13 +519,12 @@ def _parse_check_reply(data: Any, scanner: str, kind: Kind, elapsed: float) -> S
     if not isinstance(data, dict):
         raise ScannerError("rspamd: reply is not a JSON object")
     action = data.get("action")
-    score = data.get("score")
+    score = _as_float(data.get("score"))
     if not isinstance(action, str) or not action:
         raise ScannerError("rspamd: reply has no action")
-    if not _is_number(score):
+    if score is None:
         raise ScannerError("rspamd: reply has no numeric score")
-    required = data.get("required_score")
-    threshold = float(required) if _is_number(required) else None
+    threshold = _as_float(data.get("required_score"))
     verdict: Verdict
     if action in CLEAN_ACTIONS:
         verdict = "skipped" if data.get("is_skipped") is True else "clean"
@@ -530,15 +534,15 @@ def _parse_check_reply(data: Any, scanner: str, kind: Kind, elapsed: float) -> S
     raw_symbols = data.get("symbols")
     if isinstance(raw_symbols, dict):
         for name, sym in raw_symbols.items():
-            sym_score = sym.get("score") if isinstance(sym, dict) else None
-            symbols.append((float(sym_score) if _is_number(sym_score) else 0.0, str(name)))
+            sym_score = _as_float(sym.get("score")) if isinstance(sym, dict) else None
+            symbols.append((sym_score or 0.0, str(name)))
     symbols.sort(key=lambda item: (-item[0], item[1]))
     subject = data.get("subject")
     subject = _fold(subject, " ") if isinstance(subject, str) and subject else None
     milter = data.get("milter")
     add_headers = milter.get("add_headers") if isinstance(milter, dict) else None
     headers = tuple(_added_headers(add_headers)) if isinstance(add_headers, dict) else ()
-    detail = f"{action} (score {float(score):.2f}"
+    detail = f"{action} (score {score:.2f}"
     detail += f"/{threshold:.2f})" if threshold is not None else ")"
     messages = data.get("messages")
     if isinstance(messages, dict) and isinstance(messages.get("smtp_message"), str):
@@ -547,7 +551,7 @@ def _parse_check_reply(data: Any, scanner: str, kind: Kind, elapsed: float) -> S
         scanner=scanner,
         kind=kind,
         verdict=verdict,
-        score=float(score),
+        score=score,
         threshold=threshold,
         symbols=tuple(name for _, name in symbols),
         action=action,
@@ -578,8 +582,7 @@ def _added_headers(add_headers: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
 
 def _fold(value: str, joiner: str) -> str:
     """Join the non-empty lines of ``value`` with ``joiner``; drop other control chars."""
-    lines = (_CTL_RE.sub(lambda m: "\t" if m.group() == "\t" else "", ln).strip()
-             for ln in _LINEBREAK_RE.split(value))
+    lines = (_CTL_NO_TAB_RE.sub("", ln).strip() for ln in _LINEBREAK_RE.split(value))
     return joiner.join(ln for ln in lines if ln)
 
 
@@ -596,8 +599,11 @@ def _is_ip(value: str) -> bool:
     return True
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _as_float(value: Any) -> float | None:
+    """A JSON number as ``float``; ``None`` for anything else (booleans included)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _host_header(target: tuple[str, int] | str) -> str:

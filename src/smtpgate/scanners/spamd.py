@@ -244,8 +244,7 @@ class SpamdScanner:
                 data = await self._exchange(payload)
         except TimeoutError:
             raise ScannerTimeout(
-                f"spamassassin: no answer from {self.address} to {verb} "
-                f"within {self.timeout:g}s"
+                f"spamassassin: no answer from {self.address} to {verb} within {self.timeout:g}s"
             ) from None
         reply = parse_reply(data)
         log.debug(
