@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what smtpgate needs on a fresh Debian machine (idempotent, quiet when done before):
 #   - Debian packages used by the tests and the benchmark: postfix (smtp-sink/smtp-source,
-#     installed WITHOUT configuring a mail system), swaks, openssl;
+#     installed WITHOUT configuring a mail system), swaks, openssl, and the content scanners
+#     the tests start on private ports: spamassassin + spamc (spamd), clamav-daemon +
+#     clamav-testfiles (clamd), rspamd (+ redis-server for its Bayes);
 #   - a virtualenv in .venv with smtpgate installed editable, plus the test/uvloop extras.
 # Usage: scripts/setup.sh [--no-apt]
 set -euo pipefail
@@ -15,13 +17,20 @@ if [ "$want_apt" = 1 ]; then
   command -v swaks >/dev/null 2>&1 || missing+=(swaks)
   [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  command -v spamd >/dev/null 2>&1 || missing+=(spamassassin)
+  command -v spamc >/dev/null 2>&1 || missing+=(spamc)
+  command -v clamd >/dev/null 2>&1 || missing+=(clamav-daemon)
+  [ -d /usr/share/clamav-testfiles ] || missing+=(clamav-testfiles)
+  command -v rspamd >/dev/null 2>&1 || missing+=(rspamd)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   if [ "${#missing[@]}" -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"
     echo "setup: installing Debian packages: ${missing[*]}" >&2
     $SUDO apt-get update -qq
     echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+      -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}" >/dev/null
   fi
 fi
 

@@ -47,9 +47,27 @@ RSPAMD_CONFDIR = Path("/etc/rspamd")
 #: Modules that query DNS, Redis or the network, or whose state makes results depend on
 #: earlier tests (greylist, ratelimit, reputation...): disabled in the test instance.
 _DISABLED_MODULES = (
-    "arc", "asn", "dcc", "dkim", "dkim_signing", "dmarc", "emails", "fuzzy_check",
-    "greylist", "history_redis", "metadata_exporter", "mx_check", "neural", "phishing",
-    "ratelimit", "rbl", "replies", "reputation", "rspamd_update", "spf", "url_redirector",
+    "arc",
+    "asn",
+    "dcc",
+    "dkim",
+    "dkim_signing",
+    "dmarc",
+    "emails",
+    "fuzzy_check",
+    "greylist",
+    "history_redis",
+    "metadata_exporter",
+    "mx_check",
+    "neural",
+    "phishing",
+    "ratelimit",
+    "rbl",
+    "replies",
+    "reputation",
+    "rspamd_update",
+    "spf",
+    "url_redirector",
     "whitelist",
 )
 #: A tiny public-suffix list: rspamd compiles the packaged one (~10 000 suffixes) at every
@@ -106,8 +124,11 @@ class RspamdInstance:
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError):
-                found = [ln for ln in self.log_path.read_text("utf-8", "replace").splitlines()
-                         if needle in ln]
+                found = [
+                    ln
+                    for ln in self.log_path.read_text("utf-8", "replace").splitlines()
+                    if needle in ln
+                ]
                 if found or time.monotonic() > deadline:
                     return found
             if time.monotonic() > deadline:
@@ -263,19 +284,35 @@ worker "controller" {{
     return conf
 
 
-def _start_redis(redis_server: str, workdir: Path, timeout: float) -> tuple[
-    subprocess.Popen[bytes], int
-]:
+def _start_redis(
+    redis_server: str, workdir: Path, timeout: float
+) -> tuple[subprocess.Popen[bytes], int]:
     """Start a private redis-server (loopback, no persistence); return it and its port."""
     last = ""
     for _attempt in range(3):
         port = _free_port()
         with open(workdir / "redis.log", "wb") as log:
             process = subprocess.Popen(
-                [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(workdir / "db"), "--daemonize", "no"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=workdir, start_new_session=True,
+                [
+                    redis_server,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(workdir / "db"),
+                    "--daemonize",
+                    "no",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and process.poll() is None:
@@ -319,15 +356,23 @@ def start_rspamd(rspamd: str, *, timeout: float = STARTUP_TIMEOUT) -> RspamdInst
         normal, controller = _free_port(), _free_port()
         conf = _write_config(workdir, normal, controller, redis_port)
         cmd = [rspamd, "-f", "-c", str(conf)]
-        for var, sub in (("DBDIR", "db"), ("RUNDIR", "run"), ("LOGDIR", "."),
-                         ("LOCAL_CONFDIR", "local")):
+        for var, sub in (
+            ("DBDIR", "db"),
+            ("RUNDIR", "run"),
+            ("LOGDIR", "."),
+            ("LOCAL_CONFDIR", "local"),
+        ):
             cmd.append(f"--var={var}={workdir / sub}")
         if os.geteuid() == 0:
             cmd.append("-i")
         with open(workdir / "stdout.log", "wb") as out:
             process = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=workdir, start_new_session=True,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                start_new_session=True,
             )
         instance = RspamdInstance(
             address=f"127.0.0.1:{normal}",

@@ -60,9 +60,7 @@ def corpus(name: str) -> bytes:
 
 
 def eicar_message() -> bytes:
-    return (
-        b"From: a@example.com\r\nTo: b@example.com\r\nSubject: test\r\n\r\n" + EICAR + b"\r\n"
-    )
+    return b"From: a@example.com\r\nTo: b@example.com\r\nSubject: test\r\n\r\n" + EICAR + b"\r\n"
 
 
 @pytest.fixture(params=["tcp", "unix"])
