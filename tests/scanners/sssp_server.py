@@ -16,7 +16,6 @@ import contextlib
 import email
 import email.policy
 import itertools
-import logging
 import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from typing import Literal
 
 import pytest
 
-log = logging.getLogger("tests.sssp_server")
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 #: The name Sophos gives the EICAR test file.
@@ -146,6 +144,7 @@ class SsspTestServer:
             return
         if self.greeting is None:
             await _forever()
+            return
         writer.write(self.greeting)
         await writer.drain()
         session = f"{next(_session_ids):08X}"

@@ -211,113 +211,26 @@ class UpstreamDelivery:
     def __repr__(self) -> str:
         return f"UpstreamDelivery({self.url.redacted()!r})"
 
-    # -- TLS and connection set-up -------------------------------------------------
+    # -- connection set-up --------------------------------------------------------
 
-    def _build_context(self, verify: bool) -> ssl.SSLContext:
-        if verify:
-            return ssl.create_default_context(cafile=self.cafile)
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+    @property
+    def connections_opened(self) -> int:
+        """TCP connections opened so far (metrics and tests)."""
+        return self._connector.connections_opened
 
-    async def _context(self, verify: bool) -> ssl.SSLContext:
-        ctx = self._contexts.get(verify)
-        if ctx is None:
-            ctx = await asyncio.to_thread(self._build_context, verify)
-            self._contexts[verify] = ctx
-        return ctx
-
-    async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
-        try:
-            await smtp.ehlo()
-        except aiosmtplib.SMTPHeloError:
-            if not smtp.is_connected:
-                raise
-            await smtp.helo()
-
-    async def _open(self, *, plaintext: bool = False) -> _Conn:
-        """Connect, EHLO, STARTTLS per policy, AUTH. Raises network errors / _AuthFailed."""
+    async def _open(self) -> _Conn:
+        """Connect, EHLO, STARTTLS per policy, AUTH. Raises network errors / AuthFailed."""
         url = self.url
-        mode = url.tls
-        verify = url.verify and mode != "may"
-        ctx = await self._context(verify) if mode != "none" else None
-        smtp = aiosmtplib.SMTP(
-            hostname=url.host,
-            port=url.port,
-            local_hostname=self.helo_name,
-            timeout=self.timeout,
-            use_tls=mode == "implicit",
-            start_tls=False,
-            tls_context=ctx,
+        return await self._connector.open(
+            url.host,
+            url.port,
+            tls=url.tls,
+            verify=url.verify,
+            username=url.username,
+            password=url.password,
+            auth_mechanism=url.auth_mechanism,
+            label=url.host_port,
         )
-        self.connections_opened += 1
-        try:
-            await smtp.connect()
-            await self._ehlo(smtp)
-            tls = mode == "implicit"
-            if mode in ("may", "required") and not plaintext:
-                if smtp.supports_extension("starttls"):
-                    try:
-                        await smtp.starttls(tls_context=ctx)
-                    except aiosmtplib.SMTPResponseException as exc:
-                        if mode == "required" or not smtp.is_connected:
-                            raise
-                        log.info(
-                            "upstream %s refused STARTTLS (%s); continuing in plaintext",
-                            url.host_port,
-                            exc.code,
-                        )
-                    except _NETWORK_ERRORS as exc:
-                        if mode == "required":
-                            raise
-                        log.info(
-                            "upstream %s: STARTTLS failed (%s); retrying in plaintext",
-                            url.host_port,
-                            exc,
-                        )
-                        smtp.close()
-                        return await self._open(plaintext=True)
-                    else:
-                        tls = True
-                        await self._ehlo(smtp)
-                elif mode == "required":
-                    raise aiosmtplib.SMTPNotSupported("upstream does not offer STARTTLS")
-            authenticated = False
-            if url.username is not None and url.password is not None:
-                await self._auth(smtp)
-                authenticated = True
-        except BaseException:
-            smtp.close()
-            raise
-        now = time.monotonic()
-        return _Conn(
-            smtp,
-            now,
-            now,
-            authenticated=authenticated,
-            tls=tls,
-            extensions=dict(smtp.esmtp_extensions),
-        )
-
-    async def _auth(self, smtp: aiosmtplib.SMTP) -> None:
-        url = self.url
-        assert url.username is not None and url.password is not None
-        if not smtp.supports_extension("auth"):
-            raise _AuthFailed("upstream does not advertise AUTH")
-        try:
-            if url.auth_mechanism == "PLAIN":
-                await smtp.auth_plain(url.username, url.password)
-            else:
-                await smtp.login(url.username, url.password)
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            raise _AuthFailed(f"{exc.code} {_strip_enhanced(exc.message)}") from None
-        except aiosmtplib.SMTPResponseException as exc:
-            raise _AuthFailed(f"{exc.code} {_strip_enhanced(exc.message)}") from None
-        except aiosmtplib.SMTPServerDisconnected:
-            raise
-        except aiosmtplib.SMTPException as exc:
-            raise _AuthFailed(str(exc)) from None
 
     async def _connect(self) -> _Conn:
         """Open a fresh connection, mapping every failure to a DeliveryError."""
