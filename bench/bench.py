@@ -163,6 +163,13 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (user+nice+system+irq+softirq+steal)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
     """VmRSS (or VmHWM) of one process in KiB, from /proc/PID/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -292,6 +299,7 @@ class Run:
     seconds: float
     server_cpu: float
     client_cpu: float
+    other_cpu: float  # busy CPU seconds of the whole machine minus server and smtp-source
 
     @property
     def rate(self) -> float:
@@ -324,6 +332,7 @@ def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
     cmd = smtp_source(sc, server.port, messages)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0 = cpu_seconds(server.pid)
+    busy0 = system_busy_seconds()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -334,6 +343,7 @@ def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
         raise BenchError(
             f"smtp-source timed out against {server.spec.name}: {' '.join(cmd)}") from None
     t1 = time.perf_counter()
+    busy1 = system_busy_seconds()
     cpu1 = cpu_seconds(server.pid)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -345,7 +355,8 @@ def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
     server.check_alive()
     server.sent += messages
     client = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    return Run(server.spec.name, sc.key, rnd, messages, t1 - t0, cpu1 - cpu0, client)
+    other = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - client)
+    return Run(server.spec.name, sc.key, rnd, messages, t1 - t0, cpu1 - cpu0, client, other)
 
 
 # ------------------------------------------------------------------ stats
@@ -381,8 +392,8 @@ class Report:
         lines.append("")
         w = 34
         lines.append(f"{'scenario / server':<{w}} {'msgs/s median [min-max]':>26} "
-                     f"{'CPU ms/msg':>11} {'srv CPU':>8} {'src CPU':>8}")
-        lines.append("-" * 92)
+                     f"{'CPU ms/msg':>11} {'srv CPU':>8} {'src CPU':>8} {'other':>8}")
+        lines.append("-" * 101)
         verdicts: list[str] = []
         for sc in scenarios:
             n = int(next((r.messages for r in self.runs if r.scenario == sc.key), 0))
@@ -397,8 +408,9 @@ class Report:
                 cpu = med([r.cpu_ms for r in runs])
                 srv = med([r.server_cpu / r.seconds for r in runs]) * 100
                 cli = med([r.client_cpu / r.seconds for r in runs]) * 100
+                oth = med([r.other_cpu / r.seconds for r in runs]) * 100
                 lines.append(f"  {spec.name:<{w - 2}} {spread(rates, '.0f'):>26} "
-                             f"{cpu:>11.3f} {srv:>7.0f}% {cli:>7.0f}%")
+                             f"{cpu:>11.3f} {srv:>7.0f}% {cli:>7.0f}% {oth:>7.0f}%")
             base = self.rates(AIO.name, sc.key)
             for spec in servers:
                 if spec.kind != "smtpgate" or spec.relay:
@@ -435,9 +447,17 @@ class Report:
             lines.append("")
         if verdicts:
             lines.append("Targets (median of same-round ratios): " + "; ".join(verdicts))
-        lines.append("CPU ms/msg: server user+system time per message (from /proc). srv/src CPU: "
-                     "server / smtp-source CPU as % of one core during the run "
-                     "(near 100% = that process is the bottleneck).")
+        lines.append("CPU ms/msg: server user+system time per message (/proc/PID/stat, whole "
+                     "process tree).")
+        lines.append("srv / src / other: CPU of the server / of smtp-source / of everything else "
+                     "on the machine (kernel included),")
+        lines.append("  as % of one core during the run (server near 100% = server-bound).")
+        if self.runs:
+            other = med([r.other_cpu / r.seconds for r in self.runs]) * 100
+            if other > 25:
+                lines.append(f"WARNING: other processes used a median {other:.0f}% of a core "
+                             "during the timed runs: the machine was busy, the numbers are "
+                             "disturbed; rerun on a quiet machine.")
         if self.profile:
             lines.append("")
             lines.extend(self.profile)

@@ -76,6 +76,8 @@ class SessionInfo:
         session_id: short unique id used in logs and Received headers.
         peer_ip / peer_port: the client's address (after PROXY protocol, if any).
         local_ip / local_port: the address the client connected to.
+        peer_hostname: the client's verified reverse-DNS name, ``None`` when unknown
+            (smtpgate does no reverse lookups yet; a connect hook may set it).
         hostname: smtpgate's own host name (banner, Received).
         helo_name: the argument of the last HELO/EHLO/LHLO, ``None`` before one.
         esmtp: True after EHLO (or LHLO), False after HELO.
@@ -90,6 +92,7 @@ class SessionInfo:
     peer_port: int
     local_ip: str = ""
     local_port: int = 0
+    peer_hostname: str | None = None
     hostname: str = "localhost"
     helo_name: str | None = None
     esmtp: bool = False

@@ -11,6 +11,7 @@ import base64
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from smtpgate.protocol import (
     NEED_DATA,
@@ -40,7 +41,8 @@ TX = b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.ne
 _LINE_RE = re.compile(rb"^([2-5][0-9][0-9])([ -])([^\r\n]*)$")
 _ENH_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?: |$)")
 
-Policy = Callable[[ServerConnection, Event], Reply]
+Policy = Callable[[ServerConnection, Any], Reply]
+E = TypeVar("E")
 
 
 def default_reply(conn: ServerConnection, ev: Event) -> Reply:
@@ -110,11 +112,7 @@ class Dialogue:
             policy = self.overrides.get(type(ev), default_reply)
             reply = policy(conn, ev)
             out += conn.send(reply)
-            if (
-                isinstance(ev, StartTls)
-                and self.auto_tls
-                and conn.state is State.TLS_PENDING
-            ):
+            if isinstance(ev, StartTls) and self.auto_tls and conn.state is State.TLS_PENDING:
                 conn.tls_established()
         self.wire += out
         return bytes(out)
@@ -143,7 +141,7 @@ class Dialogue:
         """Feed ``data`` and return the codes of the replies it produced."""
         return codes(self.feed(data, chunks))
 
-    def of_type(self, cls: type) -> list[Event]:
+    def of_type(self, cls: type[E]) -> list[E]:
         """The events seen so far of one type."""
         return [e for e in self.events if isinstance(e, cls)]
 

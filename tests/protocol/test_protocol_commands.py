@@ -26,7 +26,11 @@ from .helpers import EHLO, TX, Dialogue, codes, parse_replies
 TABLE: list[tuple[str, bytes, list[str]]] = [
     ("helo", b"HELO client.example\r\n", ["250"]),
     ("ehlo", EHLO, ["250"]),
-    ("lowercase verbs", b"ehlo x\r\nmail from:<a@b>\r\nrcpt to:<c@d>\r\n", ["250", "250 2.1.0", "250 2.1.5"]),
+    (
+        "lowercase verbs",
+        b"ehlo x\r\nmail from:<a@b>\r\nrcpt to:<c@d>\r\n",
+        ["250", "250 2.1.0", "250 2.1.5"],
+    ),
     ("helo without name", b"HELO\r\n", ["501 5.5.4"]),
     ("ehlo with two words", b"EHLO a b\r\n", ["501 5.5.4"]),
     ("noop", b"NOOP\r\n", ["250 2.0.0"]),
@@ -53,17 +57,37 @@ TABLE: list[tuple[str, bytes, list[str]]] = [
     ("data before helo", b"DATA\r\n", ["503 5.5.1"]),
     ("data before rcpt", EHLO + b"MAIL FROM:<a@b>\r\nDATA\r\n", ["250", "250 2.1.0", "503 5.5.1"]),
     ("data with argument", TX + b"DATA now\r\n", ["250", "250 2.1.0", "250 2.1.5", "501 5.5.4"]),
-    ("nested mail", EHLO + b"MAIL FROM:<a@b>\r\nMAIL FROM:<c@d>\r\n", ["250", "250 2.1.0", "503 5.5.1"]),
-    ("nested mail after rcpt", TX + b"MAIL FROM:<c@d>\r\n", ["250", "250 2.1.0", "250 2.1.5", "503 5.5.1"]),
+    (
+        "nested mail",
+        EHLO + b"MAIL FROM:<a@b>\r\nMAIL FROM:<c@d>\r\n",
+        ["250", "250 2.1.0", "503 5.5.1"],
+    ),
+    (
+        "nested mail after rcpt",
+        TX + b"MAIL FROM:<c@d>\r\n",
+        ["250", "250 2.1.0", "250 2.1.5", "503 5.5.1"],
+    ),
     ("mail syntax", EHLO + b"MAIL <a@b>\r\n", ["250", "501 5.5.4"]),
     ("mail without colon", EHLO + b"MAIL FROM <a@b>\r\n", ["250", "501 5.5.4"]),
     ("rcpt syntax", EHLO + b"MAIL FROM:<a@b>\r\nRCPT <c@d>\r\n", ["250", "250 2.1.0", "501 5.5.4"]),
     ("bad sender", EHLO + b"MAIL FROM:a@b\r\n", ["250", "501 5.1.7"]),
-    ("bad recipient", EHLO + b"MAIL FROM:<a@b>\r\nRCPT TO:c@d\r\n", ["250", "250 2.1.0", "501 5.1.3"]),
-    ("null recipient", EHLO + b"MAIL FROM:<a@b>\r\nRCPT TO:<>\r\n", ["250", "250 2.1.0", "501 5.1.3"]),
+    (
+        "bad recipient",
+        EHLO + b"MAIL FROM:<a@b>\r\nRCPT TO:c@d\r\n",
+        ["250", "250 2.1.0", "501 5.1.3"],
+    ),
+    (
+        "null recipient",
+        EHLO + b"MAIL FROM:<a@b>\r\nRCPT TO:<>\r\n",
+        ["250", "250 2.1.0", "501 5.1.3"],
+    ),
     ("params after helo", b"HELO x\r\nMAIL FROM:<a@b> SIZE=10\r\n", ["250", "555 5.5.4"]),
     ("unknown mail param", EHLO + b"MAIL FROM:<a@b> FOO=1\r\n", ["250", "555 5.5.4"]),
-    ("unknown rcpt param", EHLO + b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d> NOTIFY=NEVER\r\n", ["250", "250 2.1.0", "555 5.5.4"]),
+    (
+        "unknown rcpt param",
+        EHLO + b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d> NOTIFY=NEVER\r\n",
+        ["250", "250 2.1.0", "555 5.5.4"],
+    ),
     ("malformed param", EHLO + b"MAIL FROM:<a@b> =x\r\n", ["250", "501 5.5.4"]),
     ("duplicate param", EHLO + b"MAIL FROM:<a@b> SIZE=1 size=2\r\n", ["250", "501 5.5.4"]),
     ("size ok", EHLO + b"MAIL FROM:<a@b> SIZE=1000\r\n", ["250", "250 2.1.0"]),
@@ -79,11 +103,27 @@ TABLE: list[tuple[str, bytes, list[str]]] = [
     ("smtputf8 param", EHLO + b"MAIL FROM:<a@b> SMTPUTF8\r\n", ["250", "250 2.1.0"]),
     ("smtputf8 with value", EHLO + b"MAIL FROM:<a@b> SMTPUTF8=yes\r\n", ["250", "501 5.5.4"]),
     ("auth param, auth not offered", EHLO + b"MAIL FROM:<a@b> AUTH=<>\r\n", ["250", "555 5.5.4"]),
-    ("rset in transaction", TX + b"RSET\r\nRCPT TO:<c@d>\r\n", ["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "503 5.5.1"]),
-    ("rset then new mail", TX + b"RSET\r\nMAIL FROM:<c@d>\r\n", ["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "250 2.1.0"]),
-    ("ehlo resets transaction", TX + EHLO + b"RCPT TO:<c@d>\r\n", ["250", "250 2.1.0", "250 2.1.5", "250", "503 5.5.1"]),
+    (
+        "rset in transaction",
+        TX + b"RSET\r\nRCPT TO:<c@d>\r\n",
+        ["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "503 5.5.1"],
+    ),
+    (
+        "rset then new mail",
+        TX + b"RSET\r\nMAIL FROM:<c@d>\r\n",
+        ["250", "250 2.1.0", "250 2.1.5", "250 2.0.0", "250 2.1.0"],
+    ),
+    (
+        "ehlo resets transaction",
+        TX + EHLO + b"RCPT TO:<c@d>\r\n",
+        ["250", "250 2.1.0", "250 2.1.5", "250", "503 5.5.1"],
+    ),
     ("helo twice", b"HELO a\r\nHELO b\r\n", ["250", "250"]),
-    ("multiple recipients", TX + b"RCPT TO:<c@d>\r\nRCPT TO:<Postmaster>\r\n", ["250", "250 2.1.0", "250 2.1.5", "250 2.1.5", "250 2.1.5"]),
+    (
+        "multiple recipients",
+        TX + b"RCPT TO:<c@d>\r\nRCPT TO:<Postmaster>\r\n",
+        ["250", "250 2.1.0", "250 2.1.5", "250 2.1.5", "250 2.1.5"],
+    ),
     ("starttls unavailable", EHLO + b"STARTTLS\r\n", ["250", "502 5.5.1"]),
     ("auth unavailable", EHLO + b"AUTH PLAIN\r\n", ["250", "502 5.5.1"]),
 ]
@@ -105,15 +145,17 @@ def test_greeting_bytes_and_initial_state() -> None:
     conn.receive_data(b"EHLO early\r\n")
     assert conn.next_event() is NEED_DATA  # nothing happens before the greeting
     assert conn.send(Reply(220, None, "mx ESMTP")) == b"220 mx ESMTP\r\n"
-    assert conn.state is State.INIT
+    assert conn.state.name == "INIT"
     ev = conn.next_event()
     assert ev == Helo("early", True)
 
 
 def test_events_carry_arguments() -> None:
     d = Dialogue()
-    d.feed(b"EHLO [192.0.2.1]\r\nMAIL FROM:<a@b> SIZE=99 BODY=8bitmime\r\n"
-           b"RCPT TO:<c@d>\r\nVRFY  bob smith \r\nRSET\r\nQUIT\r\n")
+    d.feed(
+        b"EHLO [192.0.2.1]\r\nMAIL FROM:<a@b> SIZE=99 BODY=8bitmime\r\n"
+        b"RCPT TO:<c@d>\r\nVRFY  bob smith \r\nRSET\r\nQUIT\r\n"
+    )
     assert d.events[:3] == [
         Helo("[192.0.2.1]", True),
         MailFrom("a@b", {"SIZE": "99", "BODY": "8BITMIME"}),
@@ -144,7 +186,9 @@ def test_negative_helo_reply_keeps_state() -> None:
 def test_rejected_mail_and_rcpt_do_not_advance() -> None:
     d = Dialogue(overrides={MailFrom: lambda c, e: Reply(550, "5.7.1", "no")})
     assert d.codes(EHLO + b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n") == [
-        "250", "550 5.7.1", "503 5.5.1",
+        "250",
+        "550 5.7.1",
+        "503 5.5.1",
     ]
     d = Dialogue(overrides={RcptTo: lambda c, e: Reply(550, "5.1.1", "unknown user")})
     assert d.codes(TX + b"DATA\r\n") == ["250", "250 2.1.0", "550 5.1.1", "554 5.5.1"]
@@ -182,8 +226,13 @@ def test_peer_close_is_flagged() -> None:
 def test_greeting_554_allows_only_quit_noop_help() -> None:
     d = Dialogue(greeting=Reply(554, "5.7.1", "no service"))
     assert d.conn.state is State.REJECTED
-    assert d.codes(b"EHLO x\r\nHELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@b>\r\nDATA\r\n"
-                   b"VRFY x\r\nRSET\r\nSTARTTLS\r\nAUTH PLAIN\r\n") == ["503 5.5.1"] * 9
+    assert (
+        d.codes(
+            b"EHLO x\r\nHELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@b>\r\nDATA\r\n"
+            b"VRFY x\r\nRSET\r\nSTARTTLS\r\nAUTH PLAIN\r\n"
+        )
+        == ["503 5.5.1"] * 9
+    )
     assert d.codes(b"NOOP\r\nHELP\r\nQUIT\r\n") == ["250 2.0.0", "214 2.0.0", "221 2.0.0"]
     assert d.conn.closed
     # AUTH is answered 503 even when AUTH is configured and TLS is active.

@@ -20,8 +20,9 @@ from .helpers import TX, Dialogue, internal_buffer_size
 OPEN = TX + b"DATA\r\n"
 
 
-def deliver(wire: bytes, cfg: ProtocolConfig | None = None, chunks: int | None = None
-            ) -> tuple[Dialogue, list[str]]:
+def deliver(
+    wire: bytes, cfg: ProtocolConfig | None = None, chunks: int | None = None
+) -> tuple[Dialogue, list[str]]:
     d = Dialogue(cfg or ProtocolConfig())
     out = d.codes(OPEN + wire, chunks=chunks)
     return d, out
@@ -92,8 +93,18 @@ def test_data_pipelined_with_354_in_same_packet() -> None:
 
 
 def test_commands_after_final_dot_are_processed() -> None:
-    d, out = deliver(b"one\r\n.\r\nMAIL FROM:<x@y>\r\nRCPT TO:<z@w>\r\nDATA\r\ntwo\r\n.\r\nQUIT\r\n")
-    assert out[3:] == ["354", "250 2.0.0", "250 2.1.0", "250 2.1.5", "354", "250 2.0.0", "221 2.0.0"]
+    d, out = deliver(
+        b"one\r\n.\r\nMAIL FROM:<x@y>\r\nRCPT TO:<z@w>\r\nDATA\r\ntwo\r\n.\r\nQUIT\r\n"
+    )
+    assert out[3:] == [
+        "354",
+        "250 2.0.0",
+        "250 2.1.0",
+        "250 2.1.5",
+        "354",
+        "250 2.0.0",
+        "221 2.0.0",
+    ]
     assert completes(d) == [DataComplete(b"one\r\n"), DataComplete(b"two\r\n")]
     assert d.of_type(MailFrom)[-1] == MailFrom("x@y", {})
 
@@ -120,6 +131,7 @@ def test_negative_reply_to_data_complete_resets_transaction() -> None:
 
 
 # --------------------------------------------------------------------- SIZE
+
 
 def test_oversize_message_problem_and_empty_data() -> None:
     cfg = ProtocolConfig(max_message_size=1000)
@@ -185,7 +197,9 @@ SMUGGLED_TX = b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.net
 @pytest.mark.parametrize("seq", SMUGGLE, ids=[repr(s) for s in SMUGGLE])
 @pytest.mark.parametrize("chunks", [None, 1])
 def test_smuggling_rejected_by_default(seq: bytes, chunks: int | None) -> None:
-    wire = b"Subject: a\r\n\r\nhello" + seq + SMUGGLED_TX + b"Subject: b\r\n\r\nevil\r\n.\r\nQUIT\r\n"
+    wire = (
+        b"Subject: a\r\n\r\nhello" + seq + SMUGGLED_TX + b"Subject: b\r\n\r\nevil\r\n.\r\nQUIT\r\n"
+    )
     d, out = deliver(wire, chunks=chunks)
     assert completes(d) == [DataComplete(b"", R.BARE_LF)]
     assert out[-2:] == ["550 5.6.11", "221 2.0.0"]
@@ -229,3 +243,16 @@ def test_only_crlf_dot_crlf_ends_data() -> None:
     assert len(completes(d)) == 1
     d, out = deliver(b"a\r\n. \r\n.x\r\n .\r\n.\r\n")
     assert completes(d) == [DataComplete(b"a\r\n \r\nx\r\n .\r\n")]
+
+
+@pytest.mark.parametrize("chunks", [None, 1, 7, 64])
+def test_size_limit_is_exact_for_any_chunking(chunks: int | None) -> None:
+    """The streaming give-up point is a lower bound: a message of exactly the limit
+    (after unstuffing) passes, one more octet is 552, however the bytes arrive."""
+    cfg = ProtocolConfig(max_message_size=1000, max_line_length=0)
+    exact = b".x\r\n" * 250  # 1000 octets of data, 1250 on the wire once stuffed
+    stuffed = exact.replace(b".x", b"..x")
+    d, out = deliver(stuffed + b".\r\n", cfg, chunks=chunks)
+    assert completes(d) == [DataComplete(exact)]
+    d, out = deliver(stuffed[:-2] + b"y\r\n.\r\n", cfg, chunks=chunks)  # 1001 octets
+    assert completes(d) == [DataComplete(b"", R.TOO_BIG)]

@@ -70,6 +70,7 @@ def test_auth_keyword_gone_after_authentication() -> None:
 
 # -------------------------------------------------------------------- PIPELINING
 
+
 def test_pipelined_batch_replies_in_order() -> None:
     batch = (
         b"EHLO c.example\r\nMAIL FROM:<a@example.org> SIZE=100\r\nRCPT TO:<b@example.net>\r\n"
@@ -78,11 +79,22 @@ def test_pipelined_batch_replies_in_order() -> None:
     d = Dialogue()
     assert d.codes(batch) == ["250", "250 2.1.0", "250 2.1.5", "501 5.1.3", "250 2.1.5", "354"]
     assert d.codes(b"Subject: hi\r\n\r\nbody\r\n.\r\nMAIL FROM:<x@y>\r\nRSET\r\nQUIT\r\n") == [
-        "250 2.0.0", "250 2.1.0", "250 2.0.0", "221 2.0.0",
+        "250 2.0.0",
+        "250 2.1.0",
+        "250 2.0.0",
+        "221 2.0.0",
     ]
     assert [type(e).__name__ for e in d.events] == [
-        "Helo", "MailFrom", "RcptTo", "AutoReply", "RcptTo", "Data", "DataComplete",
-        "MailFrom", "Rset", "Quit",
+        "Helo",
+        "MailFrom",
+        "RcptTo",
+        "AutoReply",
+        "RcptTo",
+        "Data",
+        "DataComplete",
+        "MailFrom",
+        "Rset",
+        "Quit",
     ]
 
 
@@ -95,10 +107,13 @@ def test_whole_session_in_one_packet() -> None:
 
 # ------------------------------------------------------------------------ SIZE
 
+
 def test_declared_size_over_limit() -> None:
     d = Dialogue(ProtocolConfig(max_message_size=5000))
     assert d.codes(EHLO + b"MAIL FROM:<a@b> SIZE=5001\r\nMAIL FROM:<a@b> SIZE=5000\r\n") == [
-        "250", "552 5.3.4", "250 2.1.0",
+        "250",
+        "552 5.3.4",
+        "250 2.1.0",
     ]
 
 
@@ -118,10 +133,13 @@ def test_unicode_digit_size_is_rejected_not_crash() -> None:
 
 # ------------------------------------------------------------------- 8BITMIME
 
+
 def test_8bitmime_not_offered() -> None:
     d = Dialogue(ProtocolConfig(eightbitmime=False))
     assert d.codes(EHLO + b"MAIL FROM:<a@b> BODY=8BITMIME\r\nMAIL FROM:<a@b> BODY=7BIT\r\n") == [
-        "250", "555 5.5.4", "250 2.1.0",
+        "250",
+        "555 5.5.4",
+        "250 2.1.0",
     ]
 
 
@@ -140,8 +158,7 @@ def test_utf8_sender_requires_smtputf8_param() -> None:
 def test_utf8_sender_and_recipient_with_smtputf8() -> None:
     d = Dialogue()
     out = d.codes(
-        EHLO
-        + f"MAIL FROM:<{UTF8_ADDR}> SMTPUTF8\r\nRCPT TO:<用户@例子.广告>\r\n".encode()
+        EHLO + f"MAIL FROM:<{UTF8_ADDR}> SMTPUTF8\r\nRCPT TO:<用户@例子.广告>\r\n".encode()
     )
     assert out == ["250", "250 2.1.0", "250 2.1.5"]
     assert d.of_type(MailFrom) == [MailFrom(UTF8_ADDR, {"SMTPUTF8": None})]
@@ -181,6 +198,7 @@ def test_utf8_in_other_commands_is_rejected() -> None:
 
 # ---------------------------------------------------------- AUTH= MAIL parameter
 
+
 def test_mail_auth_param_only_when_auth_offered() -> None:
     line = b"MAIL FROM:<a@b> AUTH=<>\r\n"
     assert Dialogue().codes(EHLO + line) == ["250", "555 5.5.4"]
@@ -195,6 +213,7 @@ def test_mail_auth_param_only_when_auth_offered() -> None:
 
 
 # ---------------------------------------------------------------- error replies
+
 
 def test_auto_reply_uses_canonical_replies() -> None:
     d = Dialogue()

@@ -16,11 +16,12 @@ from smtpgate.protocol import (
     DataComplete,
     Event,
     ProtocolConfig,
+    ServerConnection,
     StartTls,
 )
 from smtpgate.reply import R, Reply
 
-from .helpers import EHLO, TX, Dialogue, parse_replies
+from .helpers import EHLO, TX, Dialogue, Policy, parse_replies
 
 # SMTPGATE_FUZZ_EXAMPLES=20000 runs a deeper search (kept small by default: the
 # whole directory must run in seconds). No example database is written.
@@ -32,15 +33,53 @@ SETTINGS = settings(
 )
 
 FRAGMENTS = [
-    b"EHLO x\r\n", b"HELO x\r\n", b"MAIL FROM:<a@b>\r\n", b"MAIL FROM:<a@b> SIZE=10\r\n",
-    b"MAIL FROM:<> BODY=8BITMIME SMTPUTF8\r\n", b"RCPT TO:<c@d>\r\n", b"RCPT TO:<Postmaster>\r\n",
-    b"DATA\r\n", b"DATA\r\n", b"RSET\r\n", b"NOOP\r\n", b"HELP\r\n", b"VRFY x\r\n", b"EXPN x\r\n",
-    b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n", b"AUTH PLAIN AHVzZXIAc2VjcmV0\r\n", b"dXNlcg==\r\n",
-    b"c2VjcmV0\r\n", b"*\r\n", b"=\r\n", b"STARTTLS\r\n", b"QUIT\r\n",
-    b".\r\n", b"..\r\n", b".x\r\n", b"\r\n.\r\n", b"\r\n", b"\n", b"\r", b".", b"..",
-    b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n",
-    b"\x00", b"\xff", "ü".encode(), b" ", b"x" * 30, b"y" * 600, b"GET / HTTP/1.1\r\n",
-    b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\n", b"hello world\r\n",
+    b"EHLO x\r\n",
+    b"HELO x\r\n",
+    b"MAIL FROM:<a@b>\r\n",
+    b"MAIL FROM:<a@b> SIZE=10\r\n",
+    b"MAIL FROM:<> BODY=8BITMIME SMTPUTF8\r\n",
+    b"RCPT TO:<c@d>\r\n",
+    b"RCPT TO:<Postmaster>\r\n",
+    b"DATA\r\n",
+    b"DATA\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"HELP\r\n",
+    b"VRFY x\r\n",
+    b"EXPN x\r\n",
+    b"AUTH PLAIN\r\n",
+    b"AUTH LOGIN\r\n",
+    b"AUTH PLAIN AHVzZXIAc2VjcmV0\r\n",
+    b"dXNlcg==\r\n",
+    b"c2VjcmV0\r\n",
+    b"*\r\n",
+    b"=\r\n",
+    b"STARTTLS\r\n",
+    b"QUIT\r\n",
+    b".\r\n",
+    b"..\r\n",
+    b".x\r\n",
+    b"\r\n.\r\n",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b".",
+    b"..",
+    b"\n.\n",
+    b"\r\n.\n",
+    b"\n.\r\n",
+    b"\r.\r",
+    b"\r\n.\r",
+    b"\r.\r\n",
+    b"\x00",
+    b"\xff",
+    "ü".encode(),
+    b" ",
+    b"x" * 30,
+    b"y" * 600,
+    b"GET / HTTP/1.1\r\n",
+    b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\n",
+    b"hello world\r\n",
 ]
 
 fragments = st.lists(
@@ -66,8 +105,14 @@ configs = st.builds(
 )
 
 PREFIXES = [
-    b"", EHLO, b"HELO x\r\n", TX, TX + b"DATA\r\n", EHLO + b"AUTH LOGIN\r\n",
-    EHLO + b"AUTH PLAIN\r\n", TX + b"DATA\r\nabc\r\n.",
+    b"",
+    EHLO,
+    b"HELO x\r\n",
+    TX,
+    TX + b"DATA\r\n",
+    EHLO + b"AUTH LOGIN\r\n",
+    EHLO + b"AUTH PLAIN\r\n",
+    TX + b"DATA\r\nabc\r\n.",
 ]
 greetings = st.sampled_from(
     [Reply(220, None, "hi"), Reply(220, None, "hi"), Reply(554, "5.7.1", "no")]
@@ -78,7 +123,7 @@ def cut_points(draw_size: int) -> st.SearchStrategy[list[int]]:
     return st.lists(st.integers(min_value=1, max_value=max(1, draw_size)), max_size=20)
 
 
-def refuse_tls(conn: object, ev: Event) -> Reply:
+def refuse_tls(conn: ServerConnection, ev: Event) -> Reply:
     # Chunking cannot be invisible across a TLS handshake (bytes after STARTTLS are
     # dropped when they share a packet with it); refuse TLS in invariance tests.
     return R.TLS_NOT_AVAILABLE
@@ -89,6 +134,7 @@ def outcome(d: Dialogue) -> tuple[bytes, list[Event], str, bool]:
 
 
 # ------------------------------------------------------------- invariance
+
 
 @SETTINGS
 @given(
@@ -103,7 +149,7 @@ def test_chunking_does_not_change_anything(
 ) -> None:
     """Whole packet, byte by byte, or cut at random points: same replies and events."""
     wire = prefix + body
-    overrides = {StartTls: refuse_tls}
+    overrides: dict[type, Policy] = {StartTls: refuse_tls}
     whole = Dialogue(cfg, greeting, overrides)
     whole.feed(wire)
     single = Dialogue(cfg, greeting, overrides)
@@ -116,6 +162,7 @@ def test_chunking_does_not_change_anything(
 
 
 # ---------------------------------------------------------- never raises
+
 
 @SETTINGS
 @given(
@@ -180,10 +227,29 @@ data_configs = st.builds(
 
 
 DATA_FRAGMENTS = [
-    b"\r\n.\r\n", b"\r\n.\r\n", b".\r\n", b"..\r\n", b"\r\n", b"\r\n", b"text", b"." * 12,
-    b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r", b"\n", b".", b"x" * 25,
-    b"MAIL FROM:<e@x>\r\nRCPT TO:<v@x>\r\nDATA\r\n", b"DATA\r\n", b"RCPT TO:<v@x>\r\n",
-    b"QUIT\r\n", b"RSET\r\n", b"\x00\xff",
+    b"\r\n.\r\n",
+    b"\r\n.\r\n",
+    b".\r\n",
+    b"..\r\n",
+    b"\r\n",
+    b"\r\n",
+    b"text",
+    b"." * 12,
+    b"\n.\n",
+    b"\r\n.\n",
+    b"\n.\r\n",
+    b"\r.\r",
+    b"\r\n.\r",
+    b"\r",
+    b"\n",
+    b".",
+    b"x" * 25,
+    b"MAIL FROM:<e@x>\r\nRCPT TO:<v@x>\r\nDATA\r\n",
+    b"DATA\r\n",
+    b"RCPT TO:<v@x>\r\n",
+    b"QUIT\r\n",
+    b"RSET\r\n",
+    b"\x00\xff",
 ]
 data_fragments = st.lists(
     st.one_of(st.sampled_from(DATA_FRAGMENTS), st.sampled_from(FRAGMENTS)), max_size=40
@@ -196,7 +262,8 @@ def test_end_of_data_matches_reference(cfg: ProtocolConfig, body: bytes) -> None
     """Fed byte by byte, each DataComplete fires exactly at the first CRLF.CRLF after
     its 354, carries the reference data/problem, and no other message exists."""
     wire = TX + b"DATA\r\n" + body
-    d = Dialogue(cfg, overrides={StartTls: refuse_tls})
+    overrides: dict[type, Policy] = {StartTls: refuse_tls}
+    d = Dialogue(cfg, overrides=overrides)
     timeline: list[tuple[int, Event]] = []
     for i in range(len(wire)):
         before = len(d.events)
@@ -218,11 +285,30 @@ def test_end_of_data_matches_reference(cfg: ProtocolConfig, body: bytes) -> None
             assert isinstance(timeline[i + 1][1], DataComplete)
 
 
-smuggle_bodies = st.lists(
-    st.sampled_from([b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"text", b"\r\n",
-                     b".", b"\r", b"\n", b"MAIL FROM:<evil@x>\r\n", b"DATA\r\n", b"QUIT\r\n"]),
-    max_size=30,
-).map(b"".join).filter(lambda b: TERM not in b"\r\n" + b + b"\r\n")
+smuggle_bodies = (
+    st.lists(
+        st.sampled_from(
+            [
+                b"\n.\n",
+                b"\r\n.\n",
+                b"\n.\r\n",
+                b"\r.\r",
+                b"\r\n.\r",
+                b"text",
+                b"\r\n",
+                b".",
+                b"\r",
+                b"\n",
+                b"MAIL FROM:<evil@x>\r\n",
+                b"DATA\r\n",
+                b"QUIT\r\n",
+            ]
+        ),
+        max_size=30,
+    )
+    .map(b"".join)
+    .filter(lambda b: TERM not in b"\r\n" + b + b"\r\n")
+)
 
 
 @SETTINGS

@@ -105,7 +105,9 @@ def test_null_path_only_for_mail() -> None:
 
 @pytest.mark.parametrize("pm", ["<Postmaster>", "<postmaster>", "<POSTMASTER>"])
 def test_postmaster_without_domain_rcpt_only(pm: str) -> None:
-    assert parse_path(pm, reverse=False, smtputf8_allowed=False, allow_postmaster=True)[0] == pm[1:-1]
+    assert (
+        parse_path(pm, reverse=False, smtputf8_allowed=False, allow_postmaster=True)[0] == pm[1:-1]
+    )
     with pytest.raises(PathSyntaxError):
         parse_path(pm, reverse=True, smtputf8_allowed=False)
     d = Dialogue()
@@ -156,7 +158,9 @@ def test_grammar_through_the_connection() -> None:
         + b'MAIL FROM:<"a > b"@example.org> SIZE=10\r\n'
         + b"RCPT TO:<@hop1,@hop2:u@[192.0.2.1]>\r\n"
         + b"RCPT TO:<u@[IPv6:::1]>\r\n"
-        + b"RCPT TO:<" + b"l" * 65 + b"@example.org>\r\n"
+        + b"RCPT TO:<"
+        + b"l" * 65
+        + b"@example.org>\r\n"
         + b"RCPT TO:<u@example.org>garbage\r\n"
     )
     assert out == ["250", "250 2.1.0", "250 2.1.5", "250 2.1.5", "501 5.1.3", "501 5.1.3"]

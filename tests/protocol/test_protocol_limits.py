@@ -8,6 +8,7 @@ import pytest
 from smtpgate.protocol import (
     AuthCredentials,
     AutoReply,
+    DataComplete,
     MailFrom,
     ProtocolConfig,
     RcptTo,
@@ -25,6 +26,7 @@ def line_of(prefix: bytes, total: int) -> bytes:
 
 # ------------------------------------------------------------ command lines
 
+
 @pytest.mark.parametrize(("size", "expected"), [(512, "250 2.0.0"), (513, "500 5.5.2")])
 def test_command_line_512(size: int, expected: str) -> None:
     d = Dialogue()
@@ -34,7 +36,8 @@ def test_command_line_512(size: int, expected: str) -> None:
 def test_command_line_limit_configurable() -> None:
     d = Dialogue(ProtocolConfig(max_command_line=1000))
     assert d.codes(line_of(b"NOOP ", 1000) + line_of(b"NOOP ", 1001)) == [
-        "250 2.0.0", "500 5.5.2",
+        "250 2.0.0",
+        "500 5.5.2",
     ]
 
 
@@ -85,12 +88,15 @@ def test_auth_line_12288(size: int, expected: str) -> None:
 
 def test_auth_line_limit_exact() -> None:
     d = Dialogue(AUTH_CFG)
-    ok = b"AUTH PLAIN " + b"A" * (12288 - 13) + b"\r\n"  # 12288 octets: invalid base64, not too long
+    ok = (
+        b"AUTH PLAIN " + b"A" * (12288 - 13) + b"\r\n"
+    )  # 12288 octets: invalid base64, not too long
     bad = b"AUTH PLAIN " + b"A" * (12289 - 13) + b"\r\n"
     assert (len(ok), len(bad)) == (12288, 12289)
     assert d.codes(EHLO + ok + bad) == ["250", "501 5.5.2", "500 5.5.2"]
     assert [e.reply for e in d.events[1:] if isinstance(e, AutoReply)] == [
-        R.AUTH_BAD_BASE64, R.LINE_TOO_LONG,
+        R.AUTH_BAD_BASE64,
+        R.LINE_TOO_LONG,
     ]
 
 
@@ -112,7 +118,9 @@ def test_100k_line_without_newline_gives_one_error(chunk: int | None) -> None:
     assert out == []  # nothing yet: the line has not ended
     assert d.conn.buffered <= 12288 + (chunk or len(big))
     assert d.codes(b"aaaa>\r\nNOOP\r\nMAIL FROM:<a@b>\r\n") == [
-        "500 5.5.2", "250 2.0.0", "250 2.1.0",
+        "500 5.5.2",
+        "250 2.0.0",
+        "250 2.1.0",
     ]
     assert not d.conn.closed
     assert d.of_type(MailFrom) == [MailFrom("a@b", {})]
@@ -128,6 +136,7 @@ def test_discarded_long_line_memory_is_bounded() -> None:
 
 
 # ---------------------------------------------------------- text line length
+
 
 def message_with_line(n: int) -> bytes:
     return b"DATA\r\n" + line_of(b"", n) + b".\r\n"
@@ -147,7 +156,7 @@ def test_text_line_length(limit: int, size: int, expected: str) -> None:
     d = Dialogue(ProtocolConfig(max_line_length=limit))
     out = d.codes(TX + message_with_line(size))
     assert out[-1] == expected
-    (done,) = d.of_type(__import__("smtpgate.protocol").protocol.DataComplete)
+    (done,) = d.of_type(DataComplete)
     if expected.startswith("500"):
         assert done.problem == R.TEXT_LINE_TOO_LONG and done.data == b""
     else:
@@ -163,10 +172,11 @@ def test_text_line_limit_does_not_count_the_stuffed_dot() -> None:
     line = b"." + b"x" * 997 + b"\r\n"  # 1000 octets in the message
     out = d.codes(TX + b"DATA\r\n." + line + b".\r\n")
     assert out[-1] == "250 2.0.0"
-    assert d.events[-1] == __import__("smtpgate.protocol").protocol.DataComplete(line)
+    assert d.events[-1] == DataComplete(line)
 
 
 # ------------------------------------------------------------- recipients
+
 
 def test_max_recipients() -> None:
     d = Dialogue(ProtocolConfig(max_recipients=3))
@@ -182,19 +192,26 @@ def test_max_recipients() -> None:
 def test_rejected_recipients_do_not_count() -> None:
     d = Dialogue(
         ProtocolConfig(max_recipients=2),
-        overrides={RcptTo: lambda c, e: (
-            R.RELAY_DENIED if e.address.startswith("x") else R.RCPT_OK  # type: ignore[union-attr]
-        )},
+        overrides={RcptTo: lambda c, e: R.RELAY_DENIED if e.address.startswith("x") else R.RCPT_OK},
     )
     out = d.codes(
-        EHLO + b"MAIL FROM:<a@b>\r\n"
+        EHLO
+        + b"MAIL FROM:<a@b>\r\n"
         + b"RCPT TO:<x1@b>\r\nRCPT TO:<x2@b>\r\nRCPT TO:<r1@b>\r\nRCPT TO:<r2@b>\r\nRCPT TO:<r3@b>\r\n"
     )
-    assert out == ["250", "250 2.1.0", "550 5.7.1", "550 5.7.1", "250 2.1.5", "250 2.1.5",
-                   "452 4.5.3"]
+    assert out == [
+        "250",
+        "250 2.1.0",
+        "550 5.7.1",
+        "550 5.7.1",
+        "250 2.1.5",
+        "250 2.1.5",
+        "452 4.5.3",
+    ]
 
 
 # --------------------------------------------------------------- error counts
+
 
 def test_max_errors_closes_after_third_5xx() -> None:
     d = Dialogue(ProtocolConfig(max_errors=3))
@@ -209,7 +226,10 @@ def test_max_errors_counts_driver_5xx_too() -> None:
         overrides={MailFrom: lambda c, e: R.ACCESS_DENIED},
     )
     assert d.codes(EHLO + b"MAIL FROM:<a@b>\r\nMAIL FROM:<a@b>\r\nNOOP\r\n") == [
-        "250", "554 5.7.1", "554 5.7.1", "421 4.7.0",
+        "250",
+        "554 5.7.1",
+        "554 5.7.1",
+        "421 4.7.0",
     ]
 
 
@@ -235,6 +255,7 @@ def test_data_complete_problems_do_not_count_as_errors() -> None:
 
 
 # ------------------------------------------------------------- hostile bytes
+
 
 @pytest.mark.parametrize(
     ("line", "expected"),
@@ -269,8 +290,13 @@ def test_bare_lf_command_lines_are_not_executed() -> None:
 
 @pytest.mark.parametrize(
     "request_line",
-    [b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.0\r\n", b"CONNECT mx:25 HTTP/1.1\r\n",
-     b"get /\r\n", b"HEAD / HTTP/1.1\r\n"],
+    [
+        b"GET / HTTP/1.1\r\n",
+        b"POST /x HTTP/1.0\r\n",
+        b"CONNECT mx:25 HTTP/1.1\r\n",
+        b"get /\r\n",
+        b"HEAD / HTTP/1.1\r\n",
+    ],
 )
 def test_http_requests_close_the_session(request_line: bytes) -> None:
     d = Dialogue()

@@ -112,7 +112,7 @@ class RspamdInstance:
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of rspamd's log and stdout (for failure messages)."""
-        out = []
+        out: list[str] = []
         for path in (self.log_path, self.workdir / "stdout.log"):
             with contextlib.suppress(OSError):
                 text = path.read_text("utf-8", "replace")

@@ -23,7 +23,6 @@ from typing import Literal
 
 import pytest
 
-
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 #: The name Sophos gives the EICAR test file.
 EICAR_NAME = "EICAR-AV-Test"

@@ -19,7 +19,7 @@ import pytest
 
 from smtpgate.envelope import Envelope, Recipient, SessionInfo
 from smtpgate.errors import ScannerError, ScannerTimeout, ScannerUnavailable
-from smtpgate.scanners.base import ScanResult, Scanner, SpamLearner
+from smtpgate.scanners.base import Scanner, ScanResult, SpamLearner
 from smtpgate.scanners.rspamd import RspamdScanner
 
 from .rspamd_fixture import (
@@ -73,17 +73,13 @@ class FakeRspamd:
         self.hang = hang
         self.requests: list[bytes] = []
         self.connections = 0
+        self.address = ""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def address(self) -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        return f"127.0.0.1:{port}"
-
     async def __aenter__(self) -> FakeRspamd:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -97,7 +93,7 @@ class FakeRspamd:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self.connections += 1
         try:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -118,7 +114,7 @@ class FakeRspamd:
             pass
         finally:
             writer.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
 
 def http_reply(status: str, body: bytes | dict[str, object], **headers: str) -> bytes:
@@ -252,6 +248,19 @@ async def test_rspamd_receives_envelope_and_session(rspamd_server: RspamdInstanc
     assert "\r\n\t" in headers["X-Spamd-Result"]
     assert not re.search(r"\r(?!\n\t)|(?<!\r)\n", headers["X-Spamd-Result"])
     assert headers["X-Spam-Status"].startswith("No, score=")
+
+
+async def test_hostname_reaches_rspamd(rspamd_server: RspamdInstance) -> None:  # noqa: F811
+    # without the client's rDNS name rspamd's hfilter adds HFILTER_HOSTNAME_UNKNOWN (2.5)
+    env = Envelope("noreply@example.com", rcpt_to=[Recipient("user@example.org")])
+    scanner = _scanner(rspamd_server)
+    known = await scanner.scan(_read(CLEAN), envelope=env,
+                               session=_session(notes={"peer_hostname": "mail.example.com"}))
+    unknown = await scanner.scan(_read(CLEAN), envelope=env, session=_session())
+    assert "HFILTER_HOSTNAME_UNKNOWN" not in known.symbols
+    assert "HFILTER_HOSTNAME_UNKNOWN" in unknown.symbols
+    assert unknown.score is not None and known.score is not None
+    assert unknown.score > known.score
 
 
 async def test_null_sender_is_sent_as_empty_path(rspamd_server: RspamdInstance) -> None:  # noqa: F811

@@ -49,13 +49,14 @@ async def test_clean(server: SsspTestServer) -> None:
     assert result.symbols == ()
     assert result.detail.startswith("0000")
     assert server.scanned == [CLEAN_MESSAGE]
-    assert server.requests == [
+    assert server.requests[:4] == [
         "SSSP/1.0 OPTIONS",
         "output:brief",
         "",
         f"SSSP/1.0 SCANDATA {len(CLEAN_MESSAGE)}",
-        "BYE",
     ]
+    # BYE is sent but not waited for, so the server may or may not have read it.
+    assert server.requests[4:] in ([], ["BYE"])
 
 
 async def test_requests_are_lf_terminated(server: SsspTestServer) -> None:

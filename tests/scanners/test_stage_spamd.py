@@ -8,15 +8,7 @@ import smtplib
 import socket
 from pathlib import Path
 
-import pytest
-
 from smtpgate.hooks import accept
-from tests.server.conftest import (  # noqa: F401  (fixtures)
-    Capture,
-    capture,
-    raw,
-    run_app,
-)
 
 from .spamd_fixture import spamd_server_fixture  # noqa: F401
 

@@ -12,8 +12,7 @@ import pytest
 
 from smtpgate.hooks import Transaction, drop, reject, tempfail
 from smtpgate.reply import Reply
-
-from .conftest import Capture
+from tests.support import Capture
 
 MSG = b"From: a@example.org\r\nSubject: hooks\r\n\r\nbody\r\n"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from .conftest import Capture
+from tests.support import Capture
 
 MSG = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nHello\r\n.dotline\r\n"
 

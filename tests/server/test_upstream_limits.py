@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from .conftest import Capture
+from tests.support import Capture
 
 MSG = b"From: a@example.org\r\nSubject: relay\r\n\r\nline\r\n.leading dot\r\n"
 

@@ -1,7 +1,8 @@
-"""Synchronous relay to one upstream SMTP server, with a pool of idle connections.
+"""Relay to one upstream SMTP server, with a pool of idle connections.
 
-Entry point: :class:`UpstreamDelivery` (aiosmtplib low-level commands). RFC 5321 §3.3, RFC 3207,
-RFC 8314, RFC 4954/4616, RFC 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8, 3461 DSN, 8689 REQUIRETLS.
+Entry point: :class:`UpstreamDelivery`: ``deliver`` (atomic, proxy mode) and ``deliver_recipients``
+(per-recipient replies, queue mode), built on :mod:`.outbound`. RFC 5321 §3.3, RFC 3207, 8314,
+4954/4616, 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8, 3461 DSN, 8689 REQUIRETLS.
 """
 
 from __future__ import annotations
@@ -9,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import ssl
 import time
-from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from ..envelope import Envelope, Recipient, SessionInfo
+from ..envelope import Envelope, SessionInfo
 from ..errors import (
     ConfigError,
     DeliveryError,
@@ -23,9 +22,35 @@ from ..errors import (
     TemporaryDeliveryError,
 )
 from ..reply import Reply
+from .outbound import (
+    BAD_ADDRESS,
+    BAD_RECIPIENT,
+    BAD_SENDER,
+    BINARY_UNSUPPORTED,
+    NETWORK_ERRORS,
+    REQUIRETLS_UNAVAILABLE,
+    SMTPUTF8_UNSUPPORTED,
+    AuthFailed,
+    Connector,
+    OutboundConnection,
+    RecipientResults,
+    StaleConnection,
+    close_connection,
+    deliver_per_recipient,
+    reset,
+    send_envelope,
+    split_enhanced,
+)
 from .url import RelayUrl, parse_relay_url
 
-__all__ = ["UpstreamDelivery", "upstream_reply"]
+__all__ = [
+    "BINARY_UNSUPPORTED",
+    "REQUIRETLS_UNAVAILABLE",
+    "SMTPUTF8_UNSUPPORTED",
+    "RecipientResults",
+    "UpstreamDelivery",
+    "upstream_reply",
+]
 
 log = logging.getLogger("smtpgate.delivery.upstream")
 
@@ -34,36 +59,11 @@ UNREACHABLE = Reply(451, "4.4.1", "Upstream unreachable, try again later")
 #: Our credentials for the upstream were refused: our configuration problem.
 UPSTREAM_AUTH_FAILED = Reply(451, "4.7.0", "Upstream authentication failed, try again later")
 SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery is shutting down, try again later")
-SMTPUTF8_UNSUPPORTED = Reply(
-    553, "5.6.7", "Upstream does not support SMTPUTF8; message needs it (RFC 6531)"
-)
-BINARY_UNSUPPORTED = Reply(
-    554, "5.6.3", "Binary content cannot be relayed (upstream BDAT/BINARYMIME not supported)"
-)
-REQUIRETLS_UNAVAILABLE = Reply(550, "5.7.30", "REQUIRETLS support required")
 NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
-BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
-BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-# RFC 5321 §4.1.2 esmtp-value (plus UTF-8 under SMTPUTF8, RFC 6531 §3.3).
-_ESMTP_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+$")
-_BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
-_NOT_DATA_SAFE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
 _HELO_NAME = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
-
-# ESMTP parameter -> the EHLO keyword (lower case) the upstream must advertise.
-_MAIL_PARAM_EXT: dict[str, str] = {
-    "RET": "dsn",
-    "ENVID": "dsn",
-    "MT-PRIORITY": "mt-priority",
-    "HOLDFOR": "futurerelease",
-    "HOLDUNTIL": "futurerelease",
-    "BY": "deliverby",
-}
-_RCPT_PARAM_EXT: dict[str, str] = {"NOTIFY": "dsn", "ORCPT": "dsn", "RRVS": "rrvs"}
-_NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError)
+_NETWORK_ERRORS = NETWORK_ERRORS
+_Conn = OutboundConnection
 
 
 def upstream_reply(code: int, message: str, what: str) -> Reply:
@@ -82,18 +82,7 @@ def upstream_reply(code: int, message: str, what: str) -> Reply:
     Returns:
         ``Reply(code, enhanced, "<what>: <code> <enhanced> <upstream text>")``.
     """
-    lines = [ln.strip() for ln in message.split("\n")] or [""]
-    enhanced: str | None = None
-    texts: list[str] = []
-    for line in lines:
-        m = _ENHANCED.match(line)
-        if m:
-            if enhanced is None:
-                enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-            line = line[m.end() :]
-        if line:
-            texts.append(line)
-    text = _UNPRINTABLE.sub("?", " ".join(texts))[:300]
+    enhanced, text = split_enhanced(message)
     shown = f"{code} {enhanced} {text}" if enhanced else f"{code} {text}"
     if not 400 <= code < 600:
         out_code, cls = 451, "4"
@@ -110,47 +99,16 @@ def _raise_upstream(code: int, message: str, what: str) -> DeliveryError:
     return cls(reply)
 
 
-def _strip_enhanced(message: str) -> str:
-    parts = []
-    for line in message.split("\n"):
-        line = line.strip()
-        m = _ENHANCED.match(line)
-        parts.append(line[m.end() :] if m else line)
-    return _UNPRINTABLE.sub("?", " ".join(p for p in parts if p))[:300]
-
-
-def _is_ascii(text: str) -> bool:
-    return text.isascii()
-
-
-class _AuthFailed(Exception):
-    """Our AUTH to the upstream failed (detail is the upstream's text, no credentials)."""
-
-
-class _Stale(Exception):
-    """A pooled connection turned out dead before anything was sent."""
-
-
-@dataclass(eq=False)
-class _Conn:
-    smtp: aiosmtplib.SMTP
-    created: float
-    last_used: float
-    authenticated: bool = False
-    tls: bool = False
-    uses: int = 0
-    clean: bool = True  # no transaction open on the upstream
-    extensions: dict[str, str] = field(default_factory=dict)
-
-
 class UpstreamDelivery:
-    """Relay each transaction to one upstream SMTP server, synchronously.
+    """Relay each transaction to one upstream SMTP server.
 
-    ``deliver`` returns only after the upstream accepted the message (its 250
-    to DATA). If the upstream refuses any recipient, the transaction is reset
+    ``deliver`` (the synchronous proxy path) returns only after the upstream
+    accepted the message (its 250 to DATA). If the upstream refuses any
+    recipient, the transaction is reset
     (RSET) and nothing is sent to anyone. ESMTP parameters are passed on when
     the upstream advertises the matching extension. An 8-bit body is sent as
-    is to an upstream without 8BITMIME (like Postfix).
+    is to an upstream without 8BITMIME (like Postfix). ``deliver_recipients``
+    (the queue path) reports one reply per recipient instead.
 
     Idle connections (already through STARTTLS and AUTH) are kept in a small
     pool. Each connection carries one transaction at a time; a connection idle
@@ -204,9 +162,7 @@ class UpstreamDelivery:
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._contexts: dict[bool, ssl.SSLContext] = {}
-        #: Connections opened so far (for metrics and tests).
-        self.connections_opened = 0
+        self._connector = Connector(helo_name=helo_name, timeout=timeout, cafile=cafile)
 
     def __repr__(self) -> str:
         return f"UpstreamDelivery({self.url.redacted()!r})"
@@ -236,7 +192,7 @@ class UpstreamDelivery:
         """Open a fresh connection, mapping every failure to a DeliveryError."""
         try:
             return await self._open()
-        except _AuthFailed as exc:
+        except AuthFailed as exc:
             log.error(
                 "AUTHENTICATION TO UPSTREAM %s FAILED as user %r: %s -- check the relay "
                 "credentials",
@@ -290,14 +246,7 @@ class UpstreamDelivery:
             self._spawn_close(conn)
 
     async def _close(self, conn: _Conn, polite: bool = True) -> None:
-        smtp = conn.smtp
-        try:
-            if polite and smtp.is_connected:
-                await asyncio.wait_for(smtp.quit(), timeout=min(self.timeout, 5.0))
-        except (*_NETWORK_ERRORS, asyncio.CancelledError):
-            pass
-        finally:
-            smtp.close()
+        await close_connection(conn, polite=polite, timeout=min(self.timeout, 5.0))
 
     def _spawn_close(self, conn: _Conn, polite: bool = True) -> None:
         if not conn.smtp.is_connected:
@@ -347,141 +296,46 @@ class UpstreamDelivery:
 
     # -- one transaction -----------------------------------------------------------
 
-    @staticmethod
-    def _param(key: str, value: str | None) -> str | None:
-        if value is None:
-            return key
-        if not _ESMTP_VALUE.match(value):
-            log.warning("dropping ESMTP parameter %s with an invalid value", key)
-            return None
-        return f"{key}={value}"
-
-    def _mail_options(
-        self, conn: _Conn, envelope: Envelope, message: bytes
-    ) -> tuple[list[str], bool]:
-        """MAIL FROM parameters for this upstream, and whether to use SMTPUTF8.
-
-        Raises:
-            PermanentDeliveryError: the message needs an extension the upstream lacks.
-        """
-        ext = conn.extensions
-        params = envelope.mail_params
-        addresses = [envelope.mail_from, *envelope.recipients]
-        needs_utf8 = not all(_is_ascii(a) for a in addresses)
-        if not needs_utf8 and envelope.smtputf8:
-            head = message.split(b"\r\n\r\n", 1)[0]
-            needs_utf8 = not head.isascii()
-        if needs_utf8 and "smtputf8" not in ext:
-            raise PermanentDeliveryError(SMTPUTF8_UNSUPPORTED)
-        use_utf8 = needs_utf8 or (envelope.smtputf8 and "smtputf8" in ext)
-        opts: list[str] = []
-        if "size" in ext:
-            opts.append(f"SIZE={len(message)}")
-        body = envelope.body_type
-        if body == "BINARYMIME":
-            if _NOT_DATA_SAFE.search(message):
-                raise PermanentDeliveryError(BINARY_UNSUPPORTED)
-            body = "8BITMIME"
-        if "BODY" in params and "8bitmime" in ext and body in ("7BIT", "8BITMIME"):
-            opts.append(f"BODY={body}")
-        if use_utf8:
-            opts.append("SMTPUTF8")
-        if "REQUIRETLS" in params:
-            if not (conn.tls and "requiretls" in ext):
-                raise PermanentDeliveryError(REQUIRETLS_UNAVAILABLE)
-            opts.append("REQUIRETLS")
-        for key, value in params.items():
-            if key in ("SIZE", "BODY", "SMTPUTF8", "REQUIRETLS"):
-                continue
-            needed = _MAIL_PARAM_EXT.get(key)
-            if key == "AUTH":
-                needed = "auth" if conn.authenticated else None
-            if needed is None or needed not in ext:
-                log.debug("not passing MAIL parameter %s upstream", key)
-                continue
-            item = self._param(key, value)
-            if item is not None:
-                opts.append(item)
-        return opts, use_utf8
-
-    def _rcpt_options(self, conn: _Conn, rcpt: Recipient) -> list[str]:
-        opts = []
-        for key, value in rcpt.params.items():
-            needed = _RCPT_PARAM_EXT.get(key)
-            if needed is None or needed not in conn.extensions:
-                continue
-            item = self._param(key, value)
-            if item is not None:
-                opts.append(item)
-        return opts
-
     async def _rset(self, conn: _Conn) -> None:
         """End an open transaction upstream; a failed RSET makes the connection unusable."""
-        if not conn.smtp.is_connected:
-            conn.clean = False
-            return
-        try:
-            await conn.smtp.rset(timeout=min(self.timeout, 10.0))
-            conn.clean = True
-        except _NETWORK_ERRORS:
-            conn.clean = False
+        await reset(conn, min(self.timeout, 10.0))
 
     async def _transaction(
         self, conn: _Conn, envelope: Envelope, message: bytes, reused: bool
     ) -> Reply:
-        smtp = conn.smtp
-        opts, use_utf8 = self._mail_options(conn, envelope, message)
-        enc = "utf-8" if use_utf8 else "ascii"
-        conn.uses += 1
-        conn.clean = False
-        try:
-            resp = await smtp.execute_command(
-                b"MAIL",
-                b"FROM:<" + envelope.mail_from.encode(enc) + b">",
-                *(o.encode(enc) for o in opts),
-            )
-        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            if reused:
-                raise _Stale() from exc
-            raise
-        if not 200 <= resp.code < 300:
+        """The atomic proxy transaction: all recipients accepted and the data, or nothing."""
+        replies = await send_envelope(conn, envelope, message, reused=reused)
+        if not replies.mail_ok:
             await self._rset(conn)
             raise _raise_upstream(
-                resp.code, resp.message, f"Upstream refused sender <{envelope.mail_from}>"
+                replies.mail.code,
+                replies.mail.message,
+                f"Upstream refused sender <{envelope.mail_from}>",
             )
-        refusals: list[tuple[str, aiosmtplib.SMTPResponse]] = []
-        for rcpt in envelope.rcpt_to:
-            rcpt_opts = self._rcpt_options(conn, rcpt)
-            resp = await smtp.execute_command(
-                b"RCPT",
-                b"TO:<" + rcpt.address.encode(enc) + b">",
-                *(o.encode(enc) for o in rcpt_opts),
-            )
-            if not 200 <= resp.code < 300:
-                refusals.append((rcpt.address, resp))
-                if resp.code == 421 or not smtp.is_connected:
-                    break
+        if replies.failure is not None:
+            raise replies.failure
+        refusals = replies.refusals
         if refusals:
             await self._rset(conn)
             temp = [r for r in refusals if 400 <= r[1].code < 500]
-            address, resp = (temp or refusals)[0]
+            rcpt, resp = (temp or refusals)[0]
             more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
             log.warning(
                 "upstream %s refused %d recipient(s); transaction reset, nothing delivered",
                 self.url.host_port,
                 len(refusals),
             )
-            err = _raise_upstream(resp.code, resp.message, f"Upstream refused <{address}>")
+            err = _raise_upstream(resp.code, resp.message, f"Upstream refused <{rcpt.address}>")
             if more:
                 err.reply = err.reply.with_text(err.reply.text + more)
             raise err
         try:
-            resp = await smtp.data(message)
+            resp = await conn.smtp.data(message)
         except aiosmtplib.SMTPDataError as exc:
             await self._rset(conn)
             raise _raise_upstream(exc.code, exc.message, "Upstream rejected the message") from None
         conn.clean = True
-        return Reply(250, "2.0.0", f"Message accepted upstream: {_strip_enhanced(resp.message)}")
+        return Reply(250, "2.0.0", f"Message accepted upstream: {split_enhanced(resp.message)[1]}")
 
     # -- public --------------------------------------------------------------------
 
@@ -489,10 +343,10 @@ class UpstreamDelivery:
     def _check_envelope(envelope: Envelope) -> None:
         if not envelope.rcpt_to:
             raise PermanentDeliveryError(NO_RECIPIENTS)
-        if _BAD_ADDRESS.search(envelope.mail_from):
+        if BAD_ADDRESS.search(envelope.mail_from):
             raise PermanentDeliveryError(BAD_SENDER)
         for rcpt in envelope.rcpt_to:
-            if not rcpt.address or _BAD_ADDRESS.search(rcpt.address):
+            if not rcpt.address or BAD_ADDRESS.search(rcpt.address):
                 raise PermanentDeliveryError(BAD_RECIPIENT)
 
     async def deliver(
@@ -527,7 +381,7 @@ class UpstreamDelivery:
             self._busy.add(conn)
             try:
                 reply = await self._transaction(conn, envelope, message, reused)
-            except _Stale:
+            except StaleConnection:
                 log.info(
                     "upstream %s: pooled connection was closed; reconnecting", self.url.host_port
                 )
@@ -571,6 +425,84 @@ class UpstreamDelivery:
                 reply,
             )
             return reply
+
+    async def deliver_recipients(
+        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+    ) -> RecipientResults:
+        """Relay one transaction and report each recipient's outcome (for the queue).
+
+        Unlike :meth:`deliver`, partial acceptance is normal: the queue retries per
+        recipient. Each forward-path maps to the reply the upstream gave it: its
+        RCPT refusal, or the DATA reply (sent when at least one RCPT was
+        accepted). A refused MAIL gives every recipient that reply. Connection
+        failures (refused, timeout, TLS failure, 421, connection lost) give every
+        recipient still without a final reply ``451 4.4.1``; our AUTH being
+        refused gives ``451 4.7.0``; after :meth:`aclose` every recipient gets
+        ``451 4.3.2``. ESMTP parameters are passed as in :meth:`deliver` (DSN
+        NOTIFY/ORCPT/RET/ENVID only when the upstream advertises DSN). Pooled
+        connections are shared with :meth:`deliver`.
+
+        Args:
+            envelope: reverse-path, MAIL parameters and recipients.
+            message: the complete message: CRLF line endings, not dot-stuffed,
+                trace header already prepended.
+            session: the SMTP session, for logging.
+
+        Returns:
+            :class:`RecipientResults`: a reply for every recipient (empty for an
+            envelope without recipients); ``remote_mta`` is the upstream host.
+            Never raises for 4xx/5xx outcomes.
+        """
+        sid = session.session_id if session else "-"
+        results = RecipientResults(remote_mta=self.url.host)
+        if self._closed:
+            results.fill(envelope, SHUTTING_DOWN)
+            return results
+        if not envelope.rcpt_to:
+            return results
+        fresh = False
+        while True:
+            try:
+                conn, reused = await self._acquire(fresh=fresh)
+            except DeliveryError as exc:
+                results.fill(envelope, exc.reply)
+                break
+            self._busy.add(conn)
+            try:
+                results = await deliver_per_recipient(
+                    conn,
+                    envelope,
+                    message,
+                    reused=reused,
+                    remote_mta=self.url.host,
+                    rset_timeout=min(self.timeout, 10.0),
+                )
+            except StaleConnection:
+                log.info(
+                    "upstream %s: pooled connection was closed; reconnecting", self.url.host_port
+                )
+                conn.clean = False
+                fresh = True
+                continue
+            except TemporaryDeliveryError as exc:
+                conn.clean = False
+                results.fill(envelope, exc.reply)
+            except BaseException:
+                conn.clean = False
+                raise
+            finally:
+                self._busy.discard(conn)
+                self._release(conn)
+            break
+        log.info(
+            "session=%s upstream %s: from=%r size=%d per-recipient: %s",
+            sid,
+            self.url.host_port,
+            envelope.mail_from,
+            len(message),
+            ", ".join(f"<{a}> {r.code} {r.enhanced}" for a, r in results.items()),
+        )
+        return results
 
     async def __aenter__(self) -> UpstreamDelivery:
         return self

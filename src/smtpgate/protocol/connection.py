@@ -22,6 +22,7 @@ from .events import (
     AutoReply,
     Data,
     DataComplete,
+    Etrn,
     Event,
     Helo,
     MailFrom,
@@ -64,6 +65,10 @@ _VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
 _AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 _AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "AUTH not available")
 _TLS_NOT_ADVERTISED = Reply(502, "5.5.1", "STARTTLS not available")
+_BAD_DSN_PARAM = Reply(501, "5.5.4", "Invalid DSN parameter (RFC 3461)")
+_ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | @domain | #queue")
+_ETRN_NODE = re.compile(r"[@#]?[A-Za-z0-9][A-Za-z0-9.\-]{0,253}")
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 _REJECTED_SESSION = Reply(503, "5.5.1", "Session rejected; only QUIT is allowed")
 
 _HELP_DEFAULT = (
@@ -113,6 +118,8 @@ class ProtocolConfig:
         auth_mechanisms: SASL mechanisms offered (subset of PLAIN, LOGIN); empty
             disables AUTH.
         auth_require_tls: offer and accept AUTH only under TLS.
+        dsn: advertise DSN and accept RET/ENVID (MAIL) and NOTIFY/ORCPT (RCPT), RFC 3461.
+        etrn: advertise ETRN and turn ETRN commands into events (RFC 1985).
         help_text: text of the 214 reply to HELP (lines separated by ``\\n``).
     """
 
@@ -132,6 +139,8 @@ class ProtocolConfig:
     tls_active: bool = False
     auth_mechanisms: tuple[str, ...] = ()
     auth_require_tls: bool = True
+    dsn: bool = False
+    etrn: bool = False
     help_text: str = _HELP_DEFAULT
 
 
@@ -208,7 +217,7 @@ class ServerConnection:
             "SEND": self._cmd_not_implemented,
             "SOML": self._cmd_not_implemented,
             "SAML": self._cmd_not_implemented,
-            "ETRN": self._cmd_not_implemented,
+            "ETRN": self._cmd_etrn,
             "BDAT": self._cmd_not_implemented,
             "STARTTLS": self._cmd_starttls,
             "AUTH": self._cmd_auth,
@@ -425,6 +434,35 @@ class ServerConnection:
                 # RFC 4954 §5: accepted when AUTH is offered; the value is xtext.
                 if not self._auth_offered() or val is None:
                     return _PARAM_UNKNOWN
+            elif kw == "RET" and cfg.dsn:
+                # RFC 3461 §4.3: RET=FULL / RET=HDRS
+                if val is None or val.upper() not in ("FULL", "HDRS"):
+                    return _BAD_DSN_PARAM
+                params["RET"] = val.upper()
+            elif kw == "ENVID" and cfg.dsn:
+                # RFC 3461 §4.4: xtext, at most 100 characters
+                if val is None or len(val) > 100 or not _xtext_ok(val):
+                    return _BAD_DSN_PARAM
+            else:
+                return _PARAM_UNKNOWN
+        return None
+
+    def _check_rcpt_params(self, params: dict[str, str | None]) -> Reply | None:
+        if not self.config.dsn:
+            return _PARAM_UNKNOWN
+        for kw, val in params.items():
+            if kw == "NOTIFY":
+                # RFC 3461 §4.1: NEVER, or a comma list of SUCCESS, FAILURE, DELAY
+                items = (val or "").upper().split(",")
+                if not val or (("NEVER" in items) and len(items) > 1) or not set(items) <= {
+                    "NEVER", "SUCCESS", "FAILURE", "DELAY"
+                }:
+                    return _BAD_DSN_PARAM
+                params["NOTIFY"] = ",".join(items)
+            elif kw == "ORCPT":
+                # RFC 3461 §4.2: addr-type ";" xtext
+                if val is None or ";" not in val or not _xtext_ok(val.split(";", 1)[1]):
+                    return _BAD_DSN_PARAM
             else:
                 return _PARAM_UNKNOWN
         return None
@@ -451,7 +489,9 @@ class ServerConnection:
         if not address.isascii() and not self._mail_utf8:
             return self._auto(_SMTPUTF8_RCPT, cmd)
         if params:
-            return self._auto(_PARAM_UNKNOWN, cmd)
+            problem = self._check_rcpt_params(params)
+            if problem is not None:
+                return self._auto(problem, cmd)
         return RcptTo(address, params)
 
     def _cmd_data(self, arg: str, utf8: bool) -> Event:
@@ -490,6 +530,19 @@ class ServerConnection:
 
     def _cmd_not_implemented(self, arg: str, utf8: bool) -> Event:
         return self._auto(R.NOT_IMPLEMENTED, "")
+
+    def _cmd_etrn(self, arg: str, utf8: bool) -> Event:
+        """ETRN node (RFC 1985): ``domain``, ``@domain`` (subdomains too) or ``#queue``."""
+        if not self.config.etrn:
+            return self._auto(R.NOT_IMPLEMENTED, "ETRN")
+        if self.state is State.INIT:
+            return self._auto(R.HELO_FIRST, "ETRN")
+        if self.state is not State.READY:
+            return self._auto(_DATA_TX, "ETRN")
+        node = arg.strip(" ")
+        if not node or not _ETRN_NODE.fullmatch(node):
+            return self._auto(_ETRN_SYNTAX, "ETRN " + node[:64])
+        return Etrn(node)
 
     def _cmd_starttls(self, arg: str, utf8: bool) -> Event:
         if arg.strip(" "):
@@ -598,14 +651,13 @@ class ServerConnection:
             n = len(buf)
             if not self._dtoo_big and n > 6:
                 # Stop keeping the text once it is certainly too big, so memory stays
-                # bounded by the size limit (plus the stuffed dots and one chunk).
-                # The verdict must not depend on how the bytes were chunked, so it
-                # uses a lower bound of the size after unstuffing: the buffer minus
-                # the sentinel, minus the last 4 bytes (they may begin the end of
-                # data), minus one per "\r\n." counted so far (its dot is stuffing).
-                # ``_dsize`` counts those stuffed dots incrementally (the pattern
-                # cannot overlap itself): the ones starting before ``_dcounted``.
-                # (Exact bound: n - 4 - dots; 2 more octets of slack for safety.)
+                # bounded by the size limit (plus stuffed dots and one chunk). The
+                # verdict must not depend on how the bytes were chunked, so it uses a
+                # lower bound of the size after unstuffing: n - 4 - (stuffed dots seen)
+                # (the last 4 bytes may begin the end of data; the sentinel CRLF and
+                # the CRLF before the final dot cancel out), less 2 more for safety.
+                # ``_dsize`` counts the "\r\n." starting before ``_dcounted``,
+                # incrementally (the pattern cannot overlap itself).
                 end = n - 2
                 if end - self._dcounted >= 3:
                     self._dsize += buf.count(b"\r\n.", self._dcounted, end)
@@ -778,6 +830,10 @@ class ServerConnection:
             kws.append("STARTTLS")
         if self._auth_offered() and not self.authenticated:
             kws.append("AUTH " + " ".join(cfg.auth_mechanisms))
+        if cfg.dsn:
+            kws.append("DSN")
+        if cfg.etrn:
+            kws.append("ETRN")
         kws.append("HELP")
         return kws
 
@@ -787,6 +843,11 @@ class ServerConnection:
         if not event.esmtp:
             return Reply(250, None, first)
         return Reply(250, None, "\n".join([first, *self.ehlo_keywords()]))
+
+
+def _xtext_ok(value: str) -> bool:
+    """RFC 3461 §4: xtext = *( xchar / hexchar ), hexchar = "+" 2HEXDIG (upper case)."""
+    return _XTEXT.fullmatch(value) is not None
 
 
 def _printable(data: bytes) -> str:

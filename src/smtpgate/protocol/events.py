@@ -57,8 +57,8 @@ class DataComplete:
     Attributes:
         data: message bytes after dot-unstuffing (CRLF line endings; bare CR/LF
             normalised only when the core was configured to), without the final
-            ``.<CRLF>``. Empty when ``problem`` is a size problem (the data was
-            discarded while reading).
+            ``.<CRLF>``. Empty whenever ``problem`` is set (an oversized message
+            is discarded while it is read, so memory stays bounded).
         problem: when set, the core found the message unacceptable (too big:
             552 5.3.4; bare CR/LF: 550 5.6.11; text line too long: 500 5.5.2)
             and the driver must send this reply and deliver nothing.
@@ -105,6 +105,17 @@ class Vrfy:
 
 
 @dataclass(frozen=True, slots=True)
+class Etrn:
+    """ETRN (RFC 1985): start delivery of queued mail for ``node``.
+
+    ``node`` is ``domain``, ``@domain`` (the domain and its subdomains) or ``#queue``.
+    Answer 250 2.0.0 (started), 458 4.0.0 (cannot) or 459 4.7.1 (not allowed).
+    """
+
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
 class AutoReply:
     """The core decided the reply itself: a protocol error, NOOP, HELP, a SASL challenge.
 
@@ -119,5 +130,5 @@ class AutoReply:
 
 Event = (
     Helo | MailFrom | RcptTo | Data | DataComplete | Rset | Quit | StartTls | AuthCredentials
-    | Vrfy | AutoReply
+    | Vrfy | Etrn | AutoReply
 )

@@ -151,7 +151,7 @@ class RspamdScanner:
 
     Raises:
         ValueError: malformed address, non-positive ``timeout``/``max_size``, or control
-            characters in ``settings_id``.
+            characters in ``settings_id`` or ``password``.
     """
 
     name: str = "rspamd"
@@ -182,7 +182,7 @@ class RspamdScanner:
             )
         elif isinstance(self._target, tuple):
             self._controller_target = (self._target[0], DEFAULT_CONTROLLER_PORT)
-            self.controller = f"{_host_header(self._controller_target)}"
+            self.controller = _host_header(self._controller_target)
         else:
             self.controller = None
             self._controller_target = None

@@ -198,23 +198,10 @@ class SsspScanner:
         if not what.isalnum():
             raise ValueError(f"invalid SSSP query {what!r}")
 
-        async def query(conn: _Connection) -> list[str]:
-            conn.writer.write(f"SSSP/1.0 QUERY {what}\n".encode("ascii"))
-            await conn.writer.drain()
-            return await conn.read_block()
+        async def query(conn: _Connection) -> list[tuple[str, str]]:
+            return await conn.query(what)
 
-        block = await self._exchange(f"QUERY {what}", query)
-        pairs: list[tuple[str, str]] = []
-        for line in block:
-            word = line.split(" ", 1)[0]
-            if word == "REJ":
-                raise ScannerError(f"sophos: QUERY {what} rejected: {_rejection(line)}")
-            if word in ("ACC", "DONE"):
-                continue
-            key, sep, value = line.partition(":")
-            if sep:
-                pairs.append((key.strip(), value.strip()))
-        return pairs
+        return await self._exchange(f"QUERY {what}", query)
 
     async def version(self) -> str:
         """SAVDI and engine versions from ``QUERY SERVER`` and ``QUERY ENGINE``.
@@ -227,9 +214,12 @@ class SsspScanner:
         Raises:
             ScannerUnavailable / ScannerTimeout / ScannerError: as for :meth:`scan`.
         """
-        server = dict(await self.query("SERVER"))
-        engine_pairs = await self.query("ENGINE")
-        engine = dict(engine_pairs)
+
+        async def queries(conn: _Connection) -> tuple[list[tuple[str, str]], ...]:
+            return await conn.query("SERVER"), await conn.query("ENGINE")
+
+        server_pairs, engine_pairs = await self._exchange("QUERY SERVER/ENGINE", queries)
+        server, engine = dict(server_pairs), dict(engine_pairs)
         parts: list[str] = []
         if server.get("version"):
             parts.append(f"SAVDI {server['version']}")
@@ -304,11 +294,27 @@ class _Connection:
             raise ScannerError(f"sophos: OPTIONS failed: {done or block!r}")
 
     async def bye(self) -> None:
-        """Say ``BYE`` and read the answer; failures here are ignored (work is done)."""
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError, ScannerError):
+        """Say ``BYE`` without waiting for the answer (the work is done); errors ignored."""
+        with contextlib.suppress(OSError):
             self.writer.write(b"BYE\n")
             await self.writer.drain()
-            await self.read_line()
+
+    async def query(self, what: str) -> list[tuple[str, str]]:
+        """``SSSP/1.0 QUERY <what>``: the ``key: value`` lines of the reply block, in order.
+
+        ``ACC``/``DONE`` lines are skipped; ``REJ`` raises :class:`ScannerError`.
+        """
+        self.writer.write(f"SSSP/1.0 QUERY {what}\n".encode("ascii"))
+        await self.writer.drain()
+        pairs: list[tuple[str, str]] = []
+        for line in await self.read_block():
+            word = line.split(" ", 1)[0]
+            if word in ("ACC", "DONE"):
+                continue
+            key, sep, value = line.partition(":")
+            if sep:
+                pairs.append((key.strip(), value.strip()))
+        return pairs
 
     async def request(self, line: str) -> str:
         """Send one LF-terminated request line and return the first reply line."""

@@ -137,7 +137,10 @@ class ScannerSet:
             tx.scan_results.append(result)
             summary.append(_summary_item(result))
             for name, value in headers:
-                tx.add_header(name, value, prepend=True)
+                if name.lower() == "subject":
+                    tx.set_header(name, value)
+                else:
+                    tx.add_header(name, value, prepend=True)
             if subject_prefix:
                 _prefix_subject(tx, subject_prefix)
             if dec is not None and (decision is None or _RANK[dec.action] > _RANK[decision.action]):
@@ -221,6 +224,9 @@ class ScannerSet:
             elif action == "rewrite subject":
                 tag = True
                 prefix = cfg.subject_prefix or "***SPAM*** "
+                if result.subject:
+                    headers.append(("Subject", result.subject))
+                    prefix = ""
             elif action == "add header":
                 tag = True
         else:
