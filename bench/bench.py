@@ -150,17 +150,18 @@ def tree_pids(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime (seconds) of the process tree rooted at pid, from /proc/PID/stat."""
-    total = 0
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) in seconds of the process tree rooted at pid, from /proc/PID/stat."""
+    user = system = 0
     for p in tree_pids(pid):
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / CLK_TCK
+        user += int(fields[11])  # utime (field 14)
+        system += int(fields[12])  # stime (field 15)
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def system_busy_seconds() -> float:
@@ -168,6 +169,27 @@ def system_busy_seconds() -> float:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def wait_quiet(budget: float, threshold: float = 0.3) -> tuple[float, bool]:
+    """Wait (at most budget seconds) until the machine is quiet.
+
+    Quiet: over one second, all CPUs together were busy less than ``threshold`` of one
+    core (our servers are idle between runs, so that is other people's work).
+
+    Returns:
+        (seconds waited, whether it was quiet in the end).
+    """
+    t0 = time.monotonic()
+    while True:
+        b0 = system_busy_seconds()
+        time.sleep(1.0)
+        busy = system_busy_seconds() - b0
+        waited = time.monotonic() - t0
+        if busy < threshold:
+            return waited, True
+        if waited + 1.0 > budget:
+            return waited, False
 
 
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
@@ -242,8 +264,9 @@ class Server:
                     return self
                 time.sleep(0.05)
             self.stop()
-        raise BenchError(f"{self.spec.name} did not start; see {self.log_path}:\n"
-                         + self.log_path.read_text(errors="replace")[-2000:])
+        raise BenchError(
+            f"{self.spec.name} did not start; log bench/results/{self.log_path.name}:\n"
+            + self.log_path.read_text(errors="replace")[-2000:])
 
     @property
     def pid(self) -> int:
@@ -254,7 +277,7 @@ class Server:
     def check_alive(self) -> None:
         """Raise BenchError when the server process has exited."""
         if self.proc is None or self.proc.poll() is not None:
-            raise BenchError(f"{self.spec.name} died; see {self.log_path}:\n"
+            raise BenchError(f"{self.spec.name} died; log bench/results/{self.log_path.name}:\n"
                              + self.log_path.read_text(errors="replace")[-2000:])
 
     def verify_count(self) -> None:
@@ -270,7 +293,7 @@ class Server:
         if m is None or int(m.group(1)) != self.sent:
             got = m.group(1) if m else "no count"
             raise BenchError(f"{self.spec.name} received {got} messages, smtp-source "
-                             f"sent {self.sent}; see {self.log_path}")
+                             f"sent {self.sent}; log bench/results/{self.log_path.name}")
 
     def stop(self) -> None:
         """SIGTERM, wait up to 10 s, then SIGKILL."""
@@ -297,7 +320,8 @@ class Run:
     round: int
     messages: int
     seconds: float
-    server_cpu: float
+    server_cpu: float  # user+system seconds of the server's process tree
+    server_sys: float  # of which system (kernel) seconds
     client_cpu: float
     other_cpu: float  # busy CPU seconds of the whole machine minus server and smtp-source
 
@@ -305,6 +329,11 @@ class Run:
     def rate(self) -> float:
         """Messages per second (wall clock of smtp-source)."""
         return self.messages / self.seconds
+
+    @property
+    def sys_ms(self) -> float:
+        """Server system (kernel) CPU milliseconds per message."""
+        return 1000.0 * self.server_sys / self.messages
 
     @property
     def cpu_ms(self) -> float:
@@ -355,8 +384,10 @@ def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
     server.check_alive()
     server.sent += messages
     client = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    other = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - client)
-    return Run(server.spec.name, sc.key, rnd, messages, t1 - t0, cpu1 - cpu0, client, other)
+    srv = (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1])
+    other = max(0.0, (busy1 - busy0) - srv - client)
+    return Run(server.spec.name, sc.key, rnd, messages, t1 - t0, srv, cpu1[1] - cpu0[1],
+               client, other)
 
 
 # ------------------------------------------------------------------ stats
@@ -392,8 +423,9 @@ class Report:
         lines.append("")
         w = 34
         lines.append(f"{'scenario / server':<{w}} {'msgs/s median [min-max]':>26} "
-                     f"{'CPU ms/msg':>11} {'srv CPU':>8} {'src CPU':>8} {'other':>8}")
-        lines.append("-" * 101)
+                     f"{'CPU ms/msg':>11} {'(sys)':>7} {'srv CPU':>8} {'src CPU':>8} "
+                     f"{'other':>6}")
+        lines.append("-" * 107)
         verdicts: list[str] = []
         for sc in scenarios:
             n = int(next((r.messages for r in self.runs if r.scenario == sc.key), 0))
@@ -406,11 +438,12 @@ class Report:
                     continue
                 rates = [r.rate for r in runs]
                 cpu = med([r.cpu_ms for r in runs])
+                sys_ms = med([r.sys_ms for r in runs])
                 srv = med([r.server_cpu / r.seconds for r in runs]) * 100
                 cli = med([r.client_cpu / r.seconds for r in runs]) * 100
                 oth = med([r.other_cpu / r.seconds for r in runs]) * 100
                 lines.append(f"  {spec.name:<{w - 2}} {spread(rates, '.0f'):>26} "
-                             f"{cpu:>11.3f} {srv:>7.0f}% {cli:>7.0f}% {oth:>7.0f}%")
+                             f"{cpu:>11.3f} {sys_ms:>7.3f} {srv:>7.0f}% {cli:>7.0f}% {oth:>5.0f}%")
             base = self.rates(AIO.name, sc.key)
             for spec in servers:
                 if spec.kind != "smtpgate" or spec.relay:
@@ -448,7 +481,7 @@ class Report:
         if verdicts:
             lines.append("Targets (median of same-round ratios): " + "; ".join(verdicts))
         lines.append("CPU ms/msg: server user+system time per message (/proc/PID/stat, whole "
-                     "process tree).")
+                     "process tree); (sys): of which kernel.")
         lines.append("srv / src / other: CPU of the server / of smtp-source / of everything else "
                      "on the machine (kernel included),")
         lines.append("  as % of one core during the run (server near 100% = server-bound).")
@@ -521,19 +554,34 @@ def load_rounds(report: Report, servers: list[ServerSpec], scenarios: list[Scena
         for sc in scenarios:
             for spec in servers:
                 run_load(live[spec.name], sc, max(200, int(base * sc.share / 20)), 0)
+        budget = float(env_int("QUIET_WAIT", 60))
+        busy_rounds = 0
         for rnd in range(1, rounds + 1):
+            waited, quiet = wait_quiet(budget)
+            budget -= waited
+            if not quiet:
+                busy_rounds += 1
+                print(f"round {rnd}: machine busy (other processes), going ahead", flush=True)
+            elif waited > 1.5:
+                print(f"round {rnd}: waited {waited:.0f} s for a quiet machine", flush=True)
             for sc in scenarios:
                 n = max(100, int(base * sc.share))
                 shift = (rnd - 1) % len(servers)
                 order = servers[shift:] + servers[:shift]
                 if rnd % 2 == 0:
                     order.reverse()
-                parts = []
+                parts: list[str] = []
+                others: list[float] = []
                 for spec in order:
                     run = run_load(live[spec.name], sc, n, rnd)
                     report.runs.append(run)
                     parts.append(f"{spec.name} {run.rate:.0f}/s")
-                print(f"round {rnd}/{rounds} {sc.key}: " + ", ".join(parts), flush=True)
+                    others.append(run.other_cpu / run.seconds)
+                print(f"round {rnd}/{rounds} {sc.key}: " + ", ".join(parts)
+                      + f"  [other CPU {100 * max(others):.0f}%]", flush=True)
+        report.header.append(
+            f"rounds started on a busy machine (other CPU >= 30% of a core after waiting "
+            f"QUIET_WAIT): {busy_rounds} of {rounds}")
         for spec in servers:
             srv = live[spec.name]
             report.rss_after[spec.name] = (rss_kib(srv.pid), rss_kib(srv.pid, "VmHWM"))
@@ -572,7 +620,7 @@ def profile_phase(report: Report, scenarios: list[Scenario], base: int, workdir:
             run_load(srv, sc, max(200, int(base * sc.share / 10)), 0)  # warm-up
             spy = subprocess.Popen(
                 [pyspy, "record", "--pid", str(srv.pid), "--format", "raw", "--rate", "250",
-                 "--nonblocking", "--output", str(raw)],
+                 "--native", "--output", str(raw)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
             run_load(srv, sc, max(100, int(base * sc.share)), 0)
@@ -607,8 +655,8 @@ def summarise_pyspy(raw: Path, sc: Scenario, top: int = 22) -> list[str]:
             incl[f] = incl.get(f, 0) + n
     if not total:
         return [f"profile {sc.key}: no samples"]
-    out = [f"py-spy profile of smtpgate (uvloop), scenario {sc.key} ({total} samples; "
-           "% of samples while the server ran Python; idle time in epoll is not sampled)",
+    out = [f"py-spy --native profile of smtpgate (uvloop), scenario {sc.key} ({total} samples "
+           "of the busy server; idle waits are not sampled)",
            f"  {'self%':>6} {'total%':>7}  function (file)"]
     for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         out.append(f"  {100 * n / total:>6.1f} {100 * incl[name] / total:>7.1f}  {name[:110]}")
@@ -651,6 +699,8 @@ def main() -> int:
     if os.environ.get("EXTRAS", "1") == "2":
         servers.append(AIO_UV)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    for old_log in RESULTS.glob("*.log"):
+        old_log.unlink()
     report = Report(header=header(rounds, base))
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="smtpgate-bench-") as tmp, terminate_on_signal():

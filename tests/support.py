@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 from typing import Any
 
 from smtpgate.envelope import Envelope
@@ -78,3 +80,14 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _find_corpus() -> Path:
+    """The shared message corpus: ``$MAIL_CORPUS``, else ``shared/corpus`` beside the repo."""
+    env = os.environ.get("MAIL_CORPUS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+CORPUS = _find_corpus()

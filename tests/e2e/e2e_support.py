@@ -28,8 +28,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
 from smtpgate.app import Smtpgate
+from tests.support import CORPUS  # noqa: E402
 
-CORPUS = Path(os.environ.get("MAIL_CORPUS", "/work/shared/corpus"))
 MANIFEST = CORPUS / "MANIFEST.tsv"
 
 #: One dict per corpus file (the MANIFEST.tsv columns); empty when the corpus is missing.

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
-import pathlib
 import re
 
 import pytest
 
-CORPUS = pathlib.Path(os.environ.get("MAIL_CORPUS", "/work/shared/corpus"))
+from tests.support import CORPUS  # noqa: E402
 
 
 def corpus_rows() -> list[dict[str, str]]:

@@ -26,7 +26,6 @@ from .clamd_fixture import (
     EICAR_SIGNATURE,
     TESTFILE_SIGNATURE,
     ClamdProcess,
-    clamd_server,  # noqa: F401  (pytest fixture)
     start_clamd,
 )
 

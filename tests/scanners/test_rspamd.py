@@ -21,14 +21,13 @@ from smtpgate.envelope import Envelope, Recipient, SessionInfo
 from smtpgate.errors import ScannerError, ScannerTimeout, ScannerUnavailable
 from smtpgate.scanners.base import Scanner, ScanResult, SpamLearner
 from smtpgate.scanners.rspamd import RspamdScanner
+from tests.support import CORPUS  # noqa: E402
 
 from .rspamd_fixture import (
     RSPAMD_REWRITE_SETTINGS_ID,
     RspamdInstance,
-    rspamd_server,  # noqa: F401  (session fixture)
 )
 
-CORPUS = Path("/work/shared/corpus")
 GTUBE = CORPUS / "rspamd__functional_messages_gtube.eml"
 CLEAN = CORPUS / "rspamd__functional_messages_transactional.eml"  # "Password Reset Request"
 SPAM_TO_LEARN = CORPUS / "rspamd__functional_messages_btc2.eml"

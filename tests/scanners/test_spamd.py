@@ -28,10 +28,9 @@ from tests.scanners.spamd_fixture import (  # noqa: F401  (spamd_server_fixture)
     SPAMD_TEST_USER,
     SPAMD_TEST_USER_THRESHOLD,
     spamd_instance,
-    spamd_server_fixture,
 )
+from tests.support import CORPUS  # noqa: E402
 
-CORPUS = Path("/work/shared/corpus")
 if not CORPUS.is_dir():  # CI: shared/ sits beside the clone
     CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 DEBIAN_EXAMPLES = Path("/usr/share/doc/spamassassin/examples")

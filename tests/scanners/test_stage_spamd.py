@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import smtplib
 import socket
 from pathlib import Path
 
 from smtpgate.hooks import accept
-
-from .spamd_fixture import spamd_server_fixture  # noqa: F401
-
-CORPUS = Path(os.environ.get("MAIL_CORPUS", Path(__file__).parents[3] / "shared" / "corpus"))
-if not CORPUS.exists():
-    CORPUS = Path("/work/shared/corpus")
+from tests.support import CORPUS  # noqa: E402
 
 
 def crlf(data: bytes) -> bytes:

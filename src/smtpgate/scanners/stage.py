@@ -146,7 +146,8 @@ class ScannerSet:
             if dec is not None and (decision is None or _RANK[dec.action] > _RANK[decision.action]):
                 decision = dec
             del conf
-        tx.set_header(SCAN_HEADER, f"{self.hostname}; " + "; ".join(summary))
+        tx.remove_header(SCAN_HEADER)  # never trust one that came with the message
+        tx.add_header(SCAN_HEADER, f"{self.hostname}; " + "; ".join(summary), prepend=True)
         tx.scan_decision = decision
         return decision
 

@@ -8,13 +8,16 @@ the app, and sessions see the change at their next command).
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..auth import Authenticator, FailureLimiter
 from ..delivery import Delivery
+from ..envelope import SessionInfo
 from ..hooks import HookRunner
 from ..policy import RelayPolicy
 from ..protocol import ProtocolConfig
+from ..reply import Reply
 from ..scanners.stage import ScannerSet
 
 
@@ -36,6 +39,9 @@ class ServerContext:
         vrfy_reply: reply to VRFY.
         tls_handshake_timeout: seconds allowed for the STARTTLS handshake.
         scanners: the content scanners run in the data phase (``None``: none).
+        mail_check: called at each MAIL; a reply refuses the transaction (the queue's
+            ``452 4.3.1`` when free disk space is low).
+        etrn: answers ETRN (RFC 1985) for a node and client; ``None``: 458 4.0.0.
     """
 
     protocol: ProtocolConfig
@@ -52,3 +58,5 @@ class ServerContext:
     received_auth: bool = False
     tls_handshake_timeout: float = 60.0
     scanners: ScannerSet | None = None
+    mail_check: Callable[[], Reply | None] | None = None
+    etrn: Callable[[str, SessionInfo], Reply] | None = None

@@ -26,6 +26,7 @@ from ..protocol import (
     AutoReply,
     Data,
     DataComplete,
+    Etrn,
     Helo,
     MailFrom,
     Quit,
@@ -288,6 +289,9 @@ class Session(asyncio.Protocol):
                     reply = await self._on_auth(ev)
                 elif t is Vrfy:
                     reply = R.VRFY
+                elif t is Etrn:
+                    assert isinstance(ev, Etrn)
+                    reply = self._on_etrn(ev)
                 else:  # pragma: no cover - every event type is handled above
                     reply = R.TEMP_ERROR
                 disconnect = self._disconnect_after
@@ -376,9 +380,20 @@ class Session(asyncio.Protocol):
         self.transaction = None
         return self.conn.helo_reply(ev)
 
+    def _on_etrn(self, ev: Etrn) -> Reply:
+        assert self.info is not None
+        if self.ctx.etrn is None:
+            return Reply(458, "4.0.0", f"Unable to queue messages for node {ev.node}")
+        return self.ctx.etrn(ev.node, self.info)
+
     async def _on_mail(self, ev: MailFrom) -> Reply:
         info = self.info
         assert info is not None
+        check = self.ctx.mail_check
+        if check is not None:
+            refusal = check()
+            if refusal is not None:
+                return refusal
         self._tx_count += 1
         tx = Transaction(
             Envelope(ev.address, dict(ev.params)), f"{info.session_id}.{self._tx_count}"
