@@ -18,9 +18,15 @@ from . import __version__
 from .auth import Authenticator, CallableAuthenticator, FailureLimiter, UsersFileAuthenticator
 from .config import Config, config_from_mapping
 from .delivery import CallableDelivery, Delivery, make_delivery
+from .envelope import SessionInfo
 from .hooks import HookRunner, Stage, load_callable
 from .policy import RelayPolicy
 from .protocol import ProtocolConfig
+from .queue.delivery import QueueDelivery
+from .queue.manager import Outbound, QueueManager
+from .queue.schedule import RetrySchedule
+from .queue.store import QueueStore
+from .reply import Reply
 from .scanners.stage import ScannerSet
 from .server import ServerContext, SmtpServer, server_tls_context
 
@@ -93,6 +99,8 @@ class Smtpgate:
         )
         self.scanners = ScannerSet.from_config(config.scanners, config.server.hostname)
         self.server: SmtpServer | None = None
+        self.queue: QueueManager | None = None
+        self._background: set[asyncio.Task[int]] = set()
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
 
@@ -109,6 +117,56 @@ class Smtpgate:
         if auth.users_file:
             return UsersFileAuthenticator(auth.users_file)
         return None
+
+    @property
+    def delivery_mode(self) -> str:
+        """``"queue"``, ``"proxy"`` or ``"local"`` (see docs/queue.md)."""
+        return "local" if self._delivery_arg is not None else self.config.delivery_mode
+
+    async def _start_queue(self) -> QueueDelivery:
+        from .delivery.mx import MxDelivery
+        from .delivery.upstream import UpstreamDelivery
+        from .queue.outbound import MxOutbound, RelayOutbound, dsn_factory
+
+        cfg = self.config
+        q = cfg.queue
+        store = QueueStore(q.path, fsync=q.fsync)
+        outbound: Outbound
+        if cfg.relay.url == "mx:":
+            outbound = MxOutbound(MxDelivery(
+                helo_name=cfg.server.hostname, port=cfg.delivery.mx_port,
+                timeout=cfg.relay.timeout, local_hosts=(cfg.server.hostname,),
+            ))
+        else:
+            outbound = RelayOutbound(UpstreamDelivery(
+                cfg.relay.url, timeout=cfg.relay.timeout, helo_name=cfg.server.hostname,
+                cafile=cfg.relay.cafile or None,
+            ))
+        schedule = RetrySchedule(q.min_backoff, q.max_backoff, q.max_lifetime)
+        self.queue = QueueManager(
+            store, outbound, schedule=schedule, workers=q.workers,
+            per_destination=q.per_destination, scan_interval=q.scan_interval,
+            delay_warning=q.delay_warning, make_dsn=dsn_factory(cfg.server.hostname, schedule),
+        )
+        await self.queue.start()  # recovery happens before the listeners open
+        return QueueDelivery(store, self.queue, q.min_free_space)
+
+    def _etrn(self, node: str, session: SessionInfo) -> Reply:
+        from ipaddress import ip_address, ip_network
+
+        allowed = False
+        try:
+            ip = ip_address(session.peer_ip)
+            allowed = any(ip in ip_network(n, strict=False)
+                          for n in self.config.queue.etrn_networks)
+        except ValueError:
+            allowed = False
+        if not allowed or self.queue is None:
+            return Reply(459, "4.7.1", f"Node {node} not allowed: ETRN not permitted from here")
+        task = asyncio.get_running_loop().create_task(self.queue.flush_matching(node))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return Reply(250, "2.0.0", f"Queuing for node {node} started")
 
     def _make_delivery(self) -> Delivery:
         arg = self._delivery_arg
@@ -153,6 +211,8 @@ class Smtpgate:
             tls_available=self.tls_context is not None,
             auth_mechanisms=mechanisms,
             auth_require_tls=self.config.auth.require_tls,
+            dsn=self.delivery_mode == "queue" and self.config.queue.dsn,
+            etrn=self.delivery_mode == "queue",
         )
 
     def _context(self, delivery: Delivery) -> ServerContext:
@@ -182,10 +242,20 @@ class Smtpgate:
         Raises:
             OSError: an address cannot be bound.
         """
-        self.delivery = self._make_delivery()
+        mode = self.delivery_mode
+        ctx_extra: dict[str, Any] = {}
+        if mode == "queue":
+            queue_delivery = await self._start_queue()
+            self.delivery = queue_delivery
+            ctx_extra = {"mail_check": queue_delivery.storage_reply, "etrn": self._etrn}
+        else:
+            self.delivery = self._make_delivery()
         s = self.config.server
+        ctx = self._context(self.delivery)
+        for key, value in ctx_extra.items():
+            setattr(ctx, key, value)
         self.server = SmtpServer(
-            self._context(self.delivery),
+            ctx,
             [(a.host, a.port) for a in s.listen],
             max_connections=s.max_connections,
             max_connections_per_ip=s.max_connections_per_ip,
@@ -209,9 +279,12 @@ class Smtpgate:
             timeout: seconds for transactions in flight; default ``server.shutdown_timeout``.
         """
         if self.server is not None:
-            await self.server.close(
-                self.config.server.shutdown_timeout if timeout is None else timeout
-            )
+            try:
+                await self.server.close(
+                    self.config.server.shutdown_timeout if timeout is None else timeout
+                )
+            except OSError:
+                pass
             self.server = None
         if self.delivery is not None:
             await self.delivery.aclose()

@@ -59,7 +59,9 @@ def resolver_for(server: DnsServer) -> object:
 
 
 async def test_mx_order_by_preference_addresses_ipv6_first(dns_server: DnsServer) -> None:
-    dests = await resolve_destinations("example.test", make_resolver(["127.0.0.1"], port=dns_server.port))
+    dests = await resolve_destinations(
+        "example.test", make_resolver(["127.0.0.1"], port=dns_server.port)
+    )
     assert [d.preference for d in dests] == [10, 10, 20, 30]
     assert {d.host for d in dests[:2]} == {"mx1.example.test", "mx1b.example.test"}
     assert dests[2:] == [
@@ -69,7 +71,9 @@ async def test_mx_order_by_preference_addresses_ipv6_first(dns_server: DnsServer
     mx1 = next(d for d in dests if d.host == "mx1.example.test")
     assert mx1.addresses == ("::1", "127.0.0.1")
     v4 = await resolve_destinations(
-        "EXAMPLE.test.", make_resolver(["127.0.0.1"], port=dns_server.port), address_preference="ipv4"
+        "EXAMPLE.test.",
+        make_resolver(["127.0.0.1"], port=dns_server.port),
+        address_preference="ipv4",
     )
     assert next(d for d in v4 if d.host == "mx1.example.test").addresses == ("127.0.0.1", "::1")
 
@@ -85,7 +89,9 @@ async def test_equal_preferences_are_shuffled(dns_server: DnsServer) -> None:
 
 
 async def test_implicit_mx_uses_the_domain_itself(dns_server: DnsServer) -> None:
-    dests = await resolve_destinations("nomx.test", make_resolver(["127.0.0.1"], port=dns_server.port))
+    dests = await resolve_destinations(
+        "nomx.test", make_resolver(["127.0.0.1"], port=dns_server.port)
+    )
     assert dests == [Destination("nomx.test", 0, ("127.0.0.1",))]
     assert ("nomx.test", "MX") in dns_server.queries
 
@@ -116,7 +122,10 @@ async def test_resolution_failures(
 
 
 async def test_failed_mx_host_lookup_falls_back_to_others(dns_server: DnsServer) -> None:
-    dests = await resolve_destinations("partial.test", make_resolver(["127.0.0.1"], port=dns_server.port, timeout=0.3, lifetime=0.6))
+    dests = await resolve_destinations(
+        "partial.test",
+        make_resolver(["127.0.0.1"], port=dns_server.port, timeout=0.3, lifetime=0.6),
+    )
     assert dests == [Destination("mx3.example.test", 20, ("127.0.0.1",))]
 
 
@@ -182,7 +191,11 @@ async def test_skips_host_with_421_greeting(
     try:
         mx = MxDelivery(
             resolver=make_resolver(["127.0.0.1"], port=dns_server.port),
-            ports={"mx1.example.test": busy_port, "mx1b.example.test": busy_port, "mx2.example.test": live.port},
+            ports={
+                "mx1.example.test": busy_port,
+                "mx1b.example.test": busy_port,
+                "mx2.example.test": live.port,
+            },
             address_preference="ipv4",
             timeout=5,
         )
@@ -203,7 +216,11 @@ async def test_first_host_answering_decides_no_fallback_on_5xx(
     second = start_upstream()
     mx = MxDelivery(
         resolver=make_resolver(["127.0.0.1"], port=dns_server.port),
-        ports={"mx1.example.test": first.port, "mx1b.example.test": first.port, "mx2.example.test": second.port},
+        ports={
+            "mx1.example.test": first.port,
+            "mx1b.example.test": first.port,
+            "mx2.example.test": second.port,
+        },
         address_preference="ipv4",
         timeout=5,
     )
@@ -218,7 +235,12 @@ async def test_first_host_answering_decides_no_fallback_on_5xx(
 
 async def test_all_hosts_down_gives_every_recipient_451(dns_server: DnsServer) -> None:
     dead = free_port()
-    mx = MxDelivery(resolver=make_resolver(["127.0.0.1"], port=dns_server.port), port=dead, timeout=5, max_attempts=3)
+    mx = MxDelivery(
+        resolver=make_resolver(["127.0.0.1"], port=dns_server.port),
+        port=dead,
+        timeout=5,
+        max_attempts=3,
+    )
     results = await mx.deliver_recipients(env("b@example.test", "c@example.test"), MESSAGE)
     assert {r.code for r in results.values()} == {451}
     assert {r.enhanced for r in results.values()} == {"4.4.1"}
@@ -275,7 +297,9 @@ async def test_address_literal_destination_with_starttls(
     assert msg.tls  # opportunistic STARTTLS, certificate not verified
 
 
-async def test_recipients_of_several_domains_need_explicit_domain(start_upstream: StartUpstream) -> None:
+async def test_recipients_of_several_domains_need_explicit_domain(
+    start_upstream: StartUpstream,
+) -> None:
     up = start_upstream()
     mx = MxDelivery(ports={"127.0.0.1": up.port})
     e = env("a@one.test", "b@two.test")

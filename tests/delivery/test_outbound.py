@@ -239,7 +239,9 @@ async def test_421_during_rcpt_defers_the_rest_keeps_earlier_refusal() -> None:
 
 async def test_connection_lost_after_the_dot_defers_accepted_recipients() -> None:
     peer = ScriptedPeer(
-        lambda cmd, i: (b"250 ok\r\n" if i == 0 else b"551 5.1.6 moved\r\n") if cmd == "RCPT" else None
+        lambda cmd, i: (
+            (b"250 ok\r\n" if i == 0 else b"551 5.1.6 moved\r\n") if cmd == "RCPT" else None
+        )
     )
     results = await run_peer(peer, env("a@x.test", "b@x.test"))
     assert codes(results) == {"a@x.test": (451, "4.4.1"), "b@x.test": (551, "5.1.6")}

@@ -285,6 +285,7 @@ def running_gate(
     }
     if relay_url is not None:
         cfg["relay"] = {"url": relay_url, "timeout": 30}
+        cfg["delivery"] = {"mode": "proxy"}  # synchronous: the reply is the upstream's
     if maildir is not None:
         cfg["maildir"] = {"path": str(maildir)}
     app = Smtpgate(cfg, deliver=deliver) if deliver is not None else Smtpgate(cfg)

@@ -60,7 +60,8 @@ def upstream() -> Iterator[tuple[UpstreamHandler, int]]:
 
 
 def relay_cfg(port: int) -> dict:
-    return {"relay": {"url": f"smtp://127.0.0.1:{port}", "timeout": 5}}
+    return {"relay": {"url": f"smtp://127.0.0.1:{port}", "timeout": 5},
+            "delivery": {"mode": "proxy"}}
 
 
 def test_relay_to_upstream_byte_exact(run_app, upstream) -> None:
@@ -128,7 +129,7 @@ def test_upstream_down_is_4xx(run_app, raw, tmp_path: Path) -> None:
 
 def test_plain_relay_url_credentials_never_in_replies(run_app, raw, caplog) -> None:
     app = run_app({"relay": {"url": f"plain://user:TopSecret%21@127.0.0.1:{free_port()}",
-                             "timeout": 2}})
+                             "timeout": 2}, "delivery": {"mode": "proxy"}})
     c = raw(app.port)
     c.cmd("EHLO c.test")
     c.cmd("MAIL FROM:<a@example.org>")

@@ -227,7 +227,8 @@ def build_dsn(
     ``Auto-Submitted: auto-replied`` (RFC 3834 §5). The caller sends it with the
     null reverse-path (``MAIL FROM:<>``, RFC 5321 §4.5.5) to ``mail_from``;
     with ``BODY=8BITMIME`` when the result is not ASCII (an 8-bit original
-    returned in full, or an internationalized address). Callers filter
+    returned in full), and with ``SMTPUTF8`` as well when ``mail_from`` is not
+    ASCII (its ``To:`` header is then UTF-8, RFC 6532). Callers filter
     ``recipients`` with :func:`should_notify` first.
 
     Args:

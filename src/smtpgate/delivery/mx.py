@@ -407,7 +407,8 @@ class MxDelivery:
         Returns:
             :class:`RecipientResults` with a reply for every recipient:
             the answering host's replies (``remote_mta`` = its MX name), or a
-            local reply for all of them: the DNS failure (``451 4.4.3``,
+            local reply for all of them: the DNS failure (``451 4.4.3``, also for
+            a missing system resolver configuration,
             ``550 5.1.2``, ``556 5.1.10``, ``550 5.4.4``, ``554 5.4.6``) or the
             last connection failure (``451 4.4.1``).
 
@@ -430,6 +431,10 @@ class MxDelivery:
         except DeliveryError as exc:
             log.info("session=%s mx %s: %s", sid, target, exc.reply)
             results.fill(envelope, exc.reply)
+            return results
+        except ConfigError as exc:  # no usable system resolver configuration
+            log.error("mx %s: %s", target, exc)
+            results.fill(envelope, Reply(451, "4.4.3", "No DNS resolver available; will retry"))
             return results
 
         last = Reply(451, "4.4.1", f"No mail host for {target} could be reached")

@@ -57,6 +57,13 @@ DsnFactory = Callable[[QueueEntry, bytes, list[QueuedRecipient], str], bytes | N
 None when no DSN is due (e.g. NOTIFY=NEVER)."""
 
 
+def _domain_matches(address: str, node: str) -> bool:
+    domain = address[address.rfind("@") + 1 :].lower()
+    if node.startswith("@"):
+        return domain == node[1:] or domain.endswith("." + node[1:])
+    return domain == node
+
+
 def request_flush(spool: str | os.PathLike[str]) -> None:
     """Ask a running server to rescan its spool now (touches ``<spool>/flush``)."""
     p = Path(spool) / FLUSH_FILE
@@ -157,6 +164,27 @@ class QueueManager:
             if key in self._due:
                 self._due[key] = now
         self._wake.set()
+
+    async def flush_matching(self, node: str) -> int:
+        """ETRN (RFC 1985): make due now every message with a pending recipient at ``node``.
+
+        ``node`` is ``domain`` (exactly), ``@domain`` (the domain and its subdomains) or
+        ``#queue`` (every message). Returns how many messages were flushed.
+        """
+        node_l = node.lower()
+        entries = await asyncio.to_thread(lambda: list(self.store.entries(("incoming",
+                                                                            "deferred"))))
+        now = self.clock()
+        count = 0
+        for e in entries:
+            if node_l.startswith("#") or any(
+                _domain_matches(r.address, node_l) for r in e.pending
+            ):
+                if e.id not in self._inflight:
+                    self._due[e.id] = now
+                    count += 1
+        self._wake.set()
+        return count
 
     @property
     def queued(self) -> int:
@@ -326,7 +354,12 @@ class QueueManager:
             dsn = self.make_dsn(entry, message, rcpts, kind)
             if dsn is None:
                 continue
-            env = Envelope("", {}, [Recipient(entry.mail_from)])
+            params: dict[str, str | None] = {}
+            if any(b > 127 for b in dsn):
+                params["BODY"] = "8BITMIME"
+            if not entry.mail_from.isascii():
+                params["SMTPUTF8"] = None
+            env = Envelope("", params, [Recipient(entry.mail_from)])
             try:
                 dsn_entry = await asyncio.to_thread(self.store.enqueue, env, dsn)
             except QueueError:
