@@ -67,7 +67,11 @@ _AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "AUTH not available")
 _TLS_NOT_ADVERTISED = Reply(502, "5.5.1", "STARTTLS not available")
 _BAD_DSN_PARAM = Reply(501, "5.5.4", "Invalid DSN parameter (RFC 3461)")
 _ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | @domain | #queue")
-_ETRN_NODE = re.compile(r"[@#]?[A-Za-z0-9][A-Za-z0-9.\-]{0,253}")
+_ETRN_NODE = re.compile(
+    r"#[A-Za-z0-9._\-]{1,64}"  # a queue name
+    r"|@?[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"  # [@]domain: RFC 1985 §3
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*"
+)
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 _REJECTED_SESSION = Reply(503, "5.5.1", "Session rejected; only QUIT is allowed")
 
