@@ -699,8 +699,9 @@ def main() -> int:
     if os.environ.get("EXTRAS", "1") == "2":
         servers.append(AIO_UV)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for old_log in RESULTS.glob("*.log"):
-        old_log.unlink()
+    for pattern in ("*.log", "pyspy-*.txt"):  # artefacts of an earlier run
+        for old in RESULTS.glob(pattern):
+            old.unlink()
     report = Report(header=header(rounds, base))
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="smtpgate-bench-") as tmp, terminate_on_signal():

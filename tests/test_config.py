@@ -16,6 +16,9 @@ import pytest
 
 from smtpgate.config import (
     AuthConfig,
+    DeliveryConfig,
+    QueueConfig,
+    ScannerConfig,
     Config,
     HooksConfig,
     ListenAddress,
@@ -43,6 +46,8 @@ SECTIONS: dict[str, type[Any]] = {
     "maildir": MaildirConfig,
     "hooks": HooksConfig,
     "logging": LoggingConfig,
+    "delivery": DeliveryConfig,
+    "queue": QueueConfig,
 }
 
 
@@ -270,7 +275,74 @@ BAD_VALUES = [
     ("hooks", "timeout", -1, "must be a positive number of seconds"),
     ("logging", "level", "verbose", 'must be one of "DEBUG", "INFO", "WARNING", "ERROR"'),
     ("logging", "level", 10, "must be a string, got 10"),
+    ("delivery", "mode", "async", 'must be one of "", "queue", "proxy"'),
+    ("delivery", "mx_port", 0, "must be a positive integer"),
+    ("queue", "path", "", "must not be empty"),
+    ("queue", "fsync", "yes", "must be true or false"),
+    ("queue", "min_backoff", 0, "must be a positive number of seconds"),
+    ("queue", "max_backoff", -1, "must be a positive number of seconds"),
+    ("queue", "max_lifetime", "5d", "must be a number"),
+    ("queue", "delay_warning", -1, "must be a number of seconds >= 0"),
+    ("queue", "workers", 0, "must be a positive integer"),
+    ("queue", "per_destination", 1.5, "must be an integer"),
+    ("queue", "min_free_space", -1, "must be an integer >= 0"),
+    ("queue", "scan_interval", 0, "must be a positive number of seconds"),
+    ("queue", "dsn", 1, "must be true or false"),
+    ("queue", "etrn_networks", ["nowhere"], "must be an IP address or a CIDR network"),
 ]
+
+
+SCANNER_BAD_VALUES = [
+    ("type", "dspam", 'must be one of "spamassassin", "rspamd", "clamav", "sophos"'),
+    ("address", "nohostport", "needs host:port or unix:/path"),
+    ("timeout", 0, "must be a positive number of seconds"),
+    ("max_size", 0, "must be a positive integer"),
+    ("on_error", "ignore", 'must be one of "tempfail", "accept"'),
+    ("tag_score", -1, "must be a number >= 0"),
+    ("reject_score", "high", "must be a number"),
+    ("quarantine_score", -5, "must be a number >= 0"),
+    ("quarantine_path", 7, "must be a string"),
+    ("quarantine_reply", "drop", 'must be one of "accept", "reject"'),
+    ("subject_prefix", 1, "must be a string"),
+    ("reject_text", "a\r\nb", "control characters"),
+    ("action", "delete", 'must be one of "reject", "quarantine"'),
+    ("per_user", "yes", "must be true or false"),
+    ("controller", "x", "needs host:port"),
+    ("password", 5, "must be a string"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), SCANNER_BAD_VALUES)
+def test_scanner_bad_value_names_the_key(key: str, value: Any, fragment: str) -> None:
+    table = {"type": "clamav", key: value}
+    problems = problems_of({"scanner": [{"type": "spamassassin"}, table]})
+    assert problems and problems[0].startswith(f"scanner[1].{key}: "), problems
+    assert fragment in problems[0]
+
+
+def test_scanner_tables() -> None:
+    cfg = config_from_mapping({"scanner": [{"type": "clamav"},
+                                           {"type": "rspamd", "address": "unix:/run/r.sock"}]})
+    assert [s.type for s in cfg.scanners] == ["clamav", "rspamd"]
+    assert cfg.scanners[0].effective_address == "127.0.0.1:3310"
+    assert cfg.scanners[1].kind == "spam"
+    assert {f.name for f in dataclasses.fields(ScannerConfig)} == {k for k, _, _ in
+                                                                   SCANNER_BAD_VALUES}
+    assert problems_of({"scanner": [{"timeout": 5}]}) == [
+        "scanner[0].type: required (spamassassin, rspamd, clamav or sophos)"]
+    assert "quarantine_path: required" in problems_of(
+        {"scanner": [{"type": "clamav", "action": "quarantine"}]})[0]
+
+
+def test_delivery_mode_resolution() -> None:
+    def mode(data: dict[str, Any]) -> str:
+        return config_from_mapping(data).delivery_mode
+
+    assert mode({}) == "local"
+    assert mode({"relay": {"url": "discard:"}}) == "local"
+    assert mode({"relay": {"url": "smtp://mx.example:25"}}) == "queue"
+    assert mode({"relay": {"url": "smtp://mx.example:25"}, "delivery": {"mode": "proxy"}}) == "proxy"
+    assert mode({"relay": {"url": "mx:"}}) == "queue"
 
 
 @pytest.mark.parametrize(("section", "key", "value", "fragment"), BAD_VALUES)
@@ -705,5 +777,8 @@ def test_reference_documents_every_key_with_its_section() -> None:
         part = reference.split(heading, 1)[1].split("\n## ", 1)[0]
         for f in dataclasses.fields(cls):
             assert f"| `{f.name}` |" in part, f"{section}.{f.name}"
+    part = reference.split("## `[[scanner]]`", 1)[1].split("\n## ", 1)[0]
+    for f in dataclasses.fields(ScannerConfig):
+        assert f"| `{f.name}` |" in part, f"scanner.{f.name}"
     assert "smtpgate serve -c FILE [--listen ADDR ...] [--log-level LEVEL]" in reference
     assert "smtpgate check-config -c FILE" in reference
