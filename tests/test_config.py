@@ -16,15 +16,15 @@ import pytest
 
 from smtpgate.config import (
     AuthConfig,
-    DeliveryConfig,
-    QueueConfig,
-    ScannerConfig,
     Config,
+    DeliveryConfig,
     HooksConfig,
     ListenAddress,
     LoggingConfig,
     MaildirConfig,
+    QueueConfig,
     RelayConfig,
+    ScannerConfig,
     ServerConfig,
     TlsConfig,
     config_from_mapping,
