@@ -87,14 +87,16 @@ class ServerSpec:
         name: row label.
         kind: "smtpgate", "aiosmtpd" or "smtp-sink".
         uvloop: run on uvloop (smtpgate ``server.use_uvloop``, aiosmtpd ``--uvloop``).
-        relay: smtpgate relays to a Postfix smtp-sink instead of ``discard:``.
+        relay: "" (``relay.url = "discard:"``), or the ``delivery.mode`` ("proxy":
+            synchronous relay, "queue": fsync'ed spool then relay) with which smtpgate
+            relays every message to a Postfix smtp-sink.
         compared: "sg" (the smtpgate of the ratio), "base" (the baseline) or "" (info).
     """
 
     name: str
     kind: str
     uvloop: bool = False
-    relay: bool = False
+    relay: str = ""
     compared: str = ""
 
 
@@ -104,7 +106,8 @@ AIOSMTPD_VERSION = importlib.metadata.version("aiosmtpd")
 AIO = ServerSpec(f"aiosmtpd {AIOSMTPD_VERSION}", "aiosmtpd", uvloop=False, compared="base")
 AIO_UV = ServerSpec("aiosmtpd + uvloop", "aiosmtpd", uvloop=True)
 SINK = ServerSpec("smtp-sink (rig ceiling)", "smtp-sink")
-SG_RELAY = ServerSpec("smtpgate -> smtp-sink", "smtpgate", uvloop=True, relay=True)
+SG_RELAY = ServerSpec("smtpgate proxy -> smtp-sink", "smtpgate", uvloop=True, relay="proxy")
+SG_QUEUE = ServerSpec("smtpgate queue -> smtp-sink", "smtpgate", uvloop=True, relay="queue")
 
 
 def _die_with_parent() -> None:
@@ -229,6 +232,8 @@ class Server:
                 f'url = "{url}"\n'
                 "[logging]\n"
                 'level = "WARNING"\n'
+                + (f'[delivery]\nmode = "{spec.relay}"\n' if spec.relay else "")
+                + ("[queue]\npath = \"queue\"\n" if spec.relay == "queue" else "")
             )
             return [sys.executable, "-m", "smtpgate", "serve", "-c", str(cfg)]
         if spec.kind == "aiosmtpd":
@@ -697,7 +702,7 @@ def main() -> int:
     scenarios = [SCENARIOS[k] for k in keys]
     servers = [SG, AIO] + ([SG_ASYNCIO, SINK, SG_RELAY] if extras else [])
     if os.environ.get("EXTRAS", "1") == "2":
-        servers.append(AIO_UV)
+        servers += [AIO_UV, SG_QUEUE]
     RESULTS.mkdir(parents=True, exist_ok=True)
     for pattern in ("*.log", "pyspy-*.txt"):  # artefacts of an earlier run
         for old in RESULTS.glob(pattern):

@@ -46,7 +46,7 @@ TABLE: list[tuple[str, bytes, list[str]]] = [
     ("vrfy spaces only", b"VRFY   \r\n", ["501 5.5.4"]),
     ("expn", b"EXPN staff\r\n", ["502 5.5.1"]),
     ("turn", b"TURN\r\n", ["502 5.5.1"]),
-    ("bdat (no CHUNKING)", EHLO + b"BDAT 10 LAST\r\n", ["250", "502 5.5.1"]),
+    ("bdat (no CHUNKING): the chunk is consumed, then 502", EHLO + b"BDAT 10 LAST\r\n0123456789NOOP\r\n", ["250", "502 5.5.1", "250 2.0.0"]),
     ("unknown", b"FOO bar\r\n", ["500 5.5.1"]),
     ("empty line", b"\r\n", ["500 5.5.1"]),
     ("verb with leading space", b" NOOP\r\n", ["500 5.5.1"]),

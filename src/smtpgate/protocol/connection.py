@@ -24,6 +24,7 @@ from .events import (
     DataComplete,
     Etrn,
     Event,
+    Expn,
     Helo,
     MailFrom,
     Quit,
@@ -65,6 +66,15 @@ _VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
 _AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 _AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "AUTH not available")
 _TLS_NOT_ADVERTISED = Reply(502, "5.5.1", "STARTTLS not available")
+_LMTP_USE_LHLO = Reply(500, "5.5.1", "This is an LMTP server: use LHLO")
+_DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not permitted after BDAT in one transaction")
+_RCPT_AFTER_BDAT = Reply(503, "5.5.1", "RCPT not permitted after BDAT")
+_BINARY_NEEDS_BDAT = Reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")
+_BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
+_BDAT_AFTER_FAILURE = Reply(503, "5.5.1", "Earlier BDAT failed; send RSET")
+_BAD_BY_PARAM = Reply(501, "5.5.4", "Invalid BY parameter (RFC 2852)")
+_EXPN_SYNTAX = Reply(501, "5.5.4", "Syntax: EXPN list")
+_BY_PARAM = re.compile(r"-?[0-9]{1,9};[RNrn][Tt]?")
 _BAD_DSN_PARAM = Reply(501, "5.5.4", "Invalid DSN parameter (RFC 3461)")
 _ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | @domain | #queue")
 _ETRN_NODE = re.compile(
@@ -94,6 +104,7 @@ class State(enum.Enum):
     MAIL = "MAIL"  # MAIL accepted, no recipient yet
     RCPT = "RCPT"  # at least one recipient accepted
     DATA = "DATA"  # reading message text
+    BDAT = "BDAT"  # at least one BDAT chunk accepted, more to come (RFC 3030)
     AUTH = "AUTH"  # SASL exchange in progress
     TLS_PENDING = "TLS_PENDING"  # 220 sent to STARTTLS, handshake not yet done
     CLOSED = "CLOSED"
@@ -124,6 +135,13 @@ class ProtocolConfig:
         auth_require_tls: offer and accept AUTH only under TLS.
         dsn: advertise DSN and accept RET/ENVID (MAIL) and NOTIFY/ORCPT (RCPT), RFC 3461.
         etrn: advertise ETRN and turn ETRN commands into events (RFC 1985).
+        chunking: advertise CHUNKING and accept BDAT (RFC 3030).
+        binarymime: advertise BINARYMIME and accept BODY=BINARYMIME (needs chunking).
+        deliverby: advertise DELIVERBY and accept the BY parameter (RFC 2852).
+        lmtp: speak LMTP (RFC 2033): LHLO instead of HELO/EHLO, one reply per
+            recipient after the message (see :meth:`ServerConnection.send_lmtp`).
+        ehlo: accept EHLO (False: EHLO is an unknown command; ZMailer NoEHLO).
+        expn: turn EXPN into :class:`Expn` events (False: 502).
         help_text: text of the 214 reply to HELP (lines separated by ``\\n``).
     """
 
@@ -145,6 +163,12 @@ class ProtocolConfig:
     auth_require_tls: bool = True
     dsn: bool = False
     etrn: bool = False
+    chunking: bool = False
+    binarymime: bool = False
+    deliverby: bool = False
+    lmtp: bool = False
+    ehlo: bool = True
+    expn: bool = False
     help_text: str = _HELP_DEFAULT
 
 
@@ -194,6 +218,7 @@ class ServerConnection:
         self._discarding = False
         # transaction
         self._mail_utf8 = False
+        self._body_binary = False
         self._rcpt_count = 0
         self._rcpt_attempts = 0
         # DATA reader
@@ -202,10 +227,18 @@ class ServerConnection:
         self._dsize = 0  # stuffed dots counted so far (see _next_data_event)
         self._dcounted = 0
         self._dtoo_big = False
+        # BDAT reader (RFC 3030)
+        self._chunk_left = 0
+        self._chunk_size = 0
+        self._chunk_last = False
+        self._chunk_active = False
+        self._chunk_error: Reply | None = None
+        self._bdat_buf = bytearray()
+        self._bdat_failed = False
         # SASL
         self._sasl_mech = ""
         self._sasl_user: str | None = None
-        self._dispatch: dict[str, Callable[[str, bool], Event]] = {
+        self._dispatch: dict[str, Callable[[str, bool], Event | _Sentinel]] = {
             "HELO": self._cmd_helo,
             "EHLO": self._cmd_ehlo,
             "MAIL": self._cmd_mail,
@@ -216,13 +249,14 @@ class ServerConnection:
             "QUIT": self._cmd_quit,
             "HELP": self._cmd_help,
             "VRFY": self._cmd_vrfy,
-            "EXPN": self._cmd_not_implemented,
+            "EXPN": self._cmd_expn,
             "TURN": self._cmd_not_implemented,
             "SEND": self._cmd_not_implemented,
             "SOML": self._cmd_not_implemented,
             "SAML": self._cmd_not_implemented,
             "ETRN": self._cmd_etrn,
-            "BDAT": self._cmd_not_implemented,
+            "BDAT": self._cmd_bdat,
+            "LHLO": self._cmd_lhlo,
             "STARTTLS": self._cmd_starttls,
             "AUTH": self._cmd_auth,
         }
@@ -237,12 +271,12 @@ class ServerConnection:
     @property
     def in_data(self) -> bool:
         """True while message text is being read (the driver applies the data timeout)."""
-        return self.state is State.DATA and self._pending is None
+        return (self.state is State.DATA or self._chunk_active) and self._pending is None
 
     @property
     def in_transaction(self) -> bool:
         """True between an accepted MAIL and the reply to the end of data or RSET."""
-        return self.state in (State.MAIL, State.RCPT, State.DATA)
+        return self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT)
 
     @property
     def buffered(self) -> int:
@@ -279,6 +313,8 @@ class ServerConnection:
             return NEED_DATA
         if state is State.DATA:
             return self._pend(self._next_data_event())
+        if self._chunk_active:
+            return self._pend(self._next_chunk_event())
         line = self._next_line()
         if line is None:
             return NEED_DATA
@@ -338,7 +374,7 @@ class ServerConnection:
 
     # --------------------------------------------------------------- commands
 
-    def _command(self, raw: bytes) -> Event:
+    def _command(self, raw: bytes) -> Event | _Sentinel:
         if not raw.endswith(b"\r\n"):
             return self._auto(_BARE_LF_COMMAND, "")
         body = raw[:-2]
@@ -377,10 +413,24 @@ class ServerConnection:
         return handler(arg, utf8)
 
     def _cmd_helo(self, arg: str, utf8: bool) -> Event:
+        if self.config.lmtp:
+            return self._auto(_LMTP_USE_LHLO, "HELO")
         return self._helo(arg, esmtp=False, verb="HELO")
 
     def _cmd_ehlo(self, arg: str, utf8: bool) -> Event:
+        if self.config.lmtp:
+            return self._auto(_LMTP_USE_LHLO, "EHLO")
+        if not self.config.ehlo:
+            self.unknown_commands += 1
+            return self._auto(R.UNKNOWN_COMMAND, "EHLO")
         return self._helo(arg, esmtp=True, verb="EHLO")
+
+    def _cmd_lhlo(self, arg: str, utf8: bool) -> Event:
+        """LHLO (RFC 2033 §4.1): the LMTP greeting, EHLO's counterpart."""
+        if not self.config.lmtp:
+            self.unknown_commands += 1
+            return self._auto(R.UNKNOWN_COMMAND, "LHLO")
+        return self._helo(arg, esmtp=True, verb="LHLO")
 
     def _helo(self, arg: str, *, esmtp: bool, verb: str) -> Event:
         name = arg.strip(" ")
@@ -392,7 +442,7 @@ class ServerConnection:
         cmd = "MAIL " + arg[:200]
         if self.state is State.INIT:
             return self._auto(R.HELO_FIRST, cmd)
-        if self.state in (State.MAIL, State.RCPT):
+        if self.state in (State.MAIL, State.RCPT, State.BDAT):
             return self._auto(R.NESTED_MAIL, cmd)
         if arg[:5].upper() != "FROM:":
             return self._auto(_MAIL_SYNTAX, cmd)
@@ -425,7 +475,11 @@ class ServerConnection:
                     return R.TOO_BIG
             elif kw == "BODY":
                 body = (val or "").upper()
-                if body == "8BITMIME" and cfg.eightbitmime or body == "7BIT":
+                if (
+                    body == "7BIT"
+                    or body == "8BITMIME" and cfg.eightbitmime
+                    or body == "BINARYMIME" and cfg.binarymime and cfg.chunking
+                ):
                     params["BODY"] = body
                 else:
                     return _BAD_BODY if body not in ("8BITMIME", "BINARYMIME") else _PARAM_UNKNOWN
@@ -438,6 +492,10 @@ class ServerConnection:
                 # RFC 4954 §5: accepted when AUTH is offered; the value is xtext.
                 if not self._auth_offered() or val is None:
                     return _PARAM_UNKNOWN
+            elif kw == "BY" and cfg.deliverby:
+                # RFC 2852 §4: BY=<by-time>;<by-mode>[T], by-time = [-]1*9DIGIT, mode R|N
+                if val is None or not _BY_PARAM.fullmatch(val):
+                    return _BAD_BY_PARAM
             elif kw == "RET" and cfg.dsn:
                 # RFC 3461 §4.3: RET=FULL / RET=HDRS
                 if val is None or val.upper() not in ("FULL", "HDRS"):
@@ -473,6 +531,8 @@ class ServerConnection:
 
     def _cmd_rcpt(self, arg: str, utf8: bool) -> Event:
         cmd = "RCPT " + arg[:200]
+        if self.state is State.BDAT:
+            return self._auto(_RCPT_AFTER_BDAT, cmd)
         if self.state not in (State.MAIL, State.RCPT):
             return self._auto(R.NEED_MAIL, cmd)
         if arg[:3].upper() != "TO:":
@@ -501,7 +561,11 @@ class ServerConnection:
     def _cmd_data(self, arg: str, utf8: bool) -> Event:
         if arg.strip(" "):
             return self._auto(_NO_ARGS, "DATA")
+        if self.state is State.BDAT:
+            return self._auto(_DATA_AFTER_BDAT, "DATA")
         if self.state is State.RCPT:
+            if self._body_binary:
+                return self._auto(_BINARY_NEEDS_BDAT, "DATA")
             return Data()
         if self.state is State.MAIL:
             if self._rcpt_attempts:
@@ -534,6 +598,85 @@ class ServerConnection:
 
     def _cmd_not_implemented(self, arg: str, utf8: bool) -> Event:
         return self._auto(R.NOT_IMPLEMENTED, "")
+
+    def _cmd_expn(self, arg: str, utf8: bool) -> Event:
+        if not self.config.expn:
+            return self._auto(R.NOT_IMPLEMENTED, "EXPN")
+        if not arg.strip(" "):
+            return self._auto(_EXPN_SYNTAX, "EXPN")
+        return Expn(arg.strip(" "))
+
+    def _cmd_bdat(self, arg: str, utf8: bool) -> Event | _Sentinel:
+        """BDAT size [LAST] (RFC 3030 §2): the chunk's bytes follow the command line.
+
+        The chunk is always consumed, even when it is refused, so that pipelined
+        commands after it stay in step.
+        """
+        parts = arg.split()
+        if (
+            not 1 <= len(parts) <= 2
+            or not (parts[0].isascii() and parts[0].isdigit())
+            or len(parts[0]) > 12
+            or (len(parts) == 2 and parts[1].upper() != "LAST")
+        ):
+            return self._auto(_BDAT_SYNTAX, "BDAT " + arg[:40])
+        size = int(parts[0])
+        last = len(parts) == 2
+        err: Reply | None = None
+        cfg = self.config
+        if not cfg.chunking:
+            err = R.NOT_IMPLEMENTED
+        elif self.state is State.INIT:
+            err = R.HELO_FIRST
+        elif self.state is State.MAIL:
+            err = R.NO_VALID_RECIPIENTS if self._rcpt_attempts else _NO_RCPT_YET
+        elif self.state not in (State.RCPT, State.BDAT):
+            err = R.NEED_MAIL
+        elif self._bdat_failed:
+            err = _BDAT_AFTER_FAILURE
+        elif len(self._bdat_buf) + size > cfg.max_message_size:
+            err = R.TOO_BIG
+            self._bdat_failed = True
+            self._bdat_buf = bytearray()
+        self._chunk_active = True
+        self._chunk_left = size
+        self._chunk_size = size
+        self._chunk_last = last
+        self._chunk_error = err
+        return self._next_chunk_event()
+
+    def _next_chunk_event(self) -> Event | _Sentinel:
+        buf = self._buf
+        pos = self._pos
+        take = min(len(buf) - pos, self._chunk_left)
+        if take:
+            if self._chunk_error is None:
+                self._bdat_buf += buf[pos : pos + take]
+            pos += take
+            self._chunk_left -= take
+            if pos >= len(buf):
+                del buf[:]
+                pos = 0
+            elif pos > _COMPACT_AT:
+                del buf[:pos]
+                pos = 0
+            self._pos = pos
+        if self._chunk_left:
+            return NEED_DATA
+        self._chunk_active = False
+        err = self._chunk_error
+        size = self._chunk_size
+        if err is not None:
+            return self._auto(err, f"BDAT {size}")
+        if not self._chunk_last:
+            self.state = State.BDAT
+            return self._auto(Reply(250, "2.0.0", f"{size} octets received"), f"BDAT {size}")
+        data = bytes(self._bdat_buf)
+        self._bdat_buf = bytearray()
+        self.state = State.BDAT
+        return self._check_message(data, binary=self._body_binary)
+
+    # ------------------------------------------------------------------- ETRN
 
     def _cmd_etrn(self, arg: str, utf8: bool) -> Event:
         """ETRN node (RFC 1985): ``domain``, ``@domain`` (subdomains too) or ``#queue``."""
@@ -684,8 +827,18 @@ class ServerConnection:
         return self._finish_message(raw)
 
     def _finish_message(self, raw: bytes) -> DataComplete:
+        return self._check_message(raw.replace(b"\r\n.", b"\r\n")[2:], binary=False)
+
+    def _check_message(self, data: bytes, *, binary: bool) -> DataComplete:
+        """Size, bare CR/LF and line-length checks of a complete message (DATA or BDAT).
+
+        A BINARYMIME body (RFC 3030 §3) is taken byte-exact: no line checks.
+        """
         cfg = self.config
-        data = raw.replace(b"\r\n.", b"\r\n")[2:]
+        if binary:
+            if len(data) > cfg.max_message_size:
+                return DataComplete(b"", R.TOO_BIG)
+            return DataComplete(data)
         # Size first: the streaming reader may already have answered 552 for this
         # message, and the verdict must not depend on how the bytes were chunked.
         if len(data) > cfg.max_message_size:
@@ -743,6 +896,7 @@ class ServerConnection:
                 assert isinstance(ev, MailFrom)
                 self.state = State.MAIL
                 self._mail_utf8 = "SMTPUTF8" in ev.params
+                self._body_binary = ev.params.get("BODY") == "BINARYMIME"
                 self._rcpt_count = 0
                 self._rcpt_attempts = 0
         elif t is DataComplete:
@@ -788,6 +942,31 @@ class ServerConnection:
                 out += R.TOO_MANY_ERRORS.to_bytes(enh)
         return out
 
+    @property
+    def lmtp_reply_count(self) -> int:
+        """How many replies the end of an LMTP message needs: one per accepted recipient."""
+        return self._rcpt_count
+
+    def send_lmtp(self, replies: list[Reply]) -> bytes:
+        """Answer an LMTP end of data with one reply per accepted recipient (RFC 2033 §4.2).
+
+        Raises:
+            LocalProtocolError: not in LMTP mode, no message pending, or the number of
+                replies differs from the number of accepted recipients.
+        """
+        ev = self._pending
+        if not self.config.lmtp or not isinstance(ev, DataComplete):
+            raise LocalProtocolError(R.TEMP_ERROR, "no LMTP end of data awaiting replies")
+        if len(replies) != self._rcpt_count:
+            raise LocalProtocolError(
+                R.TEMP_ERROR, f"{len(replies)} replies for {self._rcpt_count} recipients"
+            )
+        enh = self.config.enhanced_status_codes
+        out = b"".join(r.to_bytes(enh) for r in replies)
+        self._pending = None
+        self._reset_transaction()
+        return out
+
     def close_reply(self, reply: Reply) -> bytes:
         """Render an unsolicited reply (a 421 on timeout or shutdown) and close the session."""
         self._pending = None
@@ -812,6 +991,9 @@ class ServerConnection:
         self._rcpt_count = 0
         self._rcpt_attempts = 0
         self._mail_utf8 = False
+        self._body_binary = False
+        self._bdat_buf = bytearray()
+        self._bdat_failed = False
         if self.state not in (State.INIT, State.REJECTED, State.CLOSED, State.TLS_PENDING):
             self.state = State.READY if self.helo_name is not None else State.INIT
 
@@ -834,6 +1016,12 @@ class ServerConnection:
             kws.append("STARTTLS")
         if self._auth_offered() and not self.authenticated:
             kws.append("AUTH " + " ".join(cfg.auth_mechanisms))
+        if cfg.chunking:
+            kws.append("CHUNKING")
+            if cfg.binarymime:
+                kws.append("BINARYMIME")
+        if cfg.deliverby:
+            kws.append("DELIVERBY")
         if cfg.dsn:
             kws.append("DSN")
         if cfg.etrn:

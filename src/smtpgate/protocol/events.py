@@ -105,6 +105,13 @@ class Vrfy:
 
 
 @dataclass(frozen=True, slots=True)
+class Expn:
+    """EXPN with its argument (RFC 5321 §4.1.1.7); only when EXPN is enabled."""
+
+    argument: str
+
+
+@dataclass(frozen=True, slots=True)
 class Etrn:
     """ETRN (RFC 1985): start delivery of queued mail for ``node``.
 
@@ -130,5 +137,5 @@ class AutoReply:
 
 Event = (
     Helo | MailFrom | RcptTo | Data | DataComplete | Rset | Quit | StartTls | AuthCredentials
-    | Vrfy | Etrn | AutoReply
+    | Vrfy | Expn | Etrn | AutoReply
 )
