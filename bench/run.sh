@@ -3,7 +3,8 @@
 # Installs what is missing (Debian postfix without configuration, aiosmtpd, uvloop, the
 # project), runs bench/bench.py, prints the table and writes bench/results/latest.txt.
 # Environment: ROUNDS (7), MESSAGES (10000), SCENARIOS (a,b,c), EXTRAS (1; 0 = only
-# smtpgate and aiosmtpd, 2 = also aiosmtpd+uvloop), MEM_CONNS (1000), MEM_ROUNDS (3),
+# smtpgate and aiosmtpd, 2 = also aiosmtpd+uvloop and queue mode), MEM_CONNS (1000),
+# MEM_ROUNDS (3), QUIET_WAIT (60 s),
 # PROFILE (0; 1 = py-spy smtpgate under scenarios a and c), TIME_LIMIT (900 s), PYTHON.
 set -euo pipefail
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from . import __version__
 from .auth import Authenticator, CallableAuthenticator, FailureLimiter, UsersFileAuthenticator
-from .config import Config, config_from_mapping
+from .config import Config, ListenAddress, ListenerConfig, config_from_mapping
+from .errors import ConfigError
 from .delivery import CallableDelivery, Delivery, make_delivery
 from .envelope import SessionInfo
 from .hooks import HookRunner, Stage, load_callable
@@ -98,6 +99,8 @@ class Smtpgate:
             else None
         )
         self.scanners = ScannerSet.from_config(config.scanners, config.server.hostname)
+        # 1-minute load average reader (ZMailer -L); replace it in tests to fake the load.
+        self.load_average: Any = None
         self.server: SmtpServer | None = None
         self.queue: QueueManager | None = None
         self._background: set[asyncio.Task[int]] = set()
@@ -151,6 +154,17 @@ class Smtpgate:
         await self.queue.start()  # recovery happens before the listeners open
         return QueueDelivery(store, self.queue, q.min_free_space)
 
+    def _overloaded(self) -> Reply | None:
+        """421 4.3.2 while the 1-minute load average is above ``server.max_load_average``."""
+        limit = self.config.server.max_load_average
+        if self.load_average is None:
+            from .policy.loadavg import LoadAverage
+
+            self.load_average = LoadAverage()
+        if self.load_average.current() > limit:
+            return Reply(421, "4.3.2", "System overloaded, try again later")
+        return None
+
     def _etrn(self, node: str, session: SessionInfo) -> Reply:
         from ipaddress import ip_address, ip_network
 
@@ -194,10 +208,15 @@ class Smtpgate:
 
         return register
 
-    def protocol_config(self) -> ProtocolConfig:
-        """The sans-IO core settings derived from the configuration."""
+    def protocol_config(self, listener: ListenerConfig | None = None) -> ProtocolConfig:
+        """The sans-IO core settings for one listener (``None``: a ``[server] listen`` entry)."""
         s = self.config.server
+        off = set(s.disable_extensions)
         mechanisms = tuple(self.config.auth.mechanisms) if self.authenticator else ()
+        if "AUTH" in off:
+            mechanisms = ()
+        tls_mode = listener.tls if listener else "starttls"
+        queue = self.delivery_mode == "queue"
         return ProtocolConfig(
             hostname=s.hostname,
             max_message_size=s.max_message_size,
@@ -207,26 +226,57 @@ class Smtpgate:
             max_errors=s.max_errors,
             max_unknown_commands=s.max_unknown_commands,
             normalize_bare_line_endings=s.bare_line_endings == "normalize",
-            smtputf8=s.smtputf8,
-            tls_available=self.tls_context is not None,
+            tls_available=(self.tls_context is not None and tls_mode == "starttls"
+                           and "STARTTLS" not in off),
+            tls_active=tls_mode == "implicit",
             auth_mechanisms=mechanisms,
             auth_require_tls=self.config.auth.require_tls,
-            dsn=self.delivery_mode == "queue" and self.config.queue.dsn,
-            etrn=self.delivery_mode == "queue",
+            dsn=queue and self.config.queue.dsn and "DSN" not in off,
+            etrn=queue and "ETRN" not in off,
+            eightbitmime="8BITMIME" not in off,
+            pipelining="PIPELINING" not in off,
+            enhanced_status_codes="ENHANCEDSTATUSCODES" not in off,
+            chunking="CHUNKING" not in off,
+            binarymime="BINARYMIME" not in off and "CHUNKING" not in off,
+            deliverby="DELIVERBY" not in off,
+            ehlo="EHLO" not in off,
+            smtputf8=s.smtputf8 and "SMTPUTF8" not in off,
+            lmtp=listener is not None and listener.protocol == "lmtp",
+            require_auth=listener is not None and listener.require_auth,
+            expn=s.expn,
+            **({"help_text": s.help_text} if s.help_text else {}),
         )
 
-    def _context(self, delivery: Delivery) -> ServerContext:
+    def _context(self, delivery: Delivery, listener: ListenerConfig | None = None) -> ServerContext:
         s = self.config.server
         a = self.config.auth
+        from ipaddress import ip_network
+
+        tarpit = None
+        if s.tarpit_initial > 0:
+            from .policy.tarpit import Tarpit
+
+            tarpit = Tarpit(s.tarpit_initial, s.tarpit_exponent, s.tarpit_max).delay
         return ServerContext(
-            protocol=self.protocol_config(),
+            protocol=self.protocol_config(listener),
+            implicit_tls=listener is not None and listener.tls == "implicit",
+            proxy_protocol=listener is not None and listener.proxy_protocol,
+            trusted_proxies=tuple(ip_network(n, strict=False)
+                                  for n in (listener.trusted_proxies if listener else ())),
+            tarpit=tarpit,
+            overloaded=self._overloaded if s.max_load_average > 0 else None,
+            multiline_replies=s.multiline_replies,
+            received_tls_peer=s.received_tls_peer,
+            vrfy_enabled=s.vrfy,
+            expn_enabled=s.expn,
+            max_error_recipients=s.max_error_recipients,
             hooks=self.hooks,
             relay=self.relay,
             delivery=delivery,
             authenticator=self.authenticator,
             auth_limiter=FailureLimiter(a.max_failures, a.failure_window),
             tls_context=self.tls_context,
-            greeting=s.greeting.replace("%H", s.hostname).replace("%V", __version__),
+            greeting=s.greeting,
             command_timeout=s.command_timeout,
             data_timeout=s.data_timeout,
             received_tls=s.received_tls,
@@ -251,14 +301,24 @@ class Smtpgate:
         else:
             self.delivery = self._make_delivery()
         s = self.config.server
-        ctx = self._context(self.delivery)
-        for key, value in ctx_extra.items():
-            setattr(ctx, key, value)
+        specs: list[tuple[str, int, ServerContext]] = []
+        targets: list[tuple[ListenAddress, ListenerConfig | None]] = [(a, None) for a in s.listen]
+        targets += [(lc.listen, lc) for lc in self.config.listeners]
+        for addr, listener in targets:
+            if listener is not None and listener.tls == "implicit" and self.tls_context is None:
+                raise ConfigError(f"listener {listener.address}: tls = \"implicit\" needs "
+                                  "[tls] certificate")
+            ctx = self._context(self.delivery, listener)
+            for key, value in ctx_extra.items():
+                setattr(ctx, key, value)
+            specs.append((addr.host, addr.port, ctx))
         self.server = SmtpServer(
-            ctx,
-            [(a.host, a.port) for a in s.listen],
+            specs,
             max_connections=s.max_connections,
             max_connections_per_ip=s.max_connections_per_ip,
+            backlog=s.listen_backlog,
+            rcvbuf=s.tcp_rcvbuf,
+            sndbuf=s.tcp_sndbuf,
         )
         await self.server.start()
 

@@ -224,6 +224,13 @@ def _nonnegative_int(value: object, _ctx: _Context) -> int:
     return n
 
 
+def _nonnegative_number(value: object, _ctx: _Context) -> float:
+    x = _number(value)
+    if x < 0 or x != x or x == float("inf"):
+        raise _Invalid(f"must be a number >= 0, got {_show(value)}")
+    return x
+
+
 def _int_at_least(minimum: int, why: str = "", *, zero_ok: bool = False) -> _Check:
     def check(value: object, _ctx: _Context) -> int:
         n = _int(value)
@@ -322,6 +329,19 @@ def _listen_entry(text: str) -> ListenAddress:
         return parse_listen(text)
     except ValueError as exc:
         raise _Invalid(f"{exc}") from None
+
+
+EXTENSIONS = (
+    "8BITMIME", "CHUNKING", "BINARYMIME", "DSN", "EHLO", "ENHANCEDSTATUSCODES",
+    "PIPELINING", "ETRN", "SMTPUTF8", "DELIVERBY", "STARTTLS", "AUTH",
+)
+
+
+def _extension_name(text: str) -> str:
+    name = text.upper()
+    if name not in EXTENSIONS:
+        raise _Invalid(f"unknown extension {text!r}; one of {', '.join(EXTENSIONS)}")
+    return name
 
 
 def _listen(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
@@ -518,6 +538,20 @@ class ServerConfig:
         received_auth: put the authenticated user into the Received header.
         smtputf8: advertise SMTPUTF8 (RFC 6531).
         use_uvloop: use uvloop when it is installed.
+        help_text: text of the 214 reply to HELP (``""``: the built-in text).
+        multiline_replies: send multi-line replies (False: only the first line of each,
+            for very old clients; ZMailer no-multiline-replies). EHLO stays multi-line.
+        disable_extensions: EHLO keywords not to offer (ZMailer's NoX flags).
+        expn: answer EXPN (False: 502); VRFY/EXPN answers come from the address check.
+        max_error_recipients: recipients allowed on a message from ``<>``.
+        listen_backlog: listen(2) queue length (ZMailer ListenQueueSize).
+        tcp_rcvbuf / tcp_sndbuf: socket buffer sizes in bytes, 0 = OS default.
+        tarpit_initial / tarpit_exponent / tarpit_max: delay (seconds) before each
+            4xx/5xx reply, growing with the session's error count; 0 = off.
+        max_load_average: refuse new sessions with 421 4.3.2 above this 1-minute load
+            average (ZMailer -L); 0 = off.
+        pid_file: write the process id here at start (ZMailer -I); ``""`` = none.
+        received_tls_peer: put the TLS client certificate's subject into Received.
     """
 
     hostname: str = _opt(
@@ -542,6 +576,20 @@ class ServerConfig:
     received_auth: bool = _opt(False, _bool)
     smtputf8: bool = _opt(True, _bool)
     use_uvloop: bool = _opt(True, _bool)
+    help_text: str = _opt("", _str)
+    multiline_replies: bool = _opt(True, _bool)
+    disable_extensions: tuple[str, ...] = _opt((), _each(_extension_name))
+    expn: bool = _opt(False, _bool)
+    max_error_recipients: int = _opt(3, _positive_int)
+    listen_backlog: int = _opt(1024, _positive_int)
+    tcp_rcvbuf: int = _opt(0, _nonnegative_int)
+    tcp_sndbuf: int = _opt(0, _nonnegative_int)
+    tarpit_initial: float = _opt(0.0, _nonnegative_seconds)
+    tarpit_exponent: float = _opt(0.0, _nonnegative_number)
+    tarpit_max: float = _opt(0.0, _nonnegative_seconds)
+    max_load_average: float = _opt(0.0, _nonnegative_number)
+    pid_file: str = _opt("", _str)
+    received_tls_peer: bool = _opt(False, _bool)
 
     @property
     def banner(self) -> str:
@@ -701,13 +749,6 @@ class LoggingConfig:
     level: str = _opt("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
-def _nonnegative_number(value: object, _ctx: _Context) -> float:
-    x = _number(value)
-    if x < 0 or x != x or x == float("inf"):
-        raise _Invalid(f"must be a number >= 0, got {_show(value)}")
-    return x
-
-
 def _scanner_address(value: object, ctx: _Context) -> str:
     text = _str(value, ctx)
     if not text:
@@ -780,6 +821,33 @@ class ScannerConfig:
 
     def __repr__(self) -> str:
         return f"ScannerConfig(type={self.type!r}, address={self.effective_address!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One ``[[listener]]`` table: an address with its own protocol and TLS settings.
+
+    Attributes:
+        address: ``host:port`` (``[v6]:port`` for IPv6; port 0 = any free port).
+        protocol: ``smtp`` or ``lmtp`` (RFC 2033).
+        tls: ``none``, ``starttls`` (RFC 3207; needs ``[tls]``) or ``implicit``
+            (TLS from the first byte, RFC 8314, port 465; ZMailer listen-ssmtp).
+        require_auth: submission mode (ZMailer MSA-mode): MAIL needs AUTH first.
+        proxy_protocol: expect a HAProxy PROXY v1/v2 header first.
+        trusted_proxies: peers (IPs/CIDRs) allowed to send that header.
+    """
+
+    address: str = _opt("", _str)
+    protocol: str = _opt("smtp", _choice("smtp", "lmtp"))
+    tls: str = _opt("starttls", _choice("none", "starttls", "implicit"))
+    require_auth: bool = _opt(False, _bool)
+    proxy_protocol: bool = _opt(False, _bool)
+    trusted_proxies: tuple[str, ...] = _opt((), _each(_network))
+
+    @property
+    def listen(self) -> ListenAddress:
+        """The parsed address."""
+        return parse_listen(self.address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -867,6 +935,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     scanners: tuple[ScannerConfig, ...] = ()
+    listeners: tuple[ListenerConfig, ...] = ()
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -984,6 +1053,34 @@ def _load_scanners(raw: object, ctx: _Context, problems: list[str]) -> tuple[Sca
     return tuple(out)
 
 
+def _load_listeners(
+    raw: object, ctx: _Context, problems: list[str]
+) -> tuple[ListenerConfig, ...]:
+    """``[[listener]]`` tables, in order; each needs an ``address``."""
+    if isinstance(raw, Mapping):
+        raw = [raw]
+    if not isinstance(raw, list):
+        problems.append(f"listener: must be an array of tables ([[listener]]), got {_show(raw)}")
+        return ()
+    out: list[ListenerConfig] = []
+    for i, table in enumerate(raw):
+        name = f"listener[{i}]"
+        before = len(problems)
+        section = _load_section(name, ListenerConfig, table, ctx, problems)
+        if section is None or len(problems) > before:
+            continue
+        try:
+            parse_listen(section.address)
+        except ValueError as exc:
+            problems.append(f"{name}.address: {exc}" if section.address
+                            else f"{name}.address: required (host:port)")
+            continue
+        if section.proxy_protocol and not section.trusted_proxies:
+            problems.append(f"{name}.trusted_proxies: required when proxy_protocol = true")
+        out.append(section)
+    return tuple(out)
+
+
 def _cross_checks(sections: Mapping[str, Any], problems: list[str]) -> None:
     tls = sections.get("tls")
     if isinstance(tls, TlsConfig) and not tls.certificate:
@@ -1020,9 +1117,12 @@ def config_from_mapping(
         if name == "scanner":
             sections["scanners"] = _load_scanners(raw, ctx, problems)
             continue
+        if name == "listener":
+            sections["listeners"] = _load_listeners(raw, ctx, problems)
+            continue
         cls = _SECTIONS.get(name)
         if cls is None:
-            problems.append(_unknown("section", str(name), str(name), [*_SECTIONS, "scanner"]))
+            problems.append(_unknown("section", str(name), str(name), [*_SECTIONS, "scanner", "listener"]))
             continue
         section = _load_section(name, cls, raw, ctx, problems)
         if section is not None:
@@ -1081,6 +1181,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 
 __all__ = [
     "AuthConfig",
+    "ListenerConfig",
     "DeliveryConfig",
     "QueueConfig",
     "ScannerConfig",

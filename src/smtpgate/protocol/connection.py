@@ -142,6 +142,7 @@ class ProtocolConfig:
             recipient after the message (see :meth:`ServerConnection.send_lmtp`).
         ehlo: accept EHLO (False: EHLO is an unknown command; ZMailer NoEHLO).
         expn: turn EXPN into :class:`Expn` events (False: 502).
+        require_auth: submission mode: MAIL before a successful AUTH gets 530 5.7.0.
         help_text: text of the 214 reply to HELP (lines separated by ``\\n``).
     """
 
@@ -169,6 +170,7 @@ class ProtocolConfig:
     lmtp: bool = False
     ehlo: bool = True
     expn: bool = False
+    require_auth: bool = False
     help_text: str = _HELP_DEFAULT
 
 
@@ -446,6 +448,8 @@ class ServerConnection:
             return self._auto(R.NESTED_MAIL, cmd)
         if arg[:5].upper() != "FROM:":
             return self._auto(_MAIL_SYNTAX, cmd)
+        if self.config.require_auth and not self.authenticated:
+            return self._auto(R.AUTH_REQUIRED, cmd)
         cfg = self.config
         try:
             address, ptext = parse_path(arg[5:], reverse=True, smtputf8_allowed=cfg.smtputf8)

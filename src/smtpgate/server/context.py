@@ -8,8 +8,10 @@ the app, and sessions see the change at their next command).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any
 
 from ..auth import Authenticator, FailureLimiter
 from ..delivery import Delivery
@@ -42,6 +44,20 @@ class ServerContext:
         mail_check: called at each MAIL; a reply refuses the transaction (the queue's
             ``452 4.3.1`` when free disk space is low).
         etrn: answers ETRN (RFC 1985) for a node and client; ``None``: 458 4.0.0.
+        implicit_tls: TLS from the first byte (RFC 8314), after the PROXY header if any.
+        proxy_protocol: expect a HAProxy PROXY v1/v2 header before anything else.
+        trusted_proxies: networks allowed to send that header (others are disconnected).
+        proxy_timeout: seconds to wait for the PROXY header.
+        tarpit: seconds to wait before an error reply, given the session's error count.
+        overloaded: when it returns a reply, new sessions get it (421) and are closed
+            (load-average limit, ZMailer -L).
+        multiline_replies: False sends only the first line of multi-line replies.
+        received_tls_peer: put the client certificate's subject into Received.
+        helo_rules: per-HELO policy (ZMailer HELO-glob table), ``None``: none.
+        address_check: async ``(session, address, kind) -> Reply | None`` used by the
+            HELO-rule flags f/t and by VRFY/EXPN when enabled.
+        vrfy_enabled / expn_enabled: answer VRFY / EXPN through the address check.
+        max_error_recipients: recipients allowed on a message from ``<>``.
     """
 
     protocol: ProtocolConfig
@@ -60,3 +76,16 @@ class ServerContext:
     scanners: ScannerSet | None = None
     mail_check: Callable[[], Reply | None] | None = None
     etrn: Callable[[str, SessionInfo], Reply] | None = None
+    implicit_tls: bool = False
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    proxy_timeout: float = 30.0
+    tarpit: Callable[[int], float] | None = None
+    overloaded: Callable[[], Reply | None] | None = None
+    multiline_replies: bool = True
+    received_tls_peer: bool = False
+    helo_rules: Any = None
+    address_check: Callable[[SessionInfo, str, str], Awaitable[Reply | None]] | None = None
+    vrfy_enabled: bool = False
+    expn_enabled: bool = False
+    max_error_recipients: int = 0

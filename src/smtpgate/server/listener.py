@@ -24,9 +24,10 @@ class SmtpServer:
     """Accepts SMTP connections on several addresses and runs a :class:`Session` for each.
 
     Args:
-        ctx: the shared session context.
-        addresses: ``(host, port)`` pairs; port 0 picks a free port (see
-            :attr:`bound_addresses`). IPv6 hosts are given without brackets.
+        listeners: ``(host, port, context)`` triples, one per listener; port 0 picks a
+            free port (see :attr:`bound_addresses`). IPv6 hosts are given without
+            brackets. Each listener's context carries its protocol (SMTP/LMTP), TLS mode
+            and PROXY-protocol settings.
         max_connections: total concurrent sessions.
         max_connections_per_ip: concurrent sessions per client IP.
         backlog: listen(2) queue length.
@@ -34,15 +35,17 @@ class SmtpServer:
 
     def __init__(
         self,
-        ctx: ServerContext,
-        addresses: Sequence[tuple[str, int]],
+        listeners: Sequence[tuple[str, int, ServerContext]],
         *,
         max_connections: int = 1000,
         max_connections_per_ip: int = 50,
         backlog: int = 1024,
+        rcvbuf: int = 0,
+        sndbuf: int = 0,
     ) -> None:
-        self.ctx = ctx
-        self.addresses = list(addresses)
+        self.listeners = list(listeners)
+        self.rcvbuf = rcvbuf
+        self.sndbuf = sndbuf
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
         self.backlog = backlog
@@ -60,9 +63,9 @@ class SmtpServer:
         """
         loop = asyncio.get_running_loop()
         try:
-            for host, port in self.addresses:
+            for host, port, ctx in self.listeners:
                 server = await loop.create_server(
-                    lambda: Session(self, self.ctx),
+                    lambda ctx=ctx: Session(self, ctx),
                     host=host,
                     port=port,
                     backlog=self.backlog,
@@ -71,6 +74,10 @@ class SmtpServer:
                 )
                 self._servers.append(server)
                 for sock in server.sockets:
+                    if self.rcvbuf:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+                    if self.sndbuf:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
                     log.info("listening on %s", _fmt(sock.getsockname()))
         except OSError:
             await self._close_listeners()

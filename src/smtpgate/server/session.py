@@ -27,6 +27,7 @@ from ..protocol import (
     Data,
     DataComplete,
     Etrn,
+    Expn,
     Helo,
     MailFrom,
     Quit,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smtpgate.session")
 
+_NULL_SENDER_RCPTS = Reply(452, "4.5.3", "Too many recipients for a message from <>")
 _PAUSE_AT = 1 << 20  # bytes of unprocessed command input before we stop reading
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid() & 0xFFFF:04X}{int(time.time()) & 0xFFFFFF:06X}"
@@ -52,6 +54,39 @@ _ID_PREFIX = f"{os.getpid() & 0xFFFF:04X}{int(time.time()) & 0xFFFFFF:06X}"
 
 def _new_session_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):06X}"
+
+
+def _expand_greeting(template: str, hostname: str) -> str:
+    """ZMailer hdr220-style banner: %H host name, %V version, %T current time (RFC 5322)."""
+    from email.utils import formatdate
+
+    from .. import __version__
+
+    return (template.replace("%H", hostname).replace("%V", __version__)
+            .replace("%T", formatdate(localtime=True)))
+
+
+def _trusted(ip: str, networks: tuple[Any, ...]) -> bool:
+    from ipaddress import ip_address
+
+    try:
+        addr = ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks if addr.version == net.version)
+
+
+def _feed_protocol(proto: Any, data: bytes) -> None:
+    """Hand bytes to a (possibly buffered) protocol, as its transport would."""
+    if hasattr(proto, "get_buffer"):
+        while data:
+            buf = proto.get_buffer(len(data))
+            n = min(len(buf), len(data))
+            buf[:n] = data[:n]
+            proto.buffer_updated(n)
+            data = data[n:]
+    else:
+        proto.data_received(data)
 
 
 def _normalise_ip(ip: str) -> str:
@@ -99,6 +134,9 @@ class Session(asyncio.Protocol):
         self._tx_count = 0
         self._messages = 0
         self._ip = ""
+        self._proxy_buf: bytearray | None = bytearray() if ctx.proxy_protocol else None
+        self._proxy_done: asyncio.Future[None] | None = None
+        self._tls_leftover = b""
 
     # ----------------------------------------------------------- asyncio glue
 
@@ -124,11 +162,21 @@ class Session(asyncio.Protocol):
             local_port=int(sock[1]) if len(sock) > 1 else 0,
             hostname=self.ctx.protocol.hostname,
         )
-        if self.conn.tls_active:
-            self._record_tls(transport)
+        if self._proxy_buf is not None:
+            if not _trusted(ip, self.ctx.trusted_proxies):
+                log.warning("PROXY header expected from untrusted peer %s: closing", ip)
+                self.transport.close()
+                return
+            self._proxy_done = self._loop.create_future()
+        elif self.ctx.implicit_tls:
+            # Nothing may reach the SMTP core before the TLS layer is in place.
+            self.transport.pause_reading()
         self._task = self._loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        if self._proxy_buf is not None:
+            self._proxy_data(data)
+            return
         conn = self.conn
         conn.receive_data(data)
         if conn.buffered > _PAUSE_AT and not self._paused and self.transport is not None:
@@ -138,6 +186,48 @@ class Session(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _proxy_data(self, data: bytes) -> None:
+        """Collect and parse the PROXY v1/v2 header (HAProxy spec), then hand over the rest."""
+        from .proxy_protocol import ProxyProtocolError, parse_proxy_header
+
+        buf = self._proxy_buf
+        assert buf is not None and self.info is not None
+        buf += data
+        try:
+            parsed = parse_proxy_header(bytes(buf))
+        except ProxyProtocolError as exc:
+            log.warning("bad PROXY header from %s: %s", self._ip, exc)
+            self._proxy_buf = None
+            self._fail_proxy()
+            return
+        if parsed is None:
+            return
+        info_p, used = parsed
+        rest = bytes(buf[used:])
+        self._proxy_buf = None
+        if info_p.command == "PROXY" and info_p.source is not None:
+            self.info.peer_ip = _normalise_ip(info_p.source[0])
+            self.info.peer_port = info_p.source[1]
+            if info_p.destination is not None:
+                self.info.local_ip = _normalise_ip(info_p.destination[0])
+                self.info.local_port = info_p.destination[1]
+        if self.ctx.implicit_tls:
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._tls_leftover = rest
+        elif rest:
+            self.conn.receive_data(rest)
+        fut = self._proxy_done
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _fail_proxy(self) -> None:
+        fut = self._proxy_done
+        if fut is not None and not fut.done():
+            fut.set_exception(_PeerGone())
+        if self.transport is not None:
+            self.transport.close()
+
     def eof_received(self) -> bool | None:
         self.conn.receive_data(b"")
         self._wake()
@@ -145,6 +235,9 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        pf = self._proxy_done
+        if pf is not None and not pf.done():
+            pf.set_exception(_PeerGone())
         self.conn.receive_data(b"")
         self._wake()
         dw = self._drain_waiter
@@ -221,7 +314,24 @@ class Session(asyncio.Protocol):
         hooks = ctx.hooks
         reason = "quit"
         try:
-            greeting = Reply(220, None, ctx.greeting)
+            if self._proxy_done is not None:
+                try:
+                    async with asyncio.timeout(ctx.proxy_timeout):
+                        await self._proxy_done
+                except TimeoutError:
+                    log.info("no PROXY header from %s within %gs", self._ip, ctx.proxy_timeout)
+                    raise _PeerGone() from None
+            if ctx.implicit_tls:
+                if not await self._implicit_tls():
+                    reason = "TLS handshake failed"
+                    return
+            if ctx.overloaded is not None:
+                busy = ctx.overloaded()
+                if busy is not None:
+                    self._out.append(conn.close_reply(busy))
+                    reason = "overloaded"
+                    return
+            greeting = Reply(220, None, _expand_greeting(ctx.greeting, ctx.protocol.hostname))
             if hooks.has(Stage.CONNECT):
                 result = await hooks.run(Stage.CONNECT, info)
                 if result.verdict.is_denial:
@@ -255,7 +365,9 @@ class Session(asyncio.Protocol):
                 if t is AutoReply:
                     assert isinstance(ev, AutoReply)
                     reply = ev.reply
-                    self._out.append(conn.send(reply))
+                    if reply.code >= 400:
+                        await self._tarpit()
+                    self._out.append(self._render(conn.send(reply), reply))
                     if reply.code >= 400:
                         await self._error_hook(reply, ev.command)
                     continue
@@ -263,6 +375,12 @@ class Session(asyncio.Protocol):
                     assert isinstance(ev, DataComplete)
                     self._flush()
                     reply = await self._on_message(ev)
+                    if conn.config.lmtp:
+                        # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
+                        if reply.code >= 400:
+                            await self._tarpit()
+                        self._out.append(conn.send_lmtp([reply] * conn.lmtp_reply_count))
+                        continue
                 elif t is RcptTo:
                     assert isinstance(ev, RcptTo)
                     reply = await self._on_rcpt(ev)
@@ -288,7 +406,11 @@ class Session(asyncio.Protocol):
                     assert isinstance(ev, AuthCredentials)
                     reply = await self._on_auth(ev)
                 elif t is Vrfy:
-                    reply = R.VRFY
+                    assert isinstance(ev, Vrfy)
+                    reply = await self._on_vrfy(ev.argument, "vrfy")
+                elif t is Expn:
+                    assert isinstance(ev, Expn)
+                    reply = await self._on_vrfy(ev.argument, "expn")
                 elif t is Etrn:
                     assert isinstance(ev, Etrn)
                     reply = self._on_etrn(ev)
@@ -296,7 +418,9 @@ class Session(asyncio.Protocol):
                     reply = R.TEMP_ERROR
                 disconnect = self._disconnect_after
                 self._disconnect_after = False
-                self._out.append(conn.send(reply))
+                if reply.code >= 400:
+                    await self._tarpit()
+                self._out.append(self._render(conn.send(reply), reply))
                 if reply.code >= 400:
                     await self._error_hook(reply, type(ev).__name__)
                 if disconnect and not conn.closed:
@@ -323,6 +447,55 @@ class Session(asyncio.Protocol):
             await self._finish(reason)
 
     _disconnect_after = False
+
+    def _render(self, wire: bytes, reply: Reply) -> bytes:
+        """Apply ``multiline_replies = false`` (ZMailer no-multiline-replies): first line only.
+
+        EHLO replies stay multi-line (the extensions are in the continuation lines).
+        """
+        if self.ctx.multiline_replies or reply.enhanced is None or "\n" not in reply.text:
+            return wire
+        enh = self.ctx.protocol.enhanced_status_codes
+        full = reply.to_bytes(enh)
+        if not wire.startswith(full):
+            return wire
+        return reply.to_bytes(enh, multiline=False) + wire[len(full) :]
+
+    async def _tarpit(self) -> None:
+        """Delay before an error reply (ZMailer tarpit), growing with the error count."""
+        if self.ctx.tarpit is not None:
+            delay = self.ctx.tarpit(self.conn.errors + 1)
+            if delay > 0:
+                self._flush()
+                await asyncio.sleep(delay)
+
+    async def _implicit_tls(self) -> bool:
+        """TLS from the first byte (RFC 8314); after the PROXY header when there is one."""
+        ctx = self.ctx
+        assert ctx.tls_context is not None and self.transport is not None
+        raw = self.transport
+        leftover = self._tls_leftover
+        self._tls_leftover = b""
+        try:
+            handshake = self._loop.create_task(self._loop.start_tls(
+                raw, self, ctx.tls_context, server_side=True,
+                ssl_handshake_timeout=ctx.tls_handshake_timeout,
+            ))
+            if leftover:
+                # Bytes that came in the same segment as the PROXY header belong to TLS.
+                await asyncio.sleep(0)
+                _feed_protocol(raw.get_protocol(), leftover)
+            new_transport = await handshake
+        except Exception as exc:
+            log.info("implicit TLS handshake with %s failed: %s", self._ip, exc)
+            self._lost = True
+            raw.abort()
+            return False
+        if new_transport is None:
+            return False
+        self.transport = new_transport
+        self._record_tls(new_transport)
+        return True
 
     async def _finish(self, reason: str) -> None:
         info = self.info
@@ -386,6 +559,21 @@ class Session(asyncio.Protocol):
             return Reply(458, "4.0.0", f"Unable to queue messages for node {ev.node}")
         return self.ctx.etrn(ev.node, self.info)
 
+    async def _on_vrfy(self, argument: str, kind: str) -> Reply:
+        """VRFY/EXPN: 252 (or 502 for EXPN) unless enabled; then the address check decides."""
+        enabled = self.ctx.vrfy_enabled if kind == "vrfy" else self.ctx.expn_enabled
+        if not enabled:
+            return R.VRFY if kind == "vrfy" else R.NOT_IMPLEMENTED
+        check = self.ctx.address_check
+        address = argument.strip("<> ")
+        if check is None:
+            return R.VRFY
+        assert self.info is not None
+        refusal = await check(self.info, address, kind)
+        if refusal is not None:
+            return refusal
+        return Reply(250, "2.1.5", f"<{address}>")
+
     async def _on_mail(self, ev: MailFrom) -> Reply:
         info = self.info
         assert info is not None
@@ -419,6 +607,9 @@ class Session(asyncio.Protocol):
                 tx.id, info.peer_ip, tx.envelope.mail_from, ev.address,
             )
             return R.RELAY_DENIED
+        limit = self.ctx.max_error_recipients
+        if limit and tx.envelope.mail_from == "" and len(tx.envelope.rcpt_to) >= limit:
+            return _NULL_SENDER_RCPTS
         rcpt = Recipient(ev.address, dict(ev.params))
         hooks = self.ctx.hooks
         reply = R.RCPT_OK
