@@ -14,12 +14,11 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import __version__
 from .auth import Authenticator, CallableAuthenticator, FailureLimiter, UsersFileAuthenticator
 from .config import Config, ListenAddress, ListenerConfig, config_from_mapping
-from .errors import ConfigError
 from .delivery import CallableDelivery, Delivery, make_delivery
 from .envelope import SessionInfo
+from .errors import ConfigError
 from .hooks import HookRunner, Stage, load_callable
 from .policy import RelayPolicy
 from .protocol import ProtocolConfig
@@ -231,7 +230,8 @@ class Smtpgate:
             tls_active=tls_mode == "implicit",
             auth_mechanisms=mechanisms,
             auth_require_tls=self.config.auth.require_tls,
-            dsn=queue and self.config.queue.dsn and "DSN" not in off,
+            dsn=self.delivery_mode in ("queue", "proxy") and self.config.queue.dsn
+            and "DSN" not in off,
             etrn=queue and "ETRN" not in off,
             eightbitmime="8BITMIME" not in off,
             pipelining="PIPELINING" not in off,

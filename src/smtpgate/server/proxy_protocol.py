@@ -191,6 +191,14 @@ def _v1_address(text: bytes, proto: bytes) -> str:
         raise ProxyProtocolError(
             f"PROXY v1: invalid {proto.decode()} address {_excerpt(text, 45)!r}"
         ) from None
+    return _ip_text(addr)
+
+
+def _ip_text(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Canonical text of an address; IPv4-mapped IPv6 as ``::ffff:a.b.c.d`` (like inet_ntop
+    and ``getpeername()``, on every Python version), never unmapped to IPv4."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return f"::ffff:{addr.ipv4_mapped}"
     return str(addr)
 
 
@@ -244,12 +252,12 @@ def _parse_v2(data: bytes) -> tuple[ProxyInfo, int] | None:
     destination: tuple[str, int] | None = None
     if fam >> 4 == 0x1:  # AF_INET
         s, d, sp, dp = struct.unpack_from("!4s4sHH", block)
-        source = (str(ipaddress.IPv4Address(s)), sp)
-        destination = (str(ipaddress.IPv4Address(d)), dp)
+        source = (_ip_text(ipaddress.IPv4Address(s)), sp)
+        destination = (_ip_text(ipaddress.IPv4Address(d)), dp)
     elif fam >> 4 == 0x2:  # AF_INET6
         s, d, sp, dp = struct.unpack_from("!16s16sHH", block)
-        source = (str(ipaddress.IPv6Address(s)), sp)
-        destination = (str(ipaddress.IPv6Address(d)), dp)
+        source = (_ip_text(ipaddress.IPv6Address(s)), sp)
+        destination = (_ip_text(ipaddress.IPv6Address(d)), dp)
     # AF_UNSPEC (0x00) and AF_UNIX (0x3x): no IP address; the real peer is the client.
     tlvs = _parse_tlvs(block[addr_len:], header)
     return ProxyInfo(2, "PROXY", source, destination, tlvs), total

@@ -739,6 +739,7 @@ class Session(asyncio.Protocol):
             queue_id=tx.id,
             include_tls=self.ctx.received_tls,
             include_auth=self.ctx.received_auth,
+            lmtp=self.conn.config.lmtp,
         )
         if decision is not None:  # quarantine: stored durably, then 250 or 5xx as configured
             return await self._quarantine(tx, decision, received + message, started)
