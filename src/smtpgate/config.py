@@ -1122,7 +1122,8 @@ def config_from_mapping(
             continue
         cls = _SECTIONS.get(name)
         if cls is None:
-            problems.append(_unknown("section", str(name), str(name), [*_SECTIONS, "scanner", "listener"]))
+            known = [*_SECTIONS, "scanner", "listener"]
+            problems.append(_unknown("section", str(name), str(name), known))
             continue
         section = _load_section(name, cls, raw, ctx, problems)
         if section is not None:
