@@ -126,3 +126,87 @@ def test_serve_bind_failure_exit_code(tmp_path: Path) -> None:
                              cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "cannot listen" in out.stderr
+
+
+BATCH = (b"EHLO batch.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+         b"Subject: bsmtp\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+
+
+def test_bsmtp_batch_on_stdin(tmp_path: Path) -> None:
+    out = subprocess.run([*SMTPGATE, "bsmtp"], input=BATCH, capture_output=True, cwd=tmp_path,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split(b"\r\n")
+    assert lines[0].startswith(b"220 ")
+    codes = [ln[:3] for ln in lines if ln[3:4] == b" "]
+    assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
+    files = list((tmp_path / "smtpgate-mail" / "new").iterdir())
+    assert len(files) == 1 and files[0].read_bytes().endswith(b"Subject: bsmtp\r\n\r\n.dot\r\n")
+
+
+def test_bsmtp_accepts_lf_batch_files(tmp_path: Path) -> None:
+    out = subprocess.run([*SMTPGATE, "bsmtp"], input=BATCH.replace(b"\r\n", b"\n"),
+                         capture_output=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0 and b"250 2.0.0 Message stored" in out.stdout
+
+
+def test_inetd_mode_stdin_is_a_socket(tmp_path: Path) -> None:
+    # inetd hands the accepted TCP connection over as stdin/stdout.
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    ours = socket.create_connection(lsock.getsockname())
+    theirs, _ = lsock.accept()
+    lsock.close()
+    proc = subprocess.Popen([*SMTPGATE, "inetd"], stdin=theirs, stdout=theirs,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    theirs.close()
+    try:
+        ours.settimeout(20)
+        f = ours.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        ours.sendall(BATCH)
+        replies = [f.readline() for _ in range(13)]
+        assert replies[-1].startswith(b"221 2.0.0")
+        assert any(r.startswith(b"250 2.0.0 Message stored") for r in replies)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ours.close()
+
+
+def test_policy_test_mode_shows_decisions(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[relay]\nrelay_domains = ["example.com"]\nlocal_networks = ["10.0.0.0/8"]\n')
+    script = (b"EHLO probe\nMAIL FROM:<a@example.org>\nRCPT TO:<b@example.com>\n"
+              b"RCPT TO:<c@elsewhere.org>\nQUIT\n")
+    out = subprocess.run([*SMTPGATE, "policy-test", "-c", str(cfg), "--client-ip", "192.0.2.7"],
+                         input=script, capture_output=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0
+    assert b"250 2.1.5 Recipient OK" in out.stdout
+    assert b"550 5.7.1 Relaying denied" in out.stdout
+    err = out.stderr.decode()
+    assert "session as if from [192.0.2.7]" in err
+    assert "relay allowed" in err and "client=192.0.2.7" in err and "relay denied" in err
+    out = subprocess.run([*SMTPGATE, "policy-test", "-c", str(cfg), "--client-ip", "10.1.2.3"],
+                         input=script, capture_output=True, cwd=tmp_path, timeout=60)
+    assert b"550 5.7.1" not in out.stdout
+
+
+def test_pid_file(tmp_path: Path) -> None:
+    port = free_port()
+    pid_file = tmp_path / "smtpgate.pid"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\npid_file = "{pid_file}"\n')
+    proc = subprocess.Popen([*SMTPGATE, "serve", "-c", str(cfg)], cwd=tmp_path,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        assert int(pid_file.read_text()) == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert not pid_file.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -292,23 +292,18 @@ class Smtpgate:
         Raises:
             OSError: an address cannot be bound.
         """
-        mode = self.delivery_mode
-        ctx_extra: dict[str, Any] = {}
-        if mode == "queue":
-            queue_delivery = await self._start_queue()
-            self.delivery = queue_delivery
-            ctx_extra = {"mail_check": queue_delivery.storage_reply, "etrn": self._etrn}
-        else:
-            self.delivery = self._make_delivery()
+        ctx_extra = await self._prepare_delivery()
         s = self.config.server
         specs: list[tuple[str, int, ServerContext]] = []
         targets: list[tuple[ListenAddress, ListenerConfig | None]] = [(a, None) for a in s.listen]
         targets += [(lc.listen, lc) for lc in self.config.listeners]
+        delivery = self.delivery
+        assert delivery is not None
         for addr, listener in targets:
             if listener is not None and listener.tls == "implicit" and self.tls_context is None:
                 raise ConfigError(f"listener {listener.address}: tls = \"implicit\" needs "
                                   "[tls] certificate")
-            ctx = self._context(self.delivery, listener)
+            ctx = self._context(delivery, listener)
             for key, value in ctx_extra.items():
                 setattr(ctx, key, value)
             specs.append((addr.host, addr.port, ctx))
@@ -321,6 +316,43 @@ class Smtpgate:
             sndbuf=s.tcp_sndbuf,
         )
         await self.server.start()
+
+    async def _prepare_delivery(self) -> dict[str, Any]:
+        """Set up :attr:`delivery` (starting the queue in queue mode); context extras."""
+        if self.delivery_mode == "queue":
+            queue_delivery = await self._start_queue()
+            self.delivery = queue_delivery
+            return {"mail_check": queue_delivery.storage_reply, "etrn": self._etrn}
+        self.delivery = self._make_delivery()
+        return {}
+
+    async def run_stdio(
+        self, *, inetd: bool = False, client_ip: str | None = None, protocol: str = "smtp"
+    ) -> None:
+        """Run one session on stdin/stdout (ZMailer -i BSMTP, -n inetd, -T policy test).
+
+        Args:
+            inetd: stdin is a connected socket.
+            client_ip: behave as if the client had this address (policy test).
+            protocol: ``"smtp"`` or ``"lmtp"``.
+        """
+        from .server.stdio import run_stdio_session
+
+        extra = await self._prepare_delivery()
+        listener = ListenerConfig(address="127.0.0.1:0", protocol=protocol, tls="none")
+        delivery = self.delivery
+        assert delivery is not None
+        ctx = self._context(delivery, listener)
+        for key, value in extra.items():
+            setattr(ctx, key, value)
+        if client_ip is None and not inetd:
+            client_ip = "127.0.0.1"  # a batch on stdin comes from this host: local submission
+        try:
+            await run_stdio_session(ctx, inetd=inetd, client_ip=client_ip)
+        finally:
+            if self.delivery is not None:
+                await self.delivery.aclose()
+                self.delivery = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

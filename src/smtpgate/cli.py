@@ -70,6 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             return 1
+        pid_file = cfg.server.pid_file
+        if pid_file:
+            Path(pid_file).write_text(f"{os.getpid()}\n")
         where = ", ".join(
             f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in app.addresses
         )
@@ -86,9 +89,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             log.info("shutting down")
             await app.stop()
+            if pid_file:
+                Path(pid_file).unlink(missing_ok=True)
         return 0
 
     return asyncio.run(run())
+
+
+def cmd_stdio(args: argparse.Namespace) -> int:
+    """``bsmtp`` (ZMailer -i), ``inetd`` (-n) and ``policy-test`` (-T with -d)."""
+    from .app import Smtpgate
+
+    cfg = _load(args)
+    level = "DEBUG" if args.command == "policy-test" else cfg.logging.level
+    if args.command == "bsmtp" and level == "INFO":
+        level = "WARNING"  # keep stdout for replies and stderr quiet in batch mode
+    _setup_logging(level)
+    app = Smtpgate(cfg)
+    client_ip = getattr(args, "client_ip", None)
+    if args.command == "policy-test":
+        print(f"policy test: session as if from [{client_ip}]; policy decisions on stderr",
+              file=sys.stderr, flush=True)
+    asyncio.run(app.run_stdio(inetd=args.command == "inetd", client_ip=client_ip,
+                              protocol=getattr(args, "protocol", "smtp")))
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -250,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    type=str.upper)
     s.set_defaults(func=cmd_serve)
+
+    for name, doc in (
+        ("bsmtp", "process a batch of SMTP commands from stdin, replies to stdout (ZMailer -i)"),
+        ("inetd", "one session on stdin/stdout as a socket, for inetd/systemd (ZMailer -n)"),
+        ("policy-test", "interactive session as if from --client-ip, showing each policy "
+                        "decision (ZMailer -T with -d)"),
+    ):
+        r = sub.add_parser(name, help=doc)
+        r.add_argument("-c", "--config", help="TOML configuration file")
+        r.add_argument("--protocol", choices=["smtp", "lmtp"], default="smtp")
+        if name == "policy-test":
+            r.add_argument("--client-ip", required=True, help="the client address to assume")
+        r.set_defaults(func=cmd_stdio)
 
     c = sub.add_parser("check-config", help="validate a configuration file")
     c.add_argument("-c", "--config", required=True)

@@ -58,6 +58,7 @@ class ServerContext:
             HELO-rule flags f/t and by VRFY/EXPN when enabled.
         vrfy_enabled / expn_enabled: answer VRFY / EXPN through the address check.
         max_error_recipients: recipients allowed on a message from ``<>``.
+        forced_peer_ip: treat every client as coming from this address (policy test).
     """
 
     protocol: ProtocolConfig
@@ -89,3 +90,4 @@ class ServerContext:
     vrfy_enabled: bool = False
     expn_enabled: bool = False
     max_error_recipients: int = 0
+    forced_peer_ip: str | None = None

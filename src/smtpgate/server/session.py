@@ -145,7 +145,13 @@ class Session(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("sockname") or ("", 0)
-        ip = _normalise_ip(str(peer[0])) if peer else ""
+        if not isinstance(peer, tuple):  # a Unix socket pair (stdio run modes)
+            peer = ("", 0)
+        if not isinstance(sock, tuple):
+            sock = ("", 0)
+        ip = _normalise_ip(str(peer[0])) if peer and isinstance(peer, tuple) else ""
+        if self.ctx.forced_peer_ip:
+            ip = self.ctx.forced_peer_ip
         self._ip = ip
         refusal = self.server.admit(self, ip)
         if refusal is not None:
@@ -229,9 +235,11 @@ class Session(asyncio.Protocol):
             self.transport.close()
 
     def eof_received(self) -> bool | None:
+        # The client half-closed (e.g. after pipelining QUIT): keep the transport open
+        # so the replies still reach it; the session closes it when it ends.
         self.conn.receive_data(b"")
         self._wake()
-        return None
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -607,6 +615,8 @@ class Session(asyncio.Protocol):
                 tx.id, info.peer_ip, tx.envelope.mail_from, ev.address,
             )
             return R.RELAY_DENIED
+        log.debug("relay allowed id=%s client=%s auth=%s to=<%s>", tx.id, info.peer_ip,
+                  info.auth_user or "-", ev.address)
         limit = self.ctx.max_error_recipients
         if limit and tx.envelope.mail_from == "" and len(tx.envelope.rcpt_to) >= limit:
             return _NULL_SENDER_RCPTS
