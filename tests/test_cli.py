@@ -166,7 +166,9 @@ def test_inetd_mode_stdin_is_a_socket(tmp_path: Path) -> None:
         f = ours.makefile("rb")
         assert f.readline().startswith(b"220 ")
         ours.sendall(BATCH)
-        replies = [f.readline() for _ in range(13)]
+        replies: list[bytes] = []
+        while not replies or not replies[-1].startswith((b"221", b"421")) and replies[-1]:
+            replies.append(f.readline())
         assert replies[-1].startswith(b"221 2.0.0")
         assert any(r.startswith(b"250 2.0.0 Message stored") for r in replies)
         assert proc.wait(20) == 0

@@ -207,6 +207,9 @@ class QueueManager:
                 due[e.id] = e.next_attempt
         for qid in self._inflight:
             due.pop(qid, None)
+        for qid, when in self._due.items():
+            # submitted while the spool was being read (committed after its listing)
+            due.setdefault(qid, when)
         self._due = due
         self._last_rescan = time.monotonic()
 

@@ -259,17 +259,22 @@ class QueueStore:
         tmp_msg = self.path / "tmp" / f"{qid}.msg"
         tmp_env = self.path / "tmp" / f"{qid}{_ENV_SUFFIX}"
         msg = self.path / "messages" / qid
+        env = self._env_path(qid, "incoming")
+        committed = False
         try:
             _write_file(tmp_msg, message, self.fsync)
             os.rename(tmp_msg, msg)
             if self.fsync:
                 _fsync_dir(self.path / "messages")
             _write_file(tmp_env, entry.to_json(), self.fsync)
-            os.rename(tmp_env, self.path / "incoming" / f"{qid}{_ENV_SUFFIX}")  # commit point
+            os.rename(tmp_env, env)  # commit point
+            committed = True
             if self.fsync:
                 _fsync_dir(self.path / "incoming")
         except OSError as exc:
-            for leftover in (tmp_msg, tmp_env, msg):
+            # the client gets 451: undo everything; a committed envelope goes before the
+            # message file, so a crash meanwhile never leaves an envelope without message
+            for leftover in ((env,) if committed else ()) + (tmp_env, tmp_msg, msg):
                 try:
                     leftover.unlink()
                 except OSError:
