@@ -67,6 +67,16 @@ class Reply:
         return [prefix + line for line in (self.text.split("\n") or [""])]
 
     def to_bytes(self, enhanced_codes: bool = True, multiline: bool = True) -> bytes:
+        """Render as wire bytes, CRLF-terminated (RFC 5321 §4.2.1); cached per reply."""
+        key = (self, enhanced_codes, multiline)
+        cached = _RENDERED.get(key)
+        if cached is None:
+            cached = self._render(enhanced_codes, multiline)
+            if len(_RENDERED) < 4096:
+                _RENDERED[key] = cached
+        return cached
+
+    def _render(self, enhanced_codes: bool = True, multiline: bool = True) -> bytes:
         """Render as wire bytes, CRLF-terminated (RFC 5321 §4.2.1).
 
         Args:
@@ -90,6 +100,9 @@ class Reply:
 
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", " / ")
+
+
+_RENDERED: dict[tuple[Reply, bool, bool], bytes] = {}
 
 
 class R:

@@ -234,7 +234,15 @@ def verify(h: Harness, deliveries: list[Delivery]) -> Verdict:
         if d.gen < sent[serial].gen:
             bad(f"serial {serial} delivered by generation {d.gen} before it was sent")
 
+    lost_250 = 0
     for (serial, r), lst in recs.items():
+        # at most once more per crash that hit between the upstream's acceptance and the
+        # dequeue (delivered by the killed process, still pending in the spool it left)
+        hits = sum(1 for c in h.crashes if any(d.gen == c.gen for d in lst)
+                   and r in c.snap.pending.get(serial, set()))
+        if len(lst) > 1 + hits:
+            bad(f"serial {serial} -> {r}: delivered {len(lst)}x, only {hits} crash(es) "
+                "between acceptance and dequeue")
         per_gen = Counter(d.gen for d in lst)
         for g, n in per_gen.items():
             if n > 1:
@@ -248,6 +256,7 @@ def verify(h: Harness, deliveries: list[Delivery]) -> Verdict:
             crash = crash_of.get(d.gen)
             if crash is not None and (d.replied is None or d.replied > crash.at):
                 # the upstream took it but its 250 never reached smtpgate: must be retried
+                lost_250 += 1
                 if r not in crash.snap.pending.get(serial, set()):
                     bad(f"serial {serial} -> {r}: upstream's 250 lost in the crash of "
                         f"generation {d.gen}, yet not pending in the spool")
@@ -310,6 +319,7 @@ def verify(h: Harness, deliveries: list[Delivery]) -> Verdict:
         "deliveries": sum(counts.values()),
         "duplicates": sum(n - 1 for n in counts.values()),
         "max_per_recipient": max(counts.values(), default=0),
+        "upstream_250s_lost_in_crash": lost_250,
         "tmp_leftovers": sum(len(c.snap.tmp) for c in h.crashes),
         "orphan_messages": sum(len(c.snap.orphans) for c in h.crashes),
         "double_envelopes": sum(len(c.snap.duplicate_envelopes) for c in h.crashes),
@@ -350,6 +360,8 @@ def test_random_kills(seed: int, harness: Harness, upstream: CaptureUpstream) ->
     for i in range(N_MESSAGES):
         serial = seed * 1000 + i
         kill = plan.get(i)
+        if kill == "after_dot" and rng.random() < 0.5:
+            big.add(i)
         size = rng.randint(150_000, 250_000) if i in big else rng.randint(200, 6000)
         rcpts = [f"s{serial}@example.com"]
         if rng.random() < 0.3 or kill == "deferred":
@@ -374,7 +386,7 @@ def test_random_kills(seed: int, harness: Harness, upstream: CaptureUpstream) ->
             c, wire = h.begin(msg)
             c.send(wire)
             msg.status = "unknown"
-            time.sleep(rng.uniform(0, 0.02))
+            time.sleep(rng.choice([0.0, rng.uniform(0, 0.01)]))
             h.client = None  # keep the socket: a 250 may already be in its buffer
             h.crash(kill)
             h.late_reply(msg, c)
@@ -412,6 +424,9 @@ def test_random_kills(seed: int, harness: Harness, upstream: CaptureUpstream) ->
     print(f"\nseed {seed}: {v.stats}")
     assert_verdict(v, h)
     assert v.stats["kills"] == len(kinds) + 1
+    # the interesting windows were really hit: a DATA cut by the kill, and an upstream
+    # acceptance whose 250 died with the process (-> a justified duplicate)
+    assert v.stats["cut_mid_data"] and v.stats["upstream_250s_lost_in_crash"], v.stats
 
 
 # ------------------------------------------------------------------ focused cases
@@ -461,9 +476,13 @@ def test_interrupted_enqueue_leftovers_are_removed_and_never_delivered(
     h = harness
     rng = Random(11)
     h.start()  # upstream down: nothing is dequeued, so a lone message file is an orphan
+    for serial in (1, 2):
+        h.send(Sent(serial, make_message(rng, serial, 2000, "enq"), (f"e{serial}@example.com",)))
     caught: dict[str, int] = {}
     interrupted: list[int] = []
+    attempts = 0
     for attempt in range(40):
+        attempts = attempt + 1
         if {"tmp", "orphan"} <= caught.keys():
             break
         serial = 100 + attempt
@@ -505,6 +524,7 @@ def test_interrupted_enqueue_leftovers_are_removed_and_never_delivered(
             h.gate.thaw()
         h.finish(msg, c)
     assert {"tmp", "orphan"} <= caught.keys(), f"windows not caught: {caught}"
+    h.send(Sent(999, make_message(rng, 999, 2000, "enq"), ("e999@example.com",)))
 
     upstream.start()
     h.drain()
@@ -518,5 +538,37 @@ def test_interrupted_enqueue_leftovers_are_removed_and_never_delivered(
             assert delivered[m.serial] == 1, (m.serial, delivered[m.serial])
     assert sum(delivered.values()) == sum(m.status == "acked" for m in h.sent.values())
     assert_verdict(verify(h, got), h)
-    print(f"\nenqueue leftovers caught: {caught}; messages {len(h.sent)}, "
-          f"250s {sum(m.status == 'acked' for m in h.sent.values())}")
+    print(f"\nenqueue leftovers caught: {caught} in {attempts} big messages; "
+          f"tmp/orphans left: {[(c.snap.tmp, c.snap.orphans) for c in h.crashes]}; "
+          f"messages {len(h.sent)}, 250s {sum(m.status == 'acked' for m in h.sent.values())}, "
+          f"deliveries {len(got)}")
+
+
+def test_failed_commit_fsync_leaves_nothing_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error after the commit rename (fsync of incoming/ fails): the client gets
+    451, so the enqueue must be undone completely — envelope first, then the message;
+    no envelope may be left without its message (recovery would call it corrupt)."""
+    import errno
+
+    from smtpgate.envelope import Envelope, Recipient
+    from smtpgate.errors import QueueError
+    from smtpgate.queue import store as store_mod
+
+    real = store_mod._fsync_dir
+
+    def failing(path: Path) -> None:
+        if path.name == "incoming":
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    store = store_mod.QueueStore(tmp_path / "spool")
+    monkeypatch.setattr(store_mod, "_fsync_dir", failing)
+    with pytest.raises(QueueError):
+        store.enqueue(Envelope(SENDER, {}, [Recipient("a@example.com")]), b"Subject: x\r\n\r\nx\r\n")
+    monkeypatch.setattr(store_mod, "_fsync_dir", real)
+    snap = snapshot_spool(tmp_path / "spool")
+    assert snap.empty and not snap.missing_message, snap
+    assert store_mod.QueueStore(tmp_path / "spool").recover() == []
+    assert os.listdir(tmp_path / "spool" / "corrupt") == []

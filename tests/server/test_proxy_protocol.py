@@ -380,8 +380,8 @@ def test_version_switches() -> None:
 
 def test_error_message_does_not_echo_much() -> None:
     with pytest.raises(ProxyProtocolError) as exc:
-        parse_proxy_header(b"AUTH PLAIN " + b"s3cr3t" * 50 + b"\r\n")
-    assert len(str(exc.value)) < 120
+        parse_proxy_header(b"AUTH PLAIN czNjcjN0\r\n")
+    assert "czNj" not in str(exc.value) and "AUTH PLA" in str(exc.value)
 
 
 def test_signature_constant() -> None:

@@ -6,6 +6,7 @@ per RFC 3848 and RFC 6531 §3.7.3 (ESMTPSA, UTF8SMTPS, LMTPA, ...). No DNS looku
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
@@ -46,8 +47,12 @@ def _addr(text: str) -> str:
     return _clip(_UNSAFE_ADDR.sub("?", text).replace(" ", "?"))
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip_literal(ip: str) -> str | None:
-    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 §4.1.3), ``None`` if not an IP."""
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 §4.1.3), ``None`` if not an IP.
+
+    Cached: the same client addresses come back again and again.
+    """
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
@@ -57,6 +62,12 @@ def _ip_literal(ip: str) -> str | None:
             return f"[{addr.ipv4_mapped}]"
         return f"[IPv6:{addr.compressed}]"
     return f"[{addr}]"
+
+
+@functools.lru_cache(maxsize=8)
+def _stamp(second: int) -> str:
+    """RFC 5322 date-time for a whole second (cached: many headers share a second)."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def protocol_keyword(
@@ -158,7 +169,7 @@ def build_received(
             tls += ["with", f"cipher {_comment_text(session.tls_cipher)}"]
         tls[-1] += ")"
         groups.append(tls)
-    stamp = format_datetime(datetime.fromtimestamp(time.time() if now is None else now, UTC))
+    stamp = _stamp(int(time.time() if now is None else now))
     if len(envelope.rcpt_to) == 1:
         groups.append([f"for <{_addr(envelope.rcpt_to[0].address)}>;", stamp])
     else:

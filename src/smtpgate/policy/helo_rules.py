@@ -66,7 +66,7 @@ _MAX_REFUSE_TEXT = 400  # an SMTP reply line is at most 512 octets (RFC 5321 §4
 
 # RFC 5321 §4.1.2 sub-domain = Let-dig [Ldh-str]; at most 63 octets (RFC 1035 §2.3.4).
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-_MAX_DOMAIN = 255  # RFC 5321 §4.5.3.1.2
+_MAX_DOMAIN = 253  # RFC 1035 §3.1: 255 octets on the wire = 253 as text
 
 
 # ---------------------------------------------------------------------------- glob patterns
@@ -202,8 +202,8 @@ def check_helo_syntax(name: str) -> bool:
     """True when a HELO/EHLO argument is a FQDN or an address literal (RFC 5321 §4.1.1.1).
 
     A FQDN here is at least two letter-digit-hyphen labels separated by dots
-    (RFC 5321 §4.1.2 ``Domain``, RFC 1035 §2.3.1), each 1..63 octets, 255 octets in
-    all, no trailing root dot, and a top-level label that is not all digits (a bare
+    (RFC 5321 §4.1.2 ``Domain``, RFC 1035 §2.3.1), each 1..63 octets, 253 characters in
+    all (the DNS limit), no trailing root dot, and a top-level label that is not all digits (a bare
     ``192.0.2.1`` must be written ``[192.0.2.1]``, RFC 1123 §2.1). Literals are
     ``[IPv4]`` or ``[IPv6:...]`` checked with :mod:`ipaddress` (no zone index).
     ZMailer's ``-h`` switch made this check; the ``h`` style flag turns it on per rule.

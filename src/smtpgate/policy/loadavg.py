@@ -115,8 +115,9 @@ class LoadAverage:
 
         Args:
             limit: the ceiling (``server.max_load_average`` or a HELO rule's);
-                None means no limit and never reads the load.
+                None or a value <= 0 means no limit (``max_load_average = 0`` is "off")
+                and never reads the load.
         """
-        if limit is None:
+        if limit is None or limit <= 0:
             return False
         return self.current() > limit

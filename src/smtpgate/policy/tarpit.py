@@ -52,7 +52,8 @@ class Tarpit:
     Args:
         initial: seconds before the first error reply; 0 disables.
         exponent: growth factor per error (``next = prev + prev * exponent``), >= 0.
-        toplimit: upper bound in seconds; must be > 0 when ``initial`` > 0.
+        toplimit: upper bound in seconds; 0 means ZMailer's historic 250 s
+            (:data:`DEFAULT_TOPLIMIT`).
 
     Raises:
         ConfigError: on a negative, non-finite or non-numeric value, naming the
@@ -68,10 +69,10 @@ class Tarpit:
         self._initial = _number(initial, "server.tarpit_initial", problems)
         self._exponent = _number(exponent, "server.tarpit_exponent", problems)
         self._toplimit = _number(toplimit, "server.tarpit_max", problems)
-        if not problems and self._initial > 0 and self._toplimit <= 0:
-            problems.append("server.tarpit_max: must be > 0 when server.tarpit_initial is set")
         if problems:
             raise ConfigError(problems)
+        if self._toplimit == 0:
+            self._toplimit = DEFAULT_TOPLIMIT
 
     def __repr__(self) -> str:
         return (

@@ -847,18 +847,22 @@ class ServerConnection:
         # message, and the verdict must not depend on how the bytes were chunked.
         if len(data) > cfg.max_message_size:
             return DataComplete(b"", R.TOO_BIG)
-        n_crlf = data.count(b"\r\n")
+        limit = cfg.max_line_length
+        check_lines = bool(limit) and len(data) > limit - 2
+        # One split serves both the CRLF count and the line lengths (hot path).
+        lines = data.split(b"\r\n") if check_lines else None
+        n_crlf = len(lines) - 1 if lines is not None else data.count(b"\r\n")
         if data.count(b"\n") != n_crlf or data.count(b"\r") != n_crlf:
             if not cfg.normalize_bare_line_endings:
                 return DataComplete(b"", R.BARE_LF)
             data = _BARE_RE.sub(b"\r\n", data)
             if len(data) > cfg.max_message_size:
                 return DataComplete(b"", R.TOO_BIG)
+            lines = data.split(b"\r\n") if check_lines else None
         # Line lengths are measured after unstuffing (RFC 5321 §4.5.3.1.6 does not
         # count the transparency dot) and after normalisation (so bare-LF lines
         # count as lines when they are being normalised).
-        limit = cfg.max_line_length
-        if limit and len(data) > limit - 2 and max(map(len, data.split(b"\r\n"))) > limit - 2:
+        if lines is not None and max(map(len, lines)) > limit - 2:
             return DataComplete(b"", R.TEXT_LINE_TOO_LONG)
         return DataComplete(data)
 

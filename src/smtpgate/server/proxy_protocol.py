@@ -128,7 +128,9 @@ def parse_proxy_header(
     if allow_v1 and (data.startswith(_V1_PREFIX) or _V1_PREFIX.startswith(data)):
         return _parse_v1(data)
     allowed = " or ".join(v for v, ok in (("v1", allow_v1), ("v2", allow_v2)) if ok)
-    raise ProxyProtocolError(f"not a PROXY protocol {allowed} header: {_excerpt(data)!r}")
+    # Only a few bytes are shown: whatever a misdirected client sent (say ``AUTH PLAIN
+    # <credentials>``) must not end up in the logs.
+    raise ProxyProtocolError(f"not a PROXY protocol {allowed} header: {_excerpt(data, 8)!r}")
 
 
 # --------------------------------------------------------------------------- version 1
