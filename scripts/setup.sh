@@ -3,7 +3,7 @@
 #   - Debian packages used by the tests and the benchmark: postfix (smtp-sink/smtp-source,
 #     installed WITHOUT configuring a mail system), swaks, openssl, and the content scanners
 #     the tests start on private ports: spamassassin + spamc (spamd), clamav-daemon +
-#     clamav-testfiles (clamd), rspamd (+ redis-server for its Bayes);
+#     clamav-testfiles (clamd), rspamd (+ redis-server for its Bayes), haproxy (PROXY tests);
 #   - a virtualenv in .venv with smtpgate installed editable, plus the test/uvloop extras.
 # Usage: scripts/setup.sh [--no-apt]
 set -euo pipefail
@@ -24,6 +24,7 @@ if [ "$want_apt" = 1 ]; then
   [ -d /usr/share/clamav-testfiles ] || missing+=(clamav-testfiles)
   command -v rspamd >/dev/null 2>&1 || missing+=(rspamd)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
   if [ "${#missing[@]}" -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"

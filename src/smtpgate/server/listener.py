@@ -93,17 +93,40 @@ class SmtpServer:
                 out.append((str(name[0]), int(name[1])))
         return out
 
-    def admit(self, session: Session, ip: str) -> Reply | None:
-        """Count a new connection; return the 421 reply when a limit is reached."""
+    def admit(self, session: Session, ip: str, *, per_ip: bool = True) -> Reply | None:
+        """Count a new connection; return the 421 reply when a limit is reached.
+
+        ``per_ip=False`` skips the per-IP limit (a trusted proxy: the real client's
+        address is checked with :meth:`rebind` once the PROXY header arrived).
+        """
         if self._closing:
             return R.SHUTDOWN
         if len(self.sessions) >= self.max_connections:
             return R.TOO_MANY_CONNECTIONS
         n = self._per_ip.get(ip, 0)
-        if n >= self.max_connections_per_ip:
+        if per_ip and n >= self.max_connections_per_ip:
             return R.TOO_MANY_FROM_IP
         self._per_ip[ip] = n + 1
         self.sessions.add(session)
+        return None
+
+    def rebind(self, session: Session, old_ip: str, new_ip: str) -> Reply | None:
+        """Move a connection's per-IP count to the client address a PROXY header reported.
+
+        Returns the 421 reply when the real client is over its per-IP limit (the
+        connection's count is then kept under ``old_ip`` until it is released).
+        """
+        if old_ip == new_ip:
+            return None
+        n = self._per_ip.get(new_ip, 0)
+        if n >= self.max_connections_per_ip:
+            return R.TOO_MANY_FROM_IP
+        self._per_ip[new_ip] = n + 1
+        left = self._per_ip.get(old_ip, 0) - 1
+        if left > 0:
+            self._per_ip[old_ip] = left
+        else:
+            self._per_ip.pop(old_ip, None)
         return None
 
     def release(self, session: Session, ip: str) -> None:

@@ -153,7 +153,8 @@ class Session(asyncio.Protocol):
         if self.ctx.forced_peer_ip:
             ip = self.ctx.forced_peer_ip
         self._ip = ip
-        refusal = self.server.admit(self, ip)
+        behind_proxy = self._proxy_buf is not None and _trusted(ip, self.ctx.trusted_proxies)
+        refusal = self.server.admit(self, ip, per_ip=not behind_proxy)
         if refusal is not None:
             self.transport.write(refusal.to_bytes())
             self.transport.close()
@@ -212,7 +213,16 @@ class Session(asyncio.Protocol):
         rest = bytes(buf[used:])
         self._proxy_buf = None
         if info_p.command == "PROXY" and info_p.source is not None:
-            self.info.peer_ip = _normalise_ip(info_p.source[0])
+            real_ip = _normalise_ip(info_p.source[0])
+            over = self.server.rebind(self, self._ip, real_ip)
+            if over is not None:
+                log.info("refused client=%s (behind proxy %s): %s", real_ip, self._ip, over.text)
+                if self.transport is not None and not self.ctx.implicit_tls:
+                    self.transport.write(over.to_bytes())
+                self._fail_proxy()
+                return
+            self._ip = real_ip
+            self.info.peer_ip = real_ip
             self.info.peer_port = info_p.source[1]
             if info_p.destination is not None:
                 self.info.local_ip = _normalise_ip(info_p.destination[0])
