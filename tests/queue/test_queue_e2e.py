@@ -227,3 +227,44 @@ def test_disk_full_backpressure_on_tmpfs(run_app, raw, tmp_path: Path) -> None:
         app2.stop_thread(timeout=2)
     finally:
         subprocess.run(["umount", str(spool)], capture_output=True)
+
+
+def test_delay_warning_dsn_queued(run_app, tmp_path: Path) -> None:
+    from smtpgate.queue.store import QueueStore
+
+    spool = tmp_path / "spool"
+    app = run_app(queue_cfg(spool, free_port(), delay_warning=0.2, min_backoff=0.2,
+                            max_backoff=0.3))
+    with smtplib.SMTP("127.0.0.1", app.port) as s:
+        s.sendmail("sender@example.org", ["late@example.com"], MSG)
+    store = QueueStore(spool)
+
+    def delay_dsn() -> list[bytes]:
+        return [store.read_message(e.id) for e in store.entries() if e.mail_from == ""]
+
+    assert wait_for(lambda: len(delay_dsn()) == 1, timeout=10)
+    time.sleep(1.0)
+    assert len(delay_dsn()) == 1  # only one delay notice per recipient
+    dsn = email.message_from_bytes(delay_dsn()[0])
+    status = next(p for p in dsn.walk() if p.get_content_type() == "message/delivery-status")
+    text = status.as_string()
+    assert "Action: delayed" in text and "Will-Retry-Until:" in text
+    original = [e for e in store.entries() if e.mail_from == "sender@example.org"]
+    assert len(original) == 1 and original[0].recipients[0].state == "pending"
+
+
+def test_expired_message_bounces(run_app, tmp_path: Path, upstream_port: int) -> None:
+    spool = tmp_path / "spool"
+    app = run_app(queue_cfg(spool, upstream_port, max_lifetime=0.5, min_backoff=0.2,
+                            max_backoff=0.2))
+    with smtplib.SMTP("127.0.0.1", app.port) as s:
+        s.sendmail("sender@example.org", ["never@example.com"], MSG)
+    time.sleep(1.0)
+    ctl, handler = start_upstream(upstream_port)
+    try:
+        assert wait_for(lambda: any(m[0] in ("", "<>") for m in handler.messages), timeout=10)
+        bounce = next(m for m in handler.messages if m[0] in ("", "<>"))
+        assert b"Status: 4.4.7" in bounce[2]
+        assert not any(m[1] == ["never@example.com"] for m in handler.messages)
+    finally:
+        ctl.stop()
