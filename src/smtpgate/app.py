@@ -78,6 +78,13 @@ class Smtpgate:
         self.config = config
         hooks_cfg = config.hooks
         self.hooks = HookRunner(timeout=hooks_cfg.timeout)
+        self.helo_rules: Any = None
+        if config.helo_rules:
+            from .policy.helo_rules import HeloRules
+
+            self.helo_rules = HeloRules.from_config(list(config.helo_rules))
+        self.address_checks = [load_callable(spec, "hooks.address_check")
+                               for spec in hooks_cfg.address_check]
         for stage in Stage:
             for spec in getattr(hooks_cfg, stage.value, ()):
                 self.hooks.register(stage, load_callable(spec, f"hooks.{stage.value}"), name=spec)
@@ -153,14 +160,42 @@ class Smtpgate:
         await self.queue.start()  # recovery happens before the listeners open
         return QueueDelivery(store, self.queue, q.min_free_space)
 
-    def _overloaded(self) -> Reply | None:
-        """421 4.3.2 while the 1-minute load average is above ``server.max_load_average``."""
-        limit = self.config.server.max_load_average
+    def _current_load(self) -> float:
         if self.load_average is None:
             from .policy.loadavg import LoadAverage
 
             self.load_average = LoadAverage()
-        if self.load_average.current() > limit:
+        return float(self.load_average.current())
+
+    async def _address_check(self, session: SessionInfo, address: str, kind: str) -> Reply | None:
+        """Run the ``[hooks] address_check`` callables (HELO-rule flags f/t, VRFY, EXPN).
+
+        Each gets ``(session, address, kind)`` with kind ``"mail"``, ``"rcpt"``, ``"vrfy"``
+        or ``"expn"`` and returns None/True (fine), False (550 5.1.1), a Reply or a
+        HookResult. An exception is logged and gives 451 4.3.0.
+        """
+        from .hooks import HookResult
+
+        for check in self.address_checks:
+            try:
+                result = check(session, address, kind)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception:
+                log.exception("address_check failed for %r", address)
+                return Reply(451, "4.3.0", "Address verification failed, try again later")
+            if result is False:
+                return Reply(550, "5.1.1", f"<{address}>: address rejected")
+            if isinstance(result, Reply) and result.code >= 400:
+                return result
+            if isinstance(result, HookResult) and result.verdict.is_denial:
+                return result.reply or Reply(550, "5.1.1", f"<{address}>: address rejected")
+        return None
+
+    def _overloaded(self) -> Reply | None:
+        """421 4.3.2 while the 1-minute load average is above ``server.max_load_average``."""
+        limit = self.config.server.max_load_average
+        if self._current_load() > limit:
             return Reply(421, "4.3.2", "System overloaded, try again later")
         return None
 
@@ -270,6 +305,9 @@ class Smtpgate:
             vrfy_enabled=s.vrfy,
             expn_enabled=s.expn,
             max_error_recipients=s.max_error_recipients,
+            helo_rules=self.helo_rules,
+            address_check=self._address_check if self.address_checks else None,
+            load_average=self._current_load,
             hooks=self.hooks,
             relay=self.relay,
             delivery=delivery,

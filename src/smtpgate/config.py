@@ -731,6 +731,7 @@ class HooksConfig:
     data: tuple[str, ...] = _opt((), _hook_list)
     quit: tuple[str, ...] = _opt((), _hook_list)
     error: tuple[str, ...] = _opt((), _hook_list)
+    address_check: tuple[str, ...] = _opt((), _hook_list)
     timeout: float = _opt(30.0, _positive_seconds)
 
     def by_point(self) -> dict[str, tuple[str, ...]]:
@@ -936,6 +937,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     scanners: tuple[ScannerConfig, ...] = ()
     listeners: tuple[ListenerConfig, ...] = ()
+    helo_rules: tuple[dict[str, Any], ...] = ()
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -1120,9 +1122,20 @@ def config_from_mapping(
         if name == "listener":
             sections["listeners"] = _load_listeners(raw, ctx, problems)
             continue
+        if name == "helo_rule":
+            from .policy.helo_rules import HeloRules
+
+            tables = [raw] if isinstance(raw, Mapping) else raw
+            try:
+                HeloRules.from_config(tables)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+            else:
+                sections["helo_rules"] = tuple(dict(t) for t in tables)
+            continue
         cls = _SECTIONS.get(name)
         if cls is None:
-            known = [*_SECTIONS, "scanner", "listener"]
+            known = [*_SECTIONS, "scanner", "listener", "helo_rule"]
             problems.append(_unknown("section", str(name), str(name), known))
             continue
         section = _load_section(name, cls, raw, ctx, problems)

@@ -282,9 +282,9 @@ def verify(h: Harness, deliveries: list[Delivery]) -> Verdict:
         for s in c.snap.qids:
             if sent[s].status == "cut":
                 bad(f"serial {s} committed to the spool although its DATA was cut")
-        for s in c.snap.orphans:
-            if isinstance(s, int) and sent[s].status == "cut":
-                bad(f"serial {s}: message file written although its DATA was cut")
+        for o in c.snap.orphans:
+            if isinstance(o, int) and sent[o].status == "cut":
+                bad(f"serial {o}: message file written although its DATA was cut")
         if c.snap.missing_message or c.snap.corrupt:
             bad(f"crash of generation {c.gen}: envelopes without message "
                 f"{c.snap.missing_message}, corrupt/ {c.snap.corrupt}")

@@ -213,6 +213,8 @@ class ServerConnection:
         self.peer_closed = False
         self.errors = 0
         self.unknown_commands = 0
+        # ZMailer "S" style (per HELO rule): accept MAIL FROM:user@domain without brackets.
+        self.allow_sloppy_paths = False
         self._pending: Event | None = None
         self._close_after = False
         self._buf = bytearray()
@@ -451,8 +453,13 @@ class ServerConnection:
         if self.config.require_auth and not self.authenticated:
             return self._auto(R.AUTH_REQUIRED, cmd)
         cfg = self.config
+        path_arg = arg[5:]
+        if self.allow_sloppy_paths and not path_arg.lstrip(" ").startswith("<"):
+            token, _, rest = path_arg.lstrip(" ").partition(" ")
+            if token and "<" not in token and ">" not in token:
+                path_arg = f"<{token}> {rest}" if rest else f"<{token}>"
         try:
-            address, ptext = parse_path(arg[5:], reverse=True, smtputf8_allowed=cfg.smtputf8)
+            address, ptext = parse_path(path_arg, reverse=True, smtputf8_allowed=cfg.smtputf8)
             params = parse_params(ptext, utf8=cfg.smtputf8)
         except PathSyntaxError as exc:
             return self._auto(exc.reply, cmd)

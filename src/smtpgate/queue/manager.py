@@ -282,22 +282,20 @@ class QueueManager:
                 newly_failed.append(r)
         await self._notify(entry, message, newly_failed, newly_delivered, now)
         entry.attempts += 1
-        entry = await asyncio.to_thread(self.store.merge_after_attempt, entry)
-        if entry.state == "gone":
+        entry.next_attempt = now + self.schedule.delay(entry.attempts)
+        entry.last_reply = next((r.last_reply for r in entry.pending if r.last_reply), "")
+        # Merge with any administrator change and write the result under one lock hold.
+        outcome = await asyncio.to_thread(self.store.finish_attempt, entry)
+        if outcome == "gone":
             return  # deleted by the administrator during the attempt
-        if entry.finished:
-            await asyncio.to_thread(self.store.remove, entry)
+        if outcome == "removed":
             log.info("queue id=%s done attempts=%d delivered=%d failed=%d", entry.id,
                      entry.attempts, sum(r.state == "delivered" for r in entry.recipients),
                      sum(r.state == "failed" for r in entry.recipients))
             return
-        entry.next_attempt = now + self.schedule.delay(entry.attempts)
-        entry.last_reply = next((r.last_reply for r in entry.pending if r.last_reply), "")
-        target = "hold" if entry.state == "hold" else "deferred"
-        await asyncio.to_thread(self.store.save, entry, target)
-        if target != "hold":
+        if outcome != "hold":
             self._due[entry.id] = entry.next_attempt
-        log.info("queue id=%s deferred attempts=%d next=%+.0fs reply=%r", entry.id,
+        log.info("queue id=%s %s attempts=%d next=%+.0fs reply=%r", entry.id, outcome,
                  entry.attempts, entry.next_attempt - now, entry.last_reply[:200])
 
     async def _deliver_group(

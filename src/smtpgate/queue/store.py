@@ -232,6 +232,27 @@ class QueueStore:
             attempted.state = current.state  # where its envelope file is now (hold wins)
             return attempted
 
+    def finish_attempt(self, attempted: QueueEntry) -> str:
+        """Record a delivery attempt: merge, then save or remove, all under the spool lock.
+
+        Returns ``"gone"`` (deleted meanwhile: nothing written), ``"removed"`` (no
+        recipient pending any more), ``"hold"`` or ``"deferred"`` (the state saved).
+        """
+        with self.locked():
+            try:
+                current = self.find(attempted.id)
+            except KeyError:
+                return "gone"
+            attempted.seq = max(attempted.seq, current.seq)
+            attempted.bounce = attempted.bounce or current.bounce
+            attempted.state = current.state
+            if attempted.finished:
+                self.remove(attempted)
+                return "removed"
+            target = "hold" if current.state == "hold" else "deferred"
+            self.save(attempted, target)
+            return target
+
     # --------------------------------------------------------------- writing
 
     def enqueue(

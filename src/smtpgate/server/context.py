@@ -59,6 +59,7 @@ class ServerContext:
         vrfy_enabled / expn_enabled: answer VRFY / EXPN through the address check.
         max_error_recipients: recipients allowed on a message from ``<>``.
         forced_peer_ip: treat every client as coming from this address (policy test).
+        load_average: returns the 1-minute load average (for per-HELO-rule limits).
     """
 
     protocol: ProtocolConfig
@@ -91,3 +92,4 @@ class ServerContext:
     expn_enabled: bool = False
     max_error_recipients: int = 0
     forced_peer_ip: str | None = None
+    load_average: Callable[[], float] | None = None

@@ -93,22 +93,34 @@ class SmtpServer:
                 out.append((str(name[0]), int(name[1])))
         return out
 
-    def admit(self, session: Session, ip: str, *, per_ip: bool = True) -> Reply | None:
-        """Count a new connection; return the 421 reply when a limit is reached.
+    def admit(
+        self, session: Session, ip: str, *, per_ip: bool = True
+    ) -> tuple[str, Reply | None]:
+        """Judge a new connection, ZMailer style: ``("accept"|"refuse"|"drop", reply)``.
 
-        ``per_ip=False`` skips the per-IP limit (a trusted proxy: the real client's
-        address is checked with :meth:`rebind` once the PROXY header arrived).
+        At the limits (``max_connections``, ``max_connections_per_ip``) the client gets
+        ``421 4.7.0`` and the connection is closed; a refused connection still holds its
+        slot until it is closed (as ZMailer's children did), so a flood from one address
+        reaches 4x the per-IP limit (or the total limit + 100), past which connections
+        are closed silently. Accepted and refused connections must be released with
+        :meth:`release`; dropped ones are not counted. ``per_ip=False`` skips the per-IP
+        limit (a trusted proxy: see :meth:`rebind`).
         """
         if self._closing:
-            return R.SHUTDOWN
-        if len(self.sessions) >= self.max_connections:
-            return R.TOO_MANY_CONNECTIONS
-        n = self._per_ip.get(ip, 0)
-        if per_ip and n >= self.max_connections_per_ip:
-            return R.TOO_MANY_FROM_IP
-        self._per_ip[ip] = n + 1
+            return "refuse", R.SHUTDOWN
+        n = self._per_ip.get(ip, 0) + 1
+        total = len(self.sessions) + 1
+        if (per_ip and n > 4 * self.max_connections_per_ip) or (
+            total > self.max_connections + 100
+        ):
+            return "drop", None
+        self._per_ip[ip] = n
         self.sessions.add(session)
-        return None
+        if total > self.max_connections:
+            return "refuse", R.TOO_MANY_CONNECTIONS
+        if per_ip and n > self.max_connections_per_ip:
+            return "refuse", R.TOO_MANY_FROM_IP
+        return "accept", None
 
     def rebind(self, session: Session, old_ip: str, new_ip: str) -> Reply | None:
         """Move a connection's per-IP count to the client address a PROXY header reported.

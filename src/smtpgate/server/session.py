@@ -137,6 +137,7 @@ class Session(asyncio.Protocol):
         self._proxy_buf: bytearray | None = bytearray() if ctx.proxy_protocol else None
         self._proxy_done: asyncio.Future[None] | None = None
         self._tls_leftover = b""
+        self._helo_policy: Any = None
 
     # ----------------------------------------------------------- asyncio glue
 
@@ -154,13 +155,16 @@ class Session(asyncio.Protocol):
             ip = self.ctx.forced_peer_ip
         self._ip = ip
         behind_proxy = self._proxy_buf is not None and _trusted(ip, self.ctx.trusted_proxies)
-        refusal = self.server.admit(self, ip, per_ip=not behind_proxy)
+        kind, refusal = self.server.admit(self, ip, per_ip=not behind_proxy)
+        if kind == "drop":
+            self.transport.close()  # far over the limit: close without a word (ZMailer)
+            return
+        self._admitted = True  # counted: released in connection_lost
         if refusal is not None:
             self.transport.write(refusal.to_bytes())
             self.transport.close()
             log.info("refused client=%s reason=%r", ip, refusal.text)
             return
-        self._admitted = True
         self.info = SessionInfo(
             session_id=_new_session_id(),
             peer_ip=ip,
@@ -561,6 +565,23 @@ class Session(asyncio.Protocol):
     async def _on_helo(self, ev: Helo) -> Reply:
         info = self.info
         assert info is not None
+        rules = self.ctx.helo_rules
+        if rules is not None:
+            from ..policy.helo_rules import BAD_HELO, check_helo_syntax
+
+            policy = rules.match(ev.name, info.peer_ip)
+            if policy.refused:
+                log.info("HELO %r refused by rule %r client=%s", ev.name, policy.pattern,
+                         info.peer_ip)
+                return policy.refuse_reply or R.ACCESS_DENIED
+            if policy.check_helo and not check_helo_syntax(ev.name):
+                return BAD_HELO
+            limit = policy.max_load_average
+            if limit and self.ctx.load_average is not None and self.ctx.load_average() > limit:
+                self._disconnect_after = True
+                return Reply(421, "4.3.2", "System overloaded, try again later")
+            self._helo_policy = policy
+            self.conn.allow_sloppy_paths = bool(policy.sloppy_mail_from)
         hooks = self.ctx.hooks
         if hooks.has(Stage.HELO):
             result = await hooks.run(Stage.HELO, info, ev.name)
@@ -580,6 +601,9 @@ class Session(asyncio.Protocol):
     async def _on_vrfy(self, argument: str, kind: str) -> Reply:
         """VRFY/EXPN: 252 (or 502 for EXPN) unless enabled; then the address check decides."""
         enabled = self.ctx.vrfy_enabled if kind == "vrfy" else self.ctx.expn_enabled
+        policy = self._helo_policy
+        if policy is not None:
+            enabled = enabled and (policy.verify_vrfy if kind == "vrfy" else policy.verify_expn)
         if not enabled:
             return R.VRFY if kind == "vrfy" else R.NOT_IMPLEMENTED
         check = self.ctx.address_check
@@ -600,6 +624,16 @@ class Session(asyncio.Protocol):
             refusal = check()
             if refusal is not None:
                 return refusal
+        policy = self._helo_policy
+        if policy is not None:
+            from ..policy.helo_rules import strict_address_ok
+
+            if policy.strict_addresses and not strict_address_ok(ev.address, recipient=False):
+                return R.BAD_SENDER_SYNTAX
+            if policy.verify_sender and self.ctx.address_check is not None and ev.address:
+                refusal = await self.ctx.address_check(info, ev.address, "mail")
+                if refusal is not None:
+                    return refusal
         self._tx_count += 1
         tx = Transaction(
             Envelope(ev.address, dict(ev.params)), f"{info.session_id}.{self._tx_count}"
@@ -627,6 +661,16 @@ class Session(asyncio.Protocol):
             return R.RELAY_DENIED
         log.debug("relay allowed id=%s client=%s auth=%s to=<%s>", tx.id, info.peer_ip,
                   info.auth_user or "-", ev.address)
+        policy = self._helo_policy
+        if policy is not None:
+            from ..policy.helo_rules import strict_address_ok
+
+            if policy.strict_addresses and not strict_address_ok(ev.address, recipient=True):
+                return R.BAD_RCPT_SYNTAX
+            if policy.verify_recipient and self.ctx.address_check is not None:
+                refusal = await self.ctx.address_check(info, ev.address, "rcpt")
+                if refusal is not None:
+                    return refusal
         limit = self.ctx.max_error_recipients
         if limit and tx.envelope.mail_from == "" and len(tx.envelope.rcpt_to) >= limit:
             return _NULL_SENDER_RCPTS
