@@ -123,6 +123,7 @@ def build_received(
     include_auth: bool = False,
     lmtp: bool = False,
     now: float | None = None,
+    tls_peer: str | None = None,
 ) -> bytes:
     """Build one ``Received:`` header field (RFC 5321 §4.4), CRLF-terminated and folded.
 
@@ -148,6 +149,8 @@ def build_received(
         include_auth: add ``(Authenticated sender: <user>)`` when authenticated.
         lmtp: the message came in over LMTP (keyword LMTP...).
         now: the time to stamp, seconds since the epoch (default: now).
+        tls_peer: the verified TLS client certificate's subject, added as
+            ``(client certificate: <subject>)`` when given (ZMailer rcvd-tls-peer).
 
     Returns:
         The header as UTF-8 bytes ending in CRLF.
@@ -169,6 +172,8 @@ def build_received(
             tls += ["with", f"cipher {_comment_text(session.tls_cipher)}"]
         tls[-1] += ")"
         groups.append(tls)
+    if tls_peer:
+        groups.append(["(client", f"certificate: {_comment_text(tls_peer)})"])
     stamp = _stamp(int(time.time() if now is None else now))
     if len(envelope.rcpt_to) == 1:
         groups.append([f"for <{_addr(envelope.rcpt_to[0].address)}>;", stamp])

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("smtpgate.session")
 
 _NULL_SENDER_RCPTS = Reply(452, "4.5.3", "Too many recipients for a message from <>")
-_PAUSE_AT = 1 << 20  # bytes of unprocessed command input before we stop reading
+_PAUSE_AT = 1 << 20
+_REFUSED_HOLD = 2.0  # seconds a refused connection keeps its slot (see connection_made)  # bytes of unprocessed command input before we stop reading
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid() & 0xFFFF:04X}{int(time.time()) & 0xFFFFFF:06X}"
 
@@ -162,8 +163,15 @@ class Session(asyncio.Protocol):
         self._admitted = True  # counted: released in connection_lost
         if refusal is not None:
             self.transport.write(refusal.to_bytes())
-            self.transport.close()
             log.info("refused client=%s reason=%r", ip, refusal.text)
+            if refusal is R.SHUTDOWN:
+                self.transport.close()
+                return
+            # Like a ZMailer child that prints 421 and exits, the refused connection holds
+            # its slot for a moment (until the client hangs up, at most _REFUSED_HOLD s),
+            # so that a flood from one address escalates to silent closes.
+            self.transport.pause_reading()
+            self._loop.call_later(_REFUSED_HOLD, self.transport.close)
             return
         self.info = SessionInfo(
             session_id=_new_session_id(),
@@ -730,6 +738,14 @@ class Session(asyncio.Protocol):
             info.tls_version = sslobj.version()
             cipher = sslobj.cipher()
             info.tls_cipher = cipher[0] if cipher else None
+            try:
+                cert = sslobj.getpeercert()  # only a verified client certificate (cafile)
+            except (ValueError, AttributeError):
+                cert = None
+            if cert:
+                subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ())
+                                    for k, v in rdn)
+                info.notes["tls_peer"] = subject
 
     async def _on_auth(self, ev: AuthCredentials) -> Reply:
         ctx = self.ctx
@@ -804,6 +820,7 @@ class Session(asyncio.Protocol):
             include_tls=self.ctx.received_tls,
             include_auth=self.ctx.received_auth,
             lmtp=self.conn.config.lmtp,
+            tls_peer=info.notes.get("tls_peer") if self.ctx.received_tls_peer else None,
         )
         if decision is not None:  # quarantine: stored durably, then 250 or 5xx as configured
             return await self._quarantine(tx, decision, received + message, started)
