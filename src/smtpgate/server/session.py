@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("smtpgate.session")
 
 _NULL_SENDER_RCPTS = Reply(452, "4.5.3", "Too many recipients for a message from <>")
-_PAUSE_AT = 1 << 20
-_REFUSED_HOLD = 2.0  # seconds a refused connection keeps its slot (see connection_made)  # bytes of unprocessed command input before we stop reading
+_PAUSE_AT = 1 << 20  # bytes of unprocessed command input before we stop reading
+_REFUSED_HOLD = 2.0  # seconds a refused connection keeps its slot (see connection_made)
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid() & 0xFFFF:04X}{int(time.time()) & 0xFFFFFF:06X}"
 
