@@ -1,10 +1,13 @@
 """Benchmark harness: smtpgate vs aiosmtpd under Postfix's smtp-source, on loopback.
 
 Entry point: ``python bench/bench.py`` (normally via ``bench/run.sh``). Runs the
-scenarios a/b/c for several rounds, alternating the servers within each round, then
-measures resident memory per idle connection after EHLO, and prints (and writes to
-bench/results/latest.txt) a table of messages/s, same-round ratios, CPU per message.
-Tuning through the environment: ROUNDS, MESSAGES, SCENARIOS, EXTRAS, MEM_CONNS, PROFILE.
+scenarios a/b/c for several rounds, alternating the servers within each round; then the
+families "queue" (store-and-forward vs proxy to smtp-sink, plus DATA-end latency) and
+"scan" (clamd in the data phase vs no scanner); then measures resident memory per idle
+connection after EHLO, and prints (and writes to bench/results/latest.txt) a table of
+messages/s, same-round ratios, CPU per message. Tuning through the environment: ROUNDS,
+MESSAGES, SCENARIOS, EXTRAS, QUEUE, SCAN, FAMILY_ROUNDS, QUEUE_MESSAGES, SCAN_MESSAGES,
+LAT_MESSAGES, QUEUE_DIR, MEM_CONNS, PROFILE (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import clamd_proc
 import idle_mem
+import latency
+import smtpgate_probe
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -74,6 +80,10 @@ SCENARIOS = {
     "b": Scenario("b", "conn per message, 20 conc, 4 KiB", False, 20, 4096, 0.5, 1.3),
     "c": Scenario("c", "persistent, 10 sessions, 100 KiB", True, 10, 102400, 0.125, 3.0),
 }
+#: The scan family's serialisation check: scenario a with a single session.
+A1 = Scenario("a1", "persistent, 1 session, 4 KiB", True, 1, 4096, 0.1, 0.0)
+#: Target of the queue family: queue (fsync) / proxy msgs/s, median of same-round ratios.
+QUEUE_TARGET = 0.5
 
 
 # ------------------------------------------------------------------ servers
@@ -88,9 +98,13 @@ class ServerSpec:
         kind: "smtpgate", "aiosmtpd" or "smtp-sink".
         uvloop: run on uvloop (smtpgate ``server.use_uvloop``, aiosmtpd ``--uvloop``).
         relay: "" (``relay.url = "discard:"``), or the ``delivery.mode`` ("proxy":
-            synchronous relay, "queue": fsync'ed spool then relay) with which smtpgate
-            relays every message to a Postfix smtp-sink.
+            synchronous relay, "queue": spool then relay) with which smtpgate relays every
+            message to a Postfix smtp-sink.
         compared: "sg" (the smtpgate of the ratio), "base" (the baseline) or "" (info).
+        fsync: ``queue.fsync`` (queue mode only).
+        scanner: add ``[[scanner]] type = "clamav"`` pointing at the family's private clamd.
+        probe: run through bench/smtpgate_probe.py (per-message data-phase and scan times).
+        counter: smtp-sink only: ``-c`` (message counters on stdout, for delivery checks).
     """
 
     name: str
@@ -98,6 +112,10 @@ class ServerSpec:
     uvloop: bool = False
     relay: str = ""
     compared: str = ""
+    fsync: bool = True
+    scanner: bool = False
+    probe: bool = False
+    counter: bool = False
 
 
 SG = ServerSpec("smtpgate (uvloop)", "smtpgate", uvloop=True, compared="sg")
@@ -106,8 +124,17 @@ AIOSMTPD_VERSION = importlib.metadata.version("aiosmtpd")
 AIO = ServerSpec(f"aiosmtpd {AIOSMTPD_VERSION}", "aiosmtpd", uvloop=False, compared="base")
 AIO_UV = ServerSpec("aiosmtpd + uvloop", "aiosmtpd", uvloop=True)
 SINK = ServerSpec("smtp-sink (rig ceiling)", "smtp-sink")
-SG_RELAY = ServerSpec("smtpgate proxy -> smtp-sink", "smtpgate", uvloop=True, relay="proxy")
-SG_QUEUE = ServerSpec("smtpgate queue -> smtp-sink", "smtpgate", uvloop=True, relay="queue")
+UPSTREAM = ServerSpec("smtp-sink upstream", "smtp-sink", counter=True)
+SG_RELAY = ServerSpec("smtpgate proxy -> smtp-sink", "smtpgate", uvloop=True, relay="proxy",
+                      compared="base")
+SG_QUEUE = ServerSpec("smtpgate queue, fsync -> sink", "smtpgate", uvloop=True, relay="queue",
+                      compared="sg")
+SG_QUEUE_NOSYNC = ServerSpec("smtpgate queue, no fsync -> sink", "smtpgate", uvloop=True,
+                             relay="queue", fsync=False)
+SG_NOSCAN = ServerSpec("smtpgate, no scanner (probe)", "smtpgate", uvloop=True, probe=True,
+                       compared="base")
+SG_CLAMD = ServerSpec("smtpgate + clamd (probe)", "smtpgate", uvloop=True, probe=True,
+                      scanner=True, compared="sg")
 
 
 def _die_with_parent() -> None:
@@ -204,37 +231,64 @@ def rss_kib(pid: int, key: str = "VmRSS") -> int:
 
 
 class Server:
-    """A running server process (plus, for the relay row, its smtp-sink upstream)."""
+    """A running server process (plus, for the relay rows, its smtp-sink upstream).
 
-    def __init__(self, spec: ServerSpec, workdir: Path, upstream_port: int | None = None) -> None:
+    Args:
+        spec: what to run.
+        workdir: config files and logs.
+        upstream: the counting smtp-sink the relay rows deliver to.
+        clamd: the private clamd of the scanner rows.
+        spool_root: parent directory of the queue rows' spools (on a real disk).
+    """
+
+    def __init__(self, spec: ServerSpec, workdir: Path, upstream: Server | None = None,
+                 clamd: clamd_proc.Clamd | None = None, spool_root: Path | None = None) -> None:
         self.spec = spec
         self.workdir = workdir
-        self.upstream_port = upstream_port
+        self.upstream = upstream
+        self.clamd = clamd
+        self.spool_root = spool_root
         self.port = 0
         self.sent = 0  # messages smtp-source got a 250 for (all runs, warm-up included)
         self.proc: subprocess.Popen[bytes] | None = None
         self.slug = re.sub(r"[^A-Za-z0-9]+", "_", spec.name).strip("_")
         self.log_path = workdir / f"{self.slug}.log"
+        self.probe_path = workdir / f"{self.slug}.probe"
+        self.probe_offset = 0
+        self.spool: Path | None = None
 
     def _command(self) -> list[str]:
         spec = self.spec
         if spec.kind == "smtpgate":
             cfg = self.workdir / f"smtpgate-{self.port}.toml"
-            url = (f"smtp://127.0.0.1:{self.upstream_port}" if spec.relay else "discard:")
-            cfg.write_text(
-                "[server]\n"
-                'hostname = "bench.local"\n'
-                f'listen = ["127.0.0.1:{self.port}"]\n'
-                "max_connections = 5000\n"
-                "max_connections_per_ip = 5000\n"
-                f"use_uvloop = {'true' if spec.uvloop else 'false'}\n"
-                "[relay]\n"
-                f'url = "{url}"\n'
-                "[logging]\n"
-                'level = "WARNING"\n'
-                + (f'[delivery]\nmode = "{spec.relay}"\n' if spec.relay else "")
-                + ("[queue]\npath = \"queue\"\n" if spec.relay == "queue" else "")
-            )
+            text = ("[server]\n"
+                    'hostname = "bench.local"\n'
+                    f'listen = ["127.0.0.1:{self.port}"]\n'
+                    "max_connections = 5000\n"
+                    "max_connections_per_ip = 5000\n"
+                    f"use_uvloop = {'true' if spec.uvloop else 'false'}\n"
+                    "[logging]\n"
+                    'level = "WARNING"\n'
+                    "[relay]\n")
+            if spec.relay:
+                assert self.upstream is not None
+                text += (f'url = "smtp://127.0.0.1:{self.upstream.port}"\n'
+                         f'[delivery]\nmode = "{spec.relay}"\n')
+            else:
+                text += 'url = "discard:"\n'
+            if spec.relay == "queue":
+                assert self.spool_root is not None
+                self.spool = self.spool_root / f"{self.slug}-{self.port}"
+                text += (f'[queue]\npath = "{self.spool}"\n'
+                         f"fsync = {'true' if spec.fsync else 'false'}\n")
+            if spec.scanner:
+                assert self.clamd is not None
+                text += f'[[scanner]]\ntype = "clamav"\naddress = "{self.clamd.address}"\n'
+            cfg.write_text(text)
+            if spec.probe:
+                self.probe_path = self.workdir / f"{self.slug}-{self.port}.probe"
+                return [sys.executable, str(HERE / "smtpgate_probe.py"), str(self.probe_path),
+                        "serve", "-c", str(cfg)]
             return [sys.executable, "-m", "smtpgate", "serve", "-c", str(cfg)]
         if spec.kind == "aiosmtpd":
             cmd = [sys.executable, str(HERE / "aiosmtpd_discard.py"), "--port", str(self.port)]
@@ -243,6 +297,8 @@ class Server:
             cmd = ["smtp-sink"]
             if os.geteuid() == 0:
                 cmd += ["-u", "nobody"]
+            if spec.counter:
+                cmd.append("-c")
             return cmd + ["-m", "2000", f"127.0.0.1:{self.port}", "1024"]
         raise ValueError(spec.kind)
 
@@ -312,13 +368,104 @@ class Server:
             proc.kill()
             proc.wait(5)
 
+    def aux_pids(self) -> list[int]:
+        """Helper processes whose CPU belongs to this row: the upstream sink, clamd."""
+        pids = []
+        if self.spec.relay and self.upstream is not None:
+            pids.append(self.upstream.pid)
+        if self.spec.scanner and self.clamd is not None:
+            pids.append(self.clamd.pid)
+        return pids
+
+    def sink_counts(self) -> tuple[int, int]:
+        """smtp-sink ``-c`` counters: (sessions, messages) so far, from its stdout log.
+
+        Its counter lines look like ``sess=12 quit=12 mesg=3000``, separated by CR.
+        """
+        size = self.log_path.stat().st_size
+        with self.log_path.open("rb") as f:
+            f.seek(max(0, size - 512))
+            tail = f.read()
+        for rec in reversed(tail.split(b"\r")):
+            m = re.fullmatch(rb"\s*sess=(\d+) quit=\d+ mesg=(\d+)\s*", rec)
+            if m:
+                return int(m.group(1)), int(m.group(2))
+        return 0, 0
+
+    def spool_files(self) -> dict[str, int]:
+        """Files per spool subdirectory that hold mail (incoming, deferred, hold, messages, tmp)."""
+        assert self.spool is not None
+        out: dict[str, int] = {}
+        for sub in ("incoming", "deferred", "hold", "messages", "tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                out[sub] = sum(1 for _ in os.scandir(self.spool / sub))
+        return out
+
+    def queue_list(self) -> list[object]:
+        """``python -m smtpgate queue list --spool DIR --json`` (the spool's own account).
+
+        Raises:
+            BenchError: the command failed or printed no JSON list.
+        """
+        assert self.spool is not None
+        res = subprocess.run([sys.executable, "-m", "smtpgate", "queue", "list", "--spool",
+                              str(self.spool), "--json"], capture_output=True, text=True)
+        try:
+            entries = json.loads(res.stdout)
+        except ValueError:
+            entries = None
+        if res.returncode != 0 or not isinstance(entries, list):
+            raise BenchError(f"smtpgate queue list --spool {self.spool} failed "
+                             f"(exit {res.returncode}): {res.stderr[-1000:]}")
+        return entries
+
+    def wait_relayed(self, before: int, messages: int, t_end: float) -> float:
+        """Wait until smtp-sink has all ``messages`` of this run (and the spool is empty).
+
+        Args:
+            before: the upstream's message counter before the run.
+            messages: messages the client got a 250 for in this run.
+            t_end: ``time.perf_counter()`` when the client finished.
+
+        Returns:
+            the drain time: seconds from ``t_end`` until the last message reached the
+            sink and (queue mode) the spool held no message any more.
+
+        Raises:
+            BenchError: the sink got more or, within 30 s + 10 ms per message, fewer
+                messages than sent, or the spool did not empty (a delivery was deferred).
+        """
+        assert self.upstream is not None
+        deadline = time.monotonic() + 30 + messages / 100
+        while True:
+            got = self.upstream.sink_counts()[1] - before
+            if got > messages:
+                raise BenchError(f"{self.spec.name}: smtp-sink received {got} messages, "
+                                 f"the client sent {messages} (duplicates)")
+            if got == messages:
+                if self.spool is None:
+                    return time.perf_counter() - t_end
+                files = self.spool_files()
+                if not any(files.values()):
+                    return time.perf_counter() - t_end
+            if time.monotonic() > deadline:
+                where = f"; spool {self.spool_files()}" if self.spool is not None else ""
+                raise BenchError(f"{self.spec.name}: smtp-sink received {got} of {messages} "
+                                 f"messages{where}; log bench/results/{self.log_path.name}")
+            self.check_alive()
+            self.upstream.check_alive()
+            time.sleep(0.005)
+
 
 # ----------------------------------------------------------------- a run
 
 
 @dataclass
 class Run:
-    """One timed smtp-source run against one server."""
+    """One timed smtp-source run against one server.
+
+    CPU figures cover the run and, for queue rows, the drain after it (background relaying).
+    """
 
     server: str
     scenario: str
@@ -328,12 +475,20 @@ class Run:
     server_cpu: float  # user+system seconds of the server's process tree
     server_sys: float  # of which system (kernel) seconds
     client_cpu: float
-    other_cpu: float  # busy CPU seconds of the whole machine minus server and smtp-source
+    other_cpu: float  # busy CPU seconds of the whole machine minus all of the above
+    aux_cpu: float = 0.0  # helper processes of the row: upstream smtp-sink, clamd
+    drain: float = 0.0  # seconds from smtp-source's exit until everything was relayed
+    extra: dict[str, float] = field(default_factory=dict)  # upstream sessions, probe sums
 
     @property
     def rate(self) -> float:
         """Messages per second (wall clock of smtp-source)."""
         return self.messages / self.seconds
+
+    @property
+    def window(self) -> float:
+        """Seconds the CPU figures cover: the run plus the drain."""
+        return self.seconds + self.drain
 
     @property
     def sys_ms(self) -> float:
@@ -345,6 +500,11 @@ class Run:
         """Server CPU milliseconds (user+system, whole process tree) per message."""
         return 1000.0 * self.server_cpu / self.messages
 
+    @property
+    def aux_ms(self) -> float:
+        """Helper (upstream sink, clamd) CPU milliseconds per message."""
+        return 1000.0 * self.aux_cpu / self.messages
+
 
 def smtp_source(sc: Scenario, port: int, messages: int) -> list[str]:
     """The smtp-source command line for a scenario (no -c: it prints per message)."""
@@ -355,17 +515,32 @@ def smtp_source(sc: Scenario, port: int, messages: int) -> list[str]:
     return cmd + [f"127.0.0.1:{port}"]
 
 
+def aux_cpu_seconds(server: Server) -> float:
+    """User+system CPU seconds of the row's helper processes (see Server.aux_pids)."""
+    return sum(sum(cpu_seconds(p)) for p in server.aux_pids())
+
+
 def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
     """Run smtp-source once against server; time it and measure the server's CPU.
 
+    Relay rows: waits until smtp-sink got every message (queue rows: until the spool is
+    empty too) and records that drain time. Probe rows: checks that every message has
+    its transaction line (and, with the scanner, a clamd scan and ``clamav=clean``).
+
     Raises:
-        BenchError: smtp-source exited non-zero (an unexpected reply), timed out, or the
-            server died.
+        BenchError: smtp-source exited non-zero (an unexpected reply), timed out, the
+            server died, or a message was not relayed / not scanned.
     """
     server.check_alive()
     cmd = smtp_source(sc, server.port, messages)
+    relayed_before = server.upstream.sink_counts() if server.spec.relay and server.upstream \
+        else (0, 0)
+    if server.spec.probe:
+        server.probe_offset = smtpgate_probe.read_probe(server.probe_path,
+                                                        server.probe_offset)[1]
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0 = cpu_seconds(server.pid)
+    aux0 = aux_cpu_seconds(server)
     busy0 = system_busy_seconds()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -377,8 +552,6 @@ def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
         raise BenchError(
             f"smtp-source timed out against {server.spec.name}: {' '.join(cmd)}") from None
     t1 = time.perf_counter()
-    busy1 = system_busy_seconds()
-    cpu1 = cpu_seconds(server.pid)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise BenchError(
@@ -388,11 +561,57 @@ def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
         )
     server.check_alive()
     server.sent += messages
+    drain = 0.0
+    extra: dict[str, float] = {}
+    if server.spec.relay:
+        drain = server.wait_relayed(relayed_before[1], messages, t1)
+        extra["upstream_sessions"] = server.upstream.sink_counts()[0] - relayed_before[0] \
+            if server.upstream else 0
+        if server.spec.relay != "queue":
+            drain = 0.0  # proxy: relayed before the 250; the wait only confirmed the count
+    busy1 = system_busy_seconds()
+    cpu1 = cpu_seconds(server.pid)
+    aux = aux_cpu_seconds(server) - aux0
+    if server.spec.probe:
+        extra.update(probe_stats(server, messages, sc, rnd))
     client = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     srv = (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1])
-    other = max(0.0, (busy1 - busy0) - srv - client)
+    other = max(0.0, (busy1 - busy0) - srv - client - aux)
     return Run(server.spec.name, sc.key, rnd, messages, t1 - t0, srv, cpu1[1] - cpu0[1],
-               client, other)
+               client, other, aux, drain, extra)
+
+
+def probe_stats(server: Server, messages: int, sc: Scenario, rnd: int) -> dict[str, float]:
+    """Sums over this run's probe lines (bench/smtpgate_probe.py).
+
+    Returns:
+        ``tx_sum`` (data-phase seconds, all messages), ``scan_n``, ``scan_sum``,
+        ``scan_p50``, ``scan_p95`` (clamd exchange seconds).
+
+    Raises:
+        BenchError: not exactly one transaction line (with ``outcome=delivered`` and the
+            expected scan result) and, with the scanner, one scan per message.
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        probe, end = smtpgate_probe.read_probe(server.probe_path, server.probe_offset)
+        if len(probe.tx) >= messages or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    server.probe_offset = end
+    want = "delivered clamav=clean" if server.spec.scanner else "delivered -"
+    bad = [o for o in probe.outcomes if o != want]
+    n_scans = len(probe.scans)
+    if len(probe.tx) != messages or bad or n_scans != (messages if server.spec.scanner else 0):
+        raise BenchError(
+            f"{server.spec.name} (scenario {sc.key}, round {rnd}): {len(probe.tx)} transaction "
+            f"lines and {n_scans} scans for {messages} messages; unexpected outcomes "
+            f"{bad[:3]}; probe bench/results/{server.probe_path.name}")
+    out = {"tx_sum": sum(probe.tx), "scan_n": float(n_scans), "scan_sum": sum(probe.scans)}
+    if probe.scans:
+        out["scan_p50"] = statistics.median(probe.scans)
+        out["scan_p95"] = latency.percentile(probe.scans, 95)
+    return out
 
 
 # ------------------------------------------------------------------ stats

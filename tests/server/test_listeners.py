@@ -186,3 +186,32 @@ def test_tls_min_version_on_implicit_listener(run_app, cert_files, ca) -> None:
     ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     with pytest.raises((ssl.SSLError, OSError)):
         smtplib.SMTP_SSL("127.0.0.1", app.addresses[1][1], context=ctx, timeout=5)
+
+
+def test_dsn_and_deliverby_passed_upstream_in_proxy_mode(run_app, tmp_path) -> None:
+    import socket
+
+    from smtpgate.queue.store import QueueStore
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    spool = tmp_path / "upstream-spool"
+    upstream = run_app({"relay": {"url": f"smtp://127.0.0.1:{dead}"},
+                        "delivery": {"mode": "queue"},
+                        "queue": {"path": str(spool), "min_backoff": 3600}})
+    front = run_app({"relay": {"url": f"smtp://127.0.0.1:{upstream.port}"},
+                     "delivery": {"mode": "proxy"}})
+    with smtplib.SMTP("127.0.0.1", front.port) as s:
+        s.ehlo()
+        assert s.has_extn("dsn") and s.has_extn("deliverby")
+        s.mail("a@example.org", ["RET=HDRS", "ENVID=abc+2Bdef", "BY=600;R"])
+        s.rcpt("b@example.com", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;b@example.com"])
+        code, text = s.data(MSG)
+    assert code == 250 and b"Queued as" in text
+    (entry,) = list(QueueStore(spool).entries())
+    assert entry.mail_params["RET"] == "HDRS"
+    assert entry.mail_params["ENVID"] == "abc+2Bdef"
+    assert entry.mail_params["BY"] == "600;R"
+    assert entry.recipients[0].params == {"NOTIFY": "SUCCESS,FAILURE",
+                                          "ORCPT": "rfc822;b@example.com"}
