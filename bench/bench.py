@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,7 +338,9 @@ class Server:
     def check_alive(self) -> None:
         """Raise BenchError when the server process has exited."""
         if self.proc is None or self.proc.poll() is not None:
-            raise BenchError(f"{self.spec.name} died; log bench/results/{self.log_path.name}:\n"
+            status = self.proc.returncode if self.proc is not None else None
+            raise BenchError(f"{self.spec.name} died (exit status {status}; negative = killed "
+                             f"by that signal); log bench/results/{self.log_path.name}:\n"
                              + self.log_path.read_text(errors="replace")[-2000:])
 
     def verify_count(self) -> None:
@@ -532,6 +534,13 @@ def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
             server died, or a message was not relayed / not scanned.
     """
     server.check_alive()
+    if server.spec.relay and server.upstream is not None:
+        server.upstream.check_alive()
+    if server.spec.scanner and server.clamd is not None:
+        try:
+            server.clamd.check_alive()
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
     cmd = smtp_source(sc, server.port, messages)
     relayed_before = server.upstream.sink_counts() if server.spec.relay and server.upstream \
         else (0, 0)
@@ -554,10 +563,18 @@ def run_load(server: Server, sc: Scenario, messages: int, rnd: int) -> Run:
     t1 = time.perf_counter()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
+        helper = ""
+        if server.spec.relay and server.upstream is not None and server.upstream.proc is not None \
+                and server.upstream.proc.poll() is not None:
+            helper = (f"\nthe upstream smtp-sink has exited (status "
+                      f"{server.upstream.proc.returncode}; negative = killed by that signal)")
+        if server.spec.scanner and server.clamd is not None and server.clamd.proc is not None \
+                and server.clamd.proc.poll() is not None:
+            helper = f"\nclamd has exited (status {server.clamd.proc.returncode})"
         raise BenchError(
             f"smtp-source exit {proc.returncode} against {server.spec.name} "
             f"(scenario {sc.key}, round {rnd}): {' '.join(cmd)}\n"
-            + out.decode(errors="replace")[-2000:]
+            + out.decode(errors="replace")[-2000:] + helper
         )
     server.check_alive()
     server.sent += messages
@@ -627,6 +644,20 @@ def spread(xs: list[float], fmt: str) -> str:
     return f"{med(xs):{fmt}} [{min(xs):{fmt}}-{max(xs):{fmt}}]"
 
 
+def pct(xs: list[float], q: float) -> float:
+    """The q-th percentile (0..100)."""
+    return latency.percentile(xs, q)
+
+
+@dataclass
+class Family:
+    """A group of rows with its own rounds: main (vs aiosmtpd), queue, scan."""
+
+    key: str
+    servers: list[ServerSpec]
+    scenarios: list[Scenario]
+
+
 @dataclass
 class Report:
     """Everything measured, and the text table."""
@@ -636,60 +667,33 @@ class Report:
     memory: dict[str, list[float]] = field(default_factory=dict)
     rss_after: dict[str, tuple[int, int]] = field(default_factory=dict)
     profile: list[str] = field(default_factory=list)
+    latency: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # s, by round
+    notes: dict[str, list[str]] = field(default_factory=dict)  # family key -> title lines
 
     def rates(self, server: str, scenario: str) -> dict[int, Run]:
         """Runs of one server in one scenario, by round."""
         return {r.round: r for r in self.runs if r.server == server and r.scenario == scenario}
 
-    def table(self, servers: list[ServerSpec], scenarios: list[Scenario]) -> str:
-        """The result table (plain text, 100 columns)."""
+    def same_round(self, a: ServerSpec, b: ServerSpec, scenario: str,
+                   value: Callable[[Run, Run], float]) -> list[float]:
+        """value(run of a, run of b) for every round in which both ran the scenario."""
+        ra, rb = self.rates(a.name, scenario), self.rates(b.name, scenario)
+        return [value(ra[k], rb[k]) for k in sorted(ra) if k in rb]
+
+    def table(self, families: list[Family]) -> str:
+        """The result table (plain text, about 110 columns)."""
         lines = list(self.header)
         lines.append("")
-        w = 34
-        lines.append(f"{'scenario / server':<{w}} {'msgs/s median [min-max]':>26} "
-                     f"{'CPU ms/msg':>11} {'(sys)':>7} {'srv CPU':>8} {'src CPU':>8} "
-                     f"{'other':>6}")
-        lines.append("-" * 107)
         verdicts: list[str] = []
-        for sc in scenarios:
-            n = int(next((r.messages for r in self.runs if r.scenario == sc.key), 0))
-            flag = "-d " if sc.persistent else ""
-            lines.append(f"{sc.key}: {sc.title}  (smtp-source {flag}-s {sc.sessions} "
-                         f"-l {sc.size} -m {n})")
-            for spec in servers:
-                runs = list(self.rates(spec.name, sc.key).values())
-                if not runs:
-                    continue
-                rates = [r.rate for r in runs]
-                cpu = med([r.cpu_ms for r in runs])
-                sys_ms = med([r.sys_ms for r in runs])
-                srv = med([r.server_cpu / r.seconds for r in runs]) * 100
-                cli = med([r.client_cpu / r.seconds for r in runs]) * 100
-                oth = med([r.other_cpu / r.seconds for r in runs]) * 100
-                lines.append(f"  {spec.name:<{w - 2}} {spread(rates, '.0f'):>26} "
-                             f"{cpu:>11.3f} {sys_ms:>7.3f} {srv:>7.0f}% {cli:>7.0f}% {oth:>5.0f}%")
-            base = self.rates(AIO.name, sc.key)
-            for spec in servers:
-                if spec.kind != "smtpgate" or spec.relay:
-                    continue
-                mine = self.rates(spec.name, sc.key)
-                both = [k for k in mine if k in base]
-                if not both:
-                    continue
-                ratios = [mine[k].rate / base[k].rate for k in both]
-                label = f"  ratio {spec.name}/aiosmtpd"
-                text = f"{label:<{w}} {spread(ratios, '.2f'):>26}"
-                if spec.compared == "sg":
-                    verdict = "PASS" if med(ratios) >= sc.target else "MISS"
-                    text += f"   target >= {sc.target:.1f}: {verdict}"
-                    verdicts.append(f"{sc.key}: {med(ratios):.2f} (>= {sc.target:.1f}) {verdict}")
-                lines.append(text)
-                if spec.compared == "sg":
-                    eff = [base[k].cpu_ms / mine[k].cpu_ms for k in both if mine[k].cpu_ms > 0]
-                    if eff:
-                        label = "    (CPU/msg aiosmtpd/smtpgate)"
-                        lines.append(f"{label:<{w}} {spread(eff, '.2f'):>26}")
-            lines.append("")
+        for fam in families:
+            lines.extend(self.notes.get(fam.key, []))
+            if fam.key == "main":
+                lines.extend(self._main(fam, verdicts))
+            elif fam.key == "queue":
+                lines.extend(self._queue(fam, verdicts))
+            elif fam.key == "scan":
+                lines.extend(self._scan(fam))
+        w = 34
         if self.memory:
             lines.append("Idle connections after EHLO: server RSS delta / connections "
                          "(median [min-max] over fresh processes)")
@@ -706,11 +710,12 @@ class Report:
             lines.append("Targets (median of same-round ratios): " + "; ".join(verdicts))
         lines.append("CPU ms/msg: server user+system time per message (/proc/PID/stat, whole "
                      "process tree); (sys): of which kernel.")
-        lines.append("srv / src / other: CPU of the server / of smtp-source / of everything else "
-                     "on the machine (kernel included),")
-        lines.append("  as % of one core during the run (server near 100% = server-bound).")
+        lines.append("srv / src / aux / other: CPU of the server / of smtp-source / of the row's "
+                     "helper (upstream smtp-sink, clamd) /")
+        lines.append("  of everything else on the machine (kernel included), as % of one core "
+                     "during the run (server near 100% = server-bound).")
         if self.runs:
-            other = med([r.other_cpu / r.seconds for r in self.runs]) * 100
+            other = med([r.other_cpu / r.window for r in self.runs]) * 100
             if other > 25:
                 lines.append(f"WARNING: other processes used a median {other:.0f}% of a core "
                              "during the timed runs: the machine was busy, the numbers are "
@@ -719,6 +724,202 @@ class Report:
             lines.append("")
             lines.extend(self.profile)
         return "\n".join(lines) + "\n"
+
+    def _rows(self, spec: ServerSpec, sc: Scenario, w: int, aux: bool,
+              drain: bool = False) -> str | None:
+        """One row: msgs/s, CPU ms/msg, (sys), srv/src[/aux]/other CPU [, drain, conn/msg]."""
+        runs = list(self.rates(spec.name, sc.key).values())
+        if not runs:
+            return None
+        rates = [r.rate for r in runs]
+        cpu = med([r.cpu_ms for r in runs])
+        sys_ms = med([r.sys_ms for r in runs])
+        srv = med([r.server_cpu / r.window for r in runs]) * 100
+        cli = med([r.client_cpu / r.window for r in runs]) * 100
+        oth = med([r.other_cpu / r.window for r in runs]) * 100
+        text = (f"  {spec.name:<{w - 2}} {spread(rates, '.0f'):>26} "
+                f"{cpu:>11.3f} {sys_ms:>7.3f} {srv:>7.0f}% {cli:>7.0f}%")
+        if aux:
+            text += f" {med([r.aux_cpu / r.window for r in runs]) * 100:>7.0f}%"
+        text += f" {oth:>5.0f}%"
+        if drain:
+            d = f"{med([r.drain for r in runs]):.2f}" if spec.relay == "queue" else "-"
+            conns = med([r.extra.get("upstream_sessions", 0) / r.messages for r in runs])
+            text += f" {d:>8} {conns:>9.3f}"
+        return text
+
+    @staticmethod
+    def _scenario_line(sc: Scenario, runs: list[Run]) -> str:
+        n = int(next((r.messages for r in runs if r.scenario == sc.key), 0))
+        flag = "-d " if sc.persistent else ""
+        return (f"{sc.key}: {sc.title}  (smtp-source {flag}-s {sc.sessions} -l {sc.size} "
+                f"-m {n})")
+
+    def _main(self, fam: Family, verdicts: list[str]) -> list[str]:
+        w = 34
+        lines = [f"{'scenario / server':<{w}} {'msgs/s median [min-max]':>26} "
+                 f"{'CPU ms/msg':>11} {'(sys)':>7} {'srv CPU':>8} {'src CPU':>8} "
+                 f"{'other':>6}"]
+        lines.append("-" * 107)
+        for sc in fam.scenarios:
+            lines.append(self._scenario_line(sc, self.runs))
+            for spec in fam.servers:
+                row = self._rows(spec, sc, w, aux=False)
+                if row:
+                    lines.append(row)
+            for spec in fam.servers:
+                if spec.kind != "smtpgate" or spec.relay:
+                    continue
+                ratios = self.same_round(spec, AIO, sc.key, lambda m, b: m.rate / b.rate)
+                if not ratios:
+                    continue
+                label = f"  ratio {spec.name}/aiosmtpd"
+                text = f"{label:<{w}} {spread(ratios, '.2f'):>26}"
+                if spec.compared == "sg":
+                    verdict = "PASS" if med(ratios) >= sc.target else "MISS"
+                    text += f"   target >= {sc.target:.1f}: {verdict}"
+                    verdicts.append(f"{sc.key}: {med(ratios):.2f} (>= {sc.target:.1f}) {verdict}")
+                lines.append(text)
+                if spec.compared == "sg":
+                    eff = self.same_round(spec, AIO, sc.key,
+                                          lambda m, b: b.cpu_ms / m.cpu_ms if m.cpu_ms else 0.0)
+                    if eff:
+                        label = "    (CPU/msg aiosmtpd/smtpgate)"
+                        lines.append(f"{label:<{w}} {spread(eff, '.2f'):>26}")
+            lines.append("")
+        return lines
+
+    def _queue(self, fam: Family, verdicts: list[str]) -> list[str]:
+        w = 34
+        proxy = SG_RELAY
+        lines = [f"{'scenario / server':<{w}} {'msgs/s median [min-max]':>26} "
+                 f"{'CPU ms/msg':>11} {'(sys)':>7} {'srv CPU':>8} {'src CPU':>8} "
+                 f"{'sink':>8} {'other':>6} {'drain s':>8} {'conn/msg':>9}"]
+        lines.append("-" * 125)
+        queues = [s for s in fam.servers if s.relay == "queue"]
+        for sc in fam.scenarios:
+            lines.append(self._scenario_line(sc, self.runs))
+            for spec in fam.servers:
+                row = self._rows(spec, sc, w, aux=True, drain=True)
+                if row:
+                    lines.append(row)
+            for spec in queues:
+                ratios = self.same_round(spec, proxy, sc.key, lambda q, p: q.rate / p.rate)
+                if not ratios:
+                    continue
+                what = "fsync" if spec.fsync else "no fsync"
+                label = f"  ratio queue ({what})/proxy"
+                text = f"{label:<{w}} {spread(ratios, '.2f'):>26}"
+                if spec.compared == "sg":
+                    verdict = "PASS" if med(ratios) >= QUEUE_TARGET else "MISS"
+                    text += f"   target >= {QUEUE_TARGET:.1f}: {verdict}"
+                    verdicts.append(f"queue/proxy {sc.key}: {med(ratios):.2f} "
+                                    f"(>= {QUEUE_TARGET:.1f}) {verdict}")
+                lines.append(text)
+                done = self.same_round(spec, proxy, sc.key,
+                                       lambda q, p: q.messages / q.window / p.rate)
+                label = "    (incl. drain: delivered/s)"
+                lines.append(f"{label:<{w}} {spread(done, '.2f'):>26}")
+            lines.append("")
+        lines.extend(self._latency(fam))
+        return lines
+
+    def _latency(self, fam: Family) -> list[str]:
+        w = 34
+        specs = [s for s in fam.servers if s.name in self.latency]
+        if not specs:
+            return []
+        k = len(next(iter(self.latency[specs[0].name].values())))
+        lines = [f"DATA-end latency, one session, {k} messages of 4 KiB one after another per "
+                 "server and round (bench/latency.py), ms:",
+                 f"  {'server':<{w - 2}} {'median':>8} {'p95':>8}   per-round medians "
+                 "[min-max]"]
+        for spec in specs:
+            rounds = self.latency[spec.name]
+            allx = [x for xs in rounds.values() for x in xs]
+            meds = [1000 * med(xs) for xs in rounds.values()]
+            lines.append(f"  {spec.name:<{w - 2}} {1000 * med(allx):>8.2f} "
+                         f"{1000 * pct(allx, 95):>8.2f}   {spread(meds, '.2f')}")
+        base = self.latency.get(SG_RELAY.name)
+        for spec in specs:
+            mine = self.latency[spec.name]
+            if spec.relay != "queue" or base is None:
+                continue
+            both = [r for r in mine if r in base]
+            d50 = [1000 * (med(mine[r]) - med(base[r])) for r in both]
+            d95 = [1000 * (pct(mine[r], 95) - pct(base[r], 95)) for r in both]
+            what = "fsync" if spec.fsync else "no fsync"
+            lines.append(f"  added by queue ({what}) vs proxy, same round: median "
+                         f"{spread(d50, '+.2f')} ms, p95 {spread(d95, '+.2f')} ms")
+        lines.append("")
+        return lines
+
+    def _scan(self, fam: Family) -> list[str]:
+        w = 34
+        lines = [f"{'scenario / server':<{w}} {'msgs/s median [min-max]':>26} "
+                 f"{'CPU ms/msg':>11} {'(sys)':>7} {'srv CPU':>8} {'src CPU':>8} "
+                 f"{'clamd':>8} {'other':>6}"]
+        lines.append("-" * 116)
+        for sc in fam.scenarios:
+            lines.append(self._scenario_line(sc, self.runs))
+            for spec in fam.servers:
+                row = self._rows(spec, sc, w, aux=True)
+                if row:
+                    lines.append(row)
+            ratios = self.same_round(SG_CLAMD, SG_NOSCAN, sc.key, lambda c, n: c.rate / n.rate)
+            if ratios:
+                label = "  ratio clamd/no scanner"
+                lines.append(f"{label:<{w}} {spread(ratios, '.2f'):>26}")
+            lines.append("")
+        keys = [sc for sc in fam.scenarios if self.rates(SG_CLAMD.name, sc.key)]
+        if not keys:
+            return lines
+        cw = 21
+        metrics: list[tuple[str, ServerSpec, Callable[[Run, Scenario], float], str]] = [
+            ("clamd exchange ms, mean", SG_CLAMD,
+             lambda r, sc: 1000 * r.extra["scan_sum"] / r.messages, ".2f"),
+            ("clamd exchange ms, median", SG_CLAMD,
+             lambda r, sc: 1000 * r.extra["scan_p50"], ".2f"),
+            ("clamd exchange ms, p95", SG_CLAMD, lambda r, sc: 1000 * r.extra["scan_p95"], ".2f"),
+            ("data phase ms/msg, + clamd", SG_CLAMD,
+             lambda r, sc: 1000 * r.extra["tx_sum"] / r.messages, ".2f"),
+            ("data phase ms/msg, no scanner", SG_NOSCAN,
+             lambda r, sc: 1000 * r.extra["tx_sum"] / r.messages, ".3f"),
+            ("clamd CPU ms/msg", SG_CLAMD, lambda r, sc: r.aux_ms, ".3f"),
+            ("clamd CPU % of clamd+smtpgate", SG_CLAMD,
+             lambda r, sc: 100 * r.aux_cpu / (r.aux_cpu + r.server_cpu), ".0f"),
+            ("wait share of session time %", SG_CLAMD,
+             lambda r, sc: 100 * r.extra["scan_sum"] / (sc.sessions * r.seconds), ".0f"),
+            ("scans in flight (sum/wall)", SG_CLAMD,
+             lambda r, sc: r.extra["scan_sum"] / r.seconds, ".2f"),
+        ]
+        rows: list[tuple[str, list[str]]] = []
+        for label, spec, fn, fmt in metrics:
+            cells = []
+            for sc in keys:
+                runs = list(self.rates(spec.name, sc.key).values())
+                cells.append(spread([fn(r, sc) for r in runs], fmt) if runs else "-")
+            rows.append((label, cells))
+        lines.append("Scanner stage, smtpgate + clamd (median [min-max] over rounds); columns: "
+                     "scenario (sessions)")
+        lines.append(f"  {'':<{w - 2}}" + "".join(f"{f'{sc.key} ({sc.sessions})':>{cw}}"
+                                                   for sc in keys))
+        for label, cells in rows:
+            lines.append(f"  {label:<{w - 2}}" + "".join(f"{c:>{cw}}" for c in cells))
+        for sc in keys:
+            if sc.key != "a":  # a1 is scenario a with one session
+                continue
+            for spec in (SG_CLAMD, SG_NOSCAN):
+                one = self.rates(spec.name, A1.key)
+                mine = self.rates(spec.name, sc.key)
+                both = [k for k in mine if k in one]
+                if not both:
+                    continue
+                ratio = [mine[k].rate / one[k].rate for k in both]
+                lines.append(f"  msgs/s {sc.key} ({sc.sessions} sessions) / {A1.key} (1 session), "
+                             f"{spec.name}: {spread(ratio, '.2f')}")
+        lines.append("")
+        return lines
 
 
 # ------------------------------------------------------------------ phases
@@ -760,34 +961,139 @@ def header(rounds: int, base_messages: int) -> list[str]:
     ]
 
 
-def load_rounds(report: Report, servers: list[ServerSpec], scenarios: list[Scenario],
-                rounds: int, base: int, workdir: Path) -> None:
-    """Start every server once, warm them up, then run the rounds (order rotates)."""
+class QuietBudget:
+    """Seconds left, over the whole run, to wait for a quiet machine (QUIET_WAIT)."""
+
+    left: float = 60.0
+
+
+def fs_type(path: Path) -> str:
+    """Type and device of the file system holding path (/proc/mounts): 'ext4 /dev/vda'."""
+    best = ("", "?", "?")
+    with contextlib.suppress(OSError):
+        real = str(path.resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, typ = line.split()[:3]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, typ, dev)
+    return f"{best[1]} {best[2]}"
+
+
+def make_spool_root(report: Report) -> Path:
+    """A fresh directory for the queue rows' spools under QUEUE_DIR (default /var/tmp)."""
+    parent = Path(os.environ.get("QUEUE_DIR", "").strip() or "/var/tmp")
+    root = Path(tempfile.mkdtemp(prefix="smtpgate-bench-spool-", dir=parent))
+    fs = fs_type(root)
+    note = f"spools in {root} ({fs})"
+    if fs.split()[0] in ("tmpfs", "ramfs", "overlay"):
+        note += "  WARNING: not a plain disk file system, fsync costs are not representative"
+    report.notes.setdefault("queue", []).append(note)
+    return root
+
+
+def latency_round(report: Report, servers: list[Server], rnd: int, count: int) -> None:
+    """Time ``count`` DATA ends per relay row (one session each, bench/latency.py).
+
+    Every message must reach smtp-sink (and leave the spool) before the next row is timed.
+
+    Raises:
+        BenchError: a message was refused, lost or not relayed.
+    """
+    order = servers if rnd % 2 else list(reversed(servers))
+    warmup = 10
+    for srv in order:
+        srv.check_alive()
+        before = srv.upstream.sink_counts()[1] if srv.upstream else 0
+        try:
+            xs = latency.measure(srv.port, count, 4096, warmup=warmup)
+        except (latency.SmtpReplyError, OSError) as exc:
+            raise BenchError(f"latency client against {srv.spec.name}: {exc}") from None
+        t_end = time.perf_counter()
+        srv.sent += count + warmup
+        srv.wait_relayed(before, count + warmup, t_end)
+        report.latency.setdefault(srv.spec.name, {})[rnd] = xs
+    print(f"round {rnd} latency: " + ", ".join(
+        f"{s.spec.name} {1000 * med(report.latency[s.spec.name][rnd]):.2f} ms" for s in servers),
+        flush=True)
+
+
+def check_scanning(srv: Server) -> None:
+    """A message carrying EICAR through smtpgate + clamd must be refused with 554 5.7.1.
+
+    Raises:
+        BenchError: it was accepted (the scanner is not in the pipeline) or another reply.
+    """
+    body = clamd_proc.EICAR.decode() + "\r\n"
+    try:
+        reply = latency.send_one(srv.port, body)
+    except OSError as exc:
+        raise BenchError(f"EICAR check against {srv.spec.name}: {exc}") from None
+    if not reply.startswith("554"):
+        raise BenchError(f"{srv.spec.name} answered {reply!r} to a message carrying EICAR "
+                         "(expected 554 5.7.1 Virus found): the scanner is not scanning")
+
+
+def load_rounds(report: Report, fam: Family, rounds: int, base: int, workdir: Path,
+                lat_messages: int = 0, profile: bool = False) -> None:
+    """Start every server of a family once, warm them up, then run the rounds (order rotates).
+
+    Also starts what the rows need: the counting smtp-sink upstream (relay rows), a private
+    clamd (scanner rows), a spool directory on disk (queue rows); removes it all afterwards.
+
+    Args:
+        lat_messages: after each round's scenarios, time that many DATA ends on every relay
+            row (see :func:`latency_round`); 0 = not.
+        profile: also py-spy the family's "sg" row once under its first scenario.
+
+    Raises:
+        BenchError: any failure (server died, refused or lost message, queue not drained).
+    """
+    servers, scenarios = fam.servers, fam.scenarios
+    label = "" if fam.key == "main" else f"{fam.key} "
     started: list[Server] = []
+    clamd: clamd_proc.Clamd | None = None
+    spool_root: Path | None = None
     try:
         upstream: Server | None = None
         if any(s.relay for s in servers):
-            upstream = Server(ServerSpec("smtp-sink upstream", "smtp-sink"), workdir).start()
+            upstream = Server(UPSTREAM, workdir).start()
             started.append(upstream)
+        if any(s.scanner for s in servers):
+            clamd = clamd_proc.Clamd(workdir, threads=env_int("CLAMD_THREADS", 10))
+            try:
+                clamd.start()
+            except RuntimeError as exc:
+                raise BenchError(str(exc)) from None
+            verdict = clamd.scan(clamd_proc.EICAR)
+            if "FOUND" not in verdict:
+                raise BenchError(f"private clamd does not detect EICAR: {verdict!r}")
+            report.notes.setdefault("scan", []).append(
+                f"private clamd: {clamd.version()}, MaxThreads {clamd.threads}, "
+                "database = 2 test signatures (bench/clamd_proc.py); EICAR -> "
+                f"{verdict.removeprefix('stream: ')}")
+        if any(s.relay == "queue" for s in servers):
+            spool_root = make_spool_root(report)
         live: dict[str, Server] = {}
         for spec in servers:
-            srv = Server(spec, workdir, upstream.port if upstream else None).start()
+            srv = Server(spec, workdir, upstream, clamd, spool_root).start()
             started.append(srv)
             live[spec.name] = srv
-        print("warm-up ...", flush=True)
+        print(f"{label}warm-up ...", flush=True)
         for sc in scenarios:
             for spec in servers:
                 run_load(live[spec.name], sc, max(200, int(base * sc.share / 20)), 0)
-        budget = float(env_int("QUIET_WAIT", 60))
         busy_rounds = 0
+        relays = [live[s.name] for s in servers if s.relay]
         for rnd in range(1, rounds + 1):
-            waited, quiet = wait_quiet(budget)
-            budget -= waited
+            waited, quiet = wait_quiet(QuietBudget.left)
+            QuietBudget.left -= waited
             if not quiet:
                 busy_rounds += 1
-                print(f"round {rnd}: machine busy (other processes), going ahead", flush=True)
+                print(f"{label}round {rnd}: machine busy (other processes), going ahead",
+                      flush=True)
             elif waited > 1.5:
-                print(f"round {rnd}: waited {waited:.0f} s for a quiet machine", flush=True)
+                print(f"{label}round {rnd}: waited {waited:.0f} s for a quiet machine",
+                      flush=True)
             for sc in scenarios:
                 n = max(100, int(base * sc.share))
                 shift = (rnd - 1) % len(servers)
@@ -799,22 +1105,51 @@ def load_rounds(report: Report, servers: list[ServerSpec], scenarios: list[Scena
                 for spec in order:
                     run = run_load(live[spec.name], sc, n, rnd)
                     report.runs.append(run)
-                    parts.append(f"{spec.name} {run.rate:.0f}/s")
-                    others.append(run.other_cpu / run.seconds)
-                print(f"round {rnd}/{rounds} {sc.key}: " + ", ".join(parts)
+                    parts.append(f"{spec.name} {run.rate:.0f}/s"
+                                 + (f" +{run.drain:.1f}s drain" if run.drain else ""))
+                    others.append(run.other_cpu / run.window)
+                print(f"{label}round {rnd}/{rounds} {sc.key}: " + ", ".join(parts)
                       + f"  [other CPU {100 * max(others):.0f}%]", flush=True)
+            if lat_messages > 0 and relays:
+                latency_round(report, relays, rnd, lat_messages)
         report.header.append(
-            f"rounds started on a busy machine (other CPU >= 30% of a core after waiting "
+            f"{label}rounds started on a busy machine (other CPU >= 30% of a core after waiting "
             f"QUIET_WAIT): {busy_rounds} of {rounds}")
         for spec in servers:
             srv = live[spec.name]
             report.rss_after[spec.name] = (rss_kib(srv.pid), rss_kib(srv.pid, "VmHWM"))
+            if spec.scanner:
+                check_scanning(srv)
+            if spec.relay == "queue":
+                left = srv.queue_list()
+                if left:
+                    raise BenchError(f"{spec.name}: smtpgate queue list shows {len(left)} "
+                                     f"message(s) left in {srv.spool}")
+        if profile:
+            target = next((s for s in servers if s.compared == "sg"), None)
+            if target is not None and scenarios:
+                report.profile.extend(profile_run(
+                    live[target.name], scenarios[0], base, workdir,
+                    idle=target.relay == "queue"))
         for srv in started:
             srv.stop()
             srv.verify_count()
+        if fam.key == "queue":
+            queued = sum(srv.sent for srv in started if srv.spec.relay == "queue")
+            report.notes.setdefault("queue", []).append(
+                f"checked: every message reached smtp-sink (its -c counters) after each run; "
+                f"smtpgate queue list --json empty at the end ({queued} messages queued)")
     finally:
         for srv in reversed(started):
             srv.stop()
+        if clamd is not None:
+            clamd.stop(keep_log=workdir / "clamd.log")
+        if spool_root is not None:
+            shutil.rmtree(spool_root, ignore_errors=True)
+            if spool_root.exists():
+                print(f"WARNING: could not remove the spool {spool_root}", file=sys.stderr)
+            else:
+                report.notes.setdefault("queue", []).append(f"spools removed: {spool_root}")
 
 
 def memory_phase(report: Report, specs: list[ServerSpec], conns: int, reps: int,
@@ -831,35 +1166,50 @@ def memory_phase(report: Report, specs: list[ServerSpec], conns: int, reps: int,
             print(f"idle memory {spec.name}: {per_conn:.1f} KiB/conn", flush=True)
 
 
-def profile_phase(report: Report, scenarios: list[Scenario], base: int, workdir: Path) -> None:
-    """py-spy the smtpgate (uvloop) process under each scenario; summarise the hot spots."""
+def profile_run(srv: Server, sc: Scenario, base: int, workdir: Path,
+                idle: bool = False) -> list[str]:
+    """py-spy one extra (untimed) run of scenario sc against a running server; summarise.
+
+    Args:
+        idle: also sample threads that are blocked (``py-spy --idle``): shows where the
+            queue's worker threads wait (fsync) rather than only what burns CPU.
+    """
     pyspy = shutil.which("py-spy")
     if pyspy is None:
-        report.profile.append("PROFILE: py-spy not found (pip install py-spy)")
-        return
+        return ["PROFILE: py-spy not found (pip install py-spy)"]
+    raw = workdir / f"pyspy-{srv.slug}-{sc.key}.txt"
+    cmd = [pyspy, "record", "--pid", str(srv.pid), "--format", "raw", "--rate", "250",
+           "--native", "--output", str(raw)] + (["--idle"] if idle else [])
+    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        run_load(srv, sc, max(100, int(base * sc.share)), 0)
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
+    name = f"pyspy-{sc.key}.txt" if srv.spec == SG else f"pyspy-{srv.slug}-{sc.key}.txt"
+    if raw.exists():
+        shutil.copy(raw, RESULTS / name)
+    return summarise_pyspy(raw, sc, srv.spec.name, idle)
+
+
+def profile_phase(report: Report, scenarios: list[Scenario], base: int, workdir: Path) -> None:
+    """py-spy the smtpgate (uvloop) process under each scenario; summarise the hot spots."""
     for sc in scenarios:
         srv = Server(SG, workdir).start()
-        raw = workdir / f"pyspy-{sc.key}.txt"
         try:
             run_load(srv, sc, max(200, int(base * sc.share / 10)), 0)  # warm-up
-            spy = subprocess.Popen(
-                [pyspy, "record", "--pid", str(srv.pid), "--format", "raw", "--rate", "250",
-                 "--native", "--output", str(raw)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.0)
-            run_load(srv, sc, max(100, int(base * sc.share)), 0)
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+            report.profile.extend(profile_run(srv, sc, base, workdir))
         finally:
             srv.stop()
-        report.profile.extend(summarise_pyspy(raw, sc))
-        shutil.copy(raw, RESULTS / f"pyspy-{sc.key}.txt")
 
 
-def summarise_pyspy(raw: Path, sc: Scenario, top: int = 22) -> list[str]:
+def summarise_pyspy(raw: Path, sc: Scenario, name: str = SG.name, idle: bool = False,
+                    top: int = 22) -> list[str]:
     """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
     own: dict[str, int] = {}
     incl: dict[str, int] = {}
+    where: dict[str, int] = {}  # "leaf < two nearest Python callers"
     total = 0
     if not raw.exists():
         return [f"profile {sc.key}: py-spy wrote nothing"]
@@ -877,17 +1227,24 @@ def summarise_pyspy(raw: Path, sc: Scenario, top: int = 22) -> list[str]:
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
+        callers = [f.split(" (")[0] for f in frames[:-1] if ".py)" in f][-2:]
+        key = " < ".join([frames[-1].split(" (")[0]] + callers[::-1])
+        where[key] = where.get(key, 0) + n
     if not total:
         return [f"profile {sc.key}: no samples"]
-    out = [f"py-spy --native profile of smtpgate (uvloop), scenario {sc.key} ({total} samples "
-           "of the busy server; idle waits are not sampled)",
+    what = ("all threads, blocked ones included (--idle)" if idle
+            else "the busy server; idle waits are not sampled")
+    out = [f"py-spy --native profile of {name}, scenario {sc.key} ({total} samples of {what})",
            f"  {'self%':>6} {'total%':>7}  function (file)"]
-    for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
-        out.append(f"  {100 * n / total:>6.1f} {100 * incl[name] / total:>7.1f}  {name[:110]}")
+    for fn, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * n / total:>6.1f} {100 * incl[fn] / total:>7.1f}  {fn[:110]}")
     out.append("  -- inclusive, top smtpgate frames --")
     mine = [(k, v) for k, v in incl.items() if "smtpgate" in k]
-    for name, n in sorted(mine, key=lambda kv: -kv[1])[:12]:
-        out.append(f"  {'':>6} {100 * n / total:>7.1f}  {name[:110]}")
+    for fn, n in sorted(mine, key=lambda kv: -kv[1])[:12]:
+        out.append(f"  {'':>6} {100 * n / total:>7.1f}  {fn[:110]}")
+    out.append("  -- self, by leaf frame < its two nearest Python callers --")
+    for fn, n in sorted(where.items(), key=lambda kv: -kv[1])[:12]:
+        out.append(f"  {100 * n / total:>6.1f}  {'':>7}{fn[:110]}")
     out.append("")
     return out
 
@@ -904,12 +1261,39 @@ def terminate_on_signal() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def families_from_env(keys: list[str]) -> list[Family]:
+    """The families to run, from SCENARIOS, EXTRAS, QUEUE and SCAN."""
+    extras = os.environ.get("EXTRAS", "1").strip() or "1"
+    queue = os.environ.get("QUEUE", "1").strip() not in ("", "0")
+    scan = os.environ.get("SCAN", "1").strip() not in ("", "0")
+    scenarios = [SCENARIOS[k] for k in keys]
+    servers = [SG, AIO]
+    if extras != "0":
+        servers += [SG_ASYNCIO, SINK] + ([] if queue else [SG_RELAY])
+    if extras == "2":
+        servers += [AIO_UV]
+    fams = [Family("main", servers, scenarios)]
+    if queue:
+        fams.append(Family("queue", [SG_RELAY, SG_QUEUE, SG_QUEUE_NOSYNC], scenarios))
+    scan_scenarios = [sc for sc in scenarios if sc.key in ("a", "c")]
+    if scan and scan_scenarios:
+        if "a" in keys:
+            scan_scenarios.append(A1)
+        fams.append(Family("scan", [SG_NOSCAN, SG_CLAMD], scan_scenarios))
+    return fams
+
+
 def main() -> int:
     """Run all phases; print and write the table. Exit 1 when the run was not clean."""
     rounds = env_int("ROUNDS", 5)
     base = env_int("MESSAGES", 10000)
+    fam_rounds = env_int("FAMILY_ROUNDS", 5)
+    queue_base = env_int("QUEUE_MESSAGES", 4000)
+    scan_base = env_int("SCAN_MESSAGES", 5000)
+    lat_messages = env_int("LAT_MESSAGES", 200)
     mem_conns = env_int("MEM_CONNS", 1000)
     mem_reps = env_int("MEM_ROUNDS", 3)
+    QuietBudget.left = float(env_int("QUIET_WAIT", 60))
     keys = [k.strip() for k in os.environ.get("SCENARIOS", "a,b,c").split(",") if k.strip()]
     extras = os.environ.get("EXTRAS", "1") != "0"
     profile = os.environ.get("PROFILE", "0") not in ("", "0")
@@ -918,21 +1302,37 @@ def main() -> int:
             print(f"{tool} not found (apt-get install postfix; see bench/run.sh)",
                   file=sys.stderr)
             return 1
-    scenarios = [SCENARIOS[k] for k in keys]
-    servers = [SG, AIO] + ([SG_ASYNCIO, SINK, SG_RELAY] if extras else [])
-    if os.environ.get("EXTRAS", "1") == "2":
-        servers += [AIO_UV, SG_QUEUE]
+    families = families_from_env(keys)
+    if any(f.key == "scan" for f in families) and clamd_proc.clamd_binary() is None:
+        print("clamd not found (apt-get install clamav-daemon; see bench/run.sh), or SCAN=0",
+              file=sys.stderr)
+        return 1
+    scenarios = families[0].scenarios
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for pattern in ("*.log", "pyspy-*.txt"):  # artefacts of an earlier run
+    for pattern in ("*.log", "*.probe", "pyspy-*.txt"):  # artefacts of an earlier run
         for old in RESULTS.glob(pattern):
             old.unlink()
     report = Report(header=header(rounds, base))
+    report.notes["queue"] = [
+        f"QUEUE: store-and-forward vs proxy, both relaying every message to a counting "
+        f"smtp-sink; {fam_rounds} rounds, QUEUE_MESSAGES={queue_base}"]
+    report.notes["scan"] = [
+        f"SCAN: clamd in the data phase ([[scanner]] type = \"clamav\"), relay.url = "
+        f"\"discard:\"; both rows run through bench/smtpgate_probe.py; {fam_rounds} rounds, "
+        f"SCAN_MESSAGES={scan_base}"]
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="smtpgate-bench-") as tmp, terminate_on_signal():
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)
         try:
-            load_rounds(report, servers, scenarios, rounds, base, workdir)
+            for fam in families:
+                if fam.key == "main":
+                    load_rounds(report, fam, rounds, base, workdir)
+                elif fam.key == "queue":
+                    load_rounds(report, fam, fam_rounds, queue_base, workdir,
+                                lat_messages=lat_messages, profile=profile)
+                else:
+                    load_rounds(report, fam, fam_rounds, scan_base, workdir, profile=profile)
             if mem_conns > 0:
                 mem_specs = [SG, AIO] + ([SG_ASYNCIO] if extras else [])
                 memory_phase(report, mem_specs, mem_conns, mem_reps, workdir)
@@ -942,15 +1342,16 @@ def main() -> int:
             print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
             return 1
         finally:
-            for log in workdir.glob("*.log"):
-                shutil.copy(log, RESULTS / log.name)
+            for pattern in ("*.log", "*.probe"):
+                for log in workdir.glob(pattern):
+                    shutil.copy(log, RESULTS / log.name)
     report.header.append(f"wall time of the whole run: {time.monotonic() - t_start:.0f} s")
-    text = report.table(servers, scenarios)
+    text = report.table(families)
     print("\n" + text)
     (RESULTS / "latest.txt").write_text(text)
     (RESULTS / "latest.json").write_text(json.dumps(
-        {"runs": [vars(r) for r in report.runs], "memory_kib_per_conn": report.memory},
-        indent=1))
+        {"runs": [vars(r) for r in report.runs], "memory_kib_per_conn": report.memory,
+         "latency_s": report.latency}, indent=1))
     return 0
 
 

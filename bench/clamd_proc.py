@@ -8,6 +8,8 @@ configuration approach as tests/scanners/clamd_fixture.py; protocol: clamd(8) "C
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -38,6 +40,12 @@ def clamd_binary() -> str | None:
         if os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM clamd if the harness dies (prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def _free_port() -> int:
@@ -111,7 +119,8 @@ class Clamd:
         # No "User": clamd keeps running as whoever starts it, like the test fixture.
         with open(self.dir / "stderr.log", "wb") as err:
             self.proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=err)
+                                         stdout=subprocess.DEVNULL, stderr=err,
+                                         preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while not self.ping():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -130,14 +139,29 @@ class Clamd:
         except OSError:
             return False
 
-    def scan(self, data: bytes) -> str:
-        """INSTREAM ``data`` directly (no smtpgate); return clamd's reply, e.g. ``stream: OK``."""
+    def _command(self, command: bytes) -> str:
         with socket.create_connection(("127.0.0.1", self.port), timeout=10.0) as s:
-            s.sendall(b"zINSTREAM\0" + struct.pack("!I", len(data)) + data + b"\0\0\0\0")
+            s.sendall(command)
             reply = b""
             while chunk := s.recv(4096):
                 reply += chunk
         return reply.rstrip(b"\0").decode(errors="replace")
+
+    def scan(self, data: bytes) -> str:
+        """INSTREAM ``data`` directly (no smtpgate); return clamd's reply, e.g. ``stream: OK``.
+
+        Raises:
+            OSError: clamd unreachable.
+        """
+        return self._command(b"zINSTREAM\0" + struct.pack("!I", len(data)) + data + b"\0\0\0\0")
+
+    def version(self) -> str:
+        """clamd's ``zVERSION`` answer, e.g. ``ClamAV 1.4.6`` (no database version: private DB).
+
+        Raises:
+            OSError: clamd unreachable.
+        """
+        return self._command(b"zVERSION\0")
 
     def check_alive(self) -> None:
         """Raise RuntimeError when clamd has exited."""
@@ -166,6 +190,7 @@ def main() -> int:
         try:
             print(f"clamd pid {clamd.pid} at {clamd.address}; EICAR -> {clamd.scan(EICAR)}",
                   flush=True)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         finally:
             clamd.stop()

@@ -92,10 +92,35 @@ def measure(port: int, count: int = 200, size: int = 4096, warmup: int = 10) -> 
     return out
 
 
+def send_one(port: int, body: str) -> str:
+    """Send one message with ``body`` (CRLF lines, no leading dots); return the DATA-end reply.
+
+    Returns:
+        the last line of the reply to the end of DATA, e.g. ``"554 5.7.1 Virus found: ..."``.
+
+    Raises:
+        SmtpReplyError: greeting, EHLO, MAIL, RCPT or DATA not accepted.
+        OSError: connection problems.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        f = s.makefile("rb")
+        _reply(f, b"220", "greeting")
+        for cmd, code in ((b"EHLO client.test", b"250"), (f"MAIL FROM:<{SENDER}>".encode(), b"250"),
+                          (f"RCPT TO:<{RECIPIENT}>".encode(), b"250"), (b"DATA", b"354")):
+            s.sendall(cmd + b"\r\n")
+            _reply(f, code, cmd.decode())
+        head = f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: probe\r\n\r\n"
+        s.sendall((head + body).encode() + b".\r\n")
+        line = _reply(f, b"", "end of DATA")
+        s.sendall(b"QUIT\r\n")
+    return line.decode(errors="replace").strip()
+
+
 def percentile(xs: list[float], q: float) -> float:
     """The q-th percentile (0..100) of xs (linear interpolation, like numpy's default)."""
-    return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1] if len(xs) > 1 \
-        else xs[0]
+    if len(xs) < 2:
+        return xs[0]
+    return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# smtpgate benchmark: smtpgate vs aiosmtpd under Postfix's smtp-source, loopback only.
-# Installs what is missing (Debian postfix without configuration, aiosmtpd, uvloop, the
-# project), runs bench/bench.py, prints the table and writes bench/results/latest.txt.
+# smtpgate benchmark: smtpgate vs aiosmtpd under Postfix's smtp-source, loopback only;
+# then queue mode vs proxy mode, and clamd in the data phase (see bench/README.md).
+# Installs what is missing (Debian postfix without configuration, clamav-daemon when SCAN
+# is on, aiosmtpd, uvloop, the project), runs bench/bench.py, prints the table and writes
+# bench/results/latest.txt.
 # Environment: ROUNDS (7), MESSAGES (10000), SCENARIOS (a,b,c), EXTRAS (1; 0 = only
-# smtpgate and aiosmtpd, 2 = also aiosmtpd+uvloop and queue mode), MEM_CONNS (1000),
-# MEM_ROUNDS (3), QUIET_WAIT (60 s),
-# PROFILE (0; 1 = py-spy smtpgate under scenarios a and c), TIME_LIMIT (900 s), PYTHON.
+# smtpgate and aiosmtpd, 2 = also aiosmtpd+uvloop), QUEUE (1; 0 = no queue family),
+# SCAN (1; 0 = no clamd family), FAMILY_ROUNDS (5), QUEUE_MESSAGES (4000),
+# SCAN_MESSAGES (5000), LAT_MESSAGES (200), QUEUE_DIR (/var/tmp), CLAMD_THREADS (10),
+# MEM_CONNS (1000), MEM_ROUNDS (3), QUIET_WAIT (60 s), PROFILE (0; 1 = py-spy smtpgate
+# under scenarios a and c, and the queue and clamd rows under a), TIME_LIMIT (1200 s), PYTHON.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,6 +31,17 @@ if ! command -v smtp-source >/dev/null || ! command -v smtp-sink >/dev/null; the
     command -v smtp-source >/dev/null || die "postfix installed but smtp-source not found"
 fi
 
+# --- clamd for the scan family (Debian clamav-daemon; nothing is started by the install,
+# bench/clamd_proc.py runs a private clamd with its own config and database)
+clamd_found() { command -v clamd >/dev/null || [ -x /usr/sbin/clamd ]; }
+if [ "${SCAN:-1}" != 0 ] && ! clamd_found; then
+    command -v apt-get >/dev/null || die "clamd missing and no apt-get: install ClamAV or SCAN=0"
+    echo "installing clamav-daemon (for the scan family) ..." >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clamav-daemon >/dev/null
+    clamd_found || die "clamav-daemon installed but clamd not found"
+fi
+
 # --- Python side: the project, aiosmtpd (latest), uvloop; py-spy only for PROFILE=1
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 "$PY" -c 'import smtpgate' 2>/dev/null || pip_install -e "$root"
@@ -44,4 +59,4 @@ ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mkdir -p "$here/results"
 cd "$root"
 # Hard bound on the whole run; bench.py stops its servers on SIGTERM.
-exec timeout --signal=TERM --kill-after=30 "${TIME_LIMIT:-900}" "$PY" "$here/bench.py"
+exec timeout --signal=TERM --kill-after=30 "${TIME_LIMIT:-1200}" "$PY" "$here/bench.py"

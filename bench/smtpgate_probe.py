@@ -32,13 +32,16 @@ class _ProbeHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.msg if isinstance(record.msg, str) else ""
         args = record.args if isinstance(record.args, tuple) else ()
+        seconds = args[-1] if args else None
+        if not isinstance(seconds, (int, float)):
+            return
         try:
             now = time.monotonic()
             if msg.startswith("transaction id=") and len(args) >= 3:
-                self.out.write(f"tx {now:.6f} {float(args[-1]):.6f} {args[-3]} {args[-2]}\n")
-            elif msg.startswith("clamav: %d bytes") and args:
-                self.out.write(f"scan {now:.6f} {float(args[-1]):.6f}\n")
-        except (TypeError, ValueError, OSError):
+                self.out.write(f"tx {now:.6f} {seconds:.6f} {args[-3]} {args[-2]}\n")
+            elif msg.startswith("clamav: %d bytes"):
+                self.out.write(f"scan {now:.6f} {seconds:.6f}\n")
+        except OSError:
             self.handleError(record)
 
 

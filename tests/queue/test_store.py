@@ -154,3 +154,30 @@ def test_queue_cli_commands(tmp_path: Path) -> None:
         store.find(a.id)
     assert run_cli("show", "--spool", str(tmp_path), "NOPE").returncode == 1
     assert run_cli("delete", "--spool", str(tmp_path), "NOPE").returncode == 1
+
+
+def test_incomplete_message_file_is_detected_and_quarantined(tmp_path: Path) -> None:
+    """A crash before the batch flush can leave a committed envelope over an incomplete
+    message file (delayed allocation): size and CRC catch it; it is never delivered."""
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env(), MSG)
+    assert store.read_message(entry.id, entry) == MSG
+    (tmp_path / "messages" / entry.id).write_bytes(b"\0" * len(MSG))
+    with pytest.raises(QueueError, match="does not match"):
+        store.read_message(entry.id, store.find(entry.id))
+    store.quarantine(store.find(entry.id), "test")
+    with pytest.raises(KeyError):
+        store.find(entry.id)
+    assert sorted(os.listdir(tmp_path / "corrupt")) == [f"incoming.{entry.id}.json",
+                                                         f"message.{entry.id}"]
+
+
+def test_group_commit_many(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    results = store.enqueue_many([(env(f"r{i}@example.com"), MSG + bytes([65 + i]), None, None)
+                                  for i in range(5)])
+    assert all(isinstance(r, QueueEntry) for r in results)
+    assert len(os.listdir(tmp_path / "incoming")) == 5 and os.listdir(tmp_path / "tmp") == []
+    for r in results:
+        assert isinstance(r, QueueEntry)
+        assert store.read_message(r.id, r).startswith(MSG)

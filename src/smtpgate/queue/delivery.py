@@ -15,7 +15,7 @@ from ..envelope import Envelope, SessionInfo
 from ..errors import QueueError, TemporaryDeliveryError
 from ..reply import Reply
 from .manager import QueueManager
-from .store import QueueStore
+from .store import QueueEntry, QueueStore
 
 log = logging.getLogger("smtpgate.queue")
 
@@ -38,6 +38,10 @@ class QueueDelivery:
         self.min_free_space = min_free_space
         self._free = 0
         self._free_at = 0.0
+        # Group commit: messages arriving while a commit runs are committed together.
+        self._waiting: list[tuple[Envelope, bytes, SessionInfo | None,
+                                  asyncio.Future[QueueEntry]]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     def storage_reply(self, size: int = 0) -> Reply | None:
         """``452 4.3.1`` when storing ``size`` more bytes would go below the free-space floor.
@@ -67,13 +71,36 @@ class QueueDelivery:
         low = self.storage_reply(len(message))
         if low is not None:
             raise TemporaryDeliveryError(low)
+        fut: asyncio.Future[QueueEntry] = asyncio.get_running_loop().create_future()
+        self._waiting.append((envelope, message, session, fut))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_loop())
         try:
-            entry = await asyncio.to_thread(self.store.enqueue, envelope, message, session)
+            entry = await fut
         except QueueError as exc:
             log.error("queue: %s", exc)
             raise TemporaryDeliveryError(_QUEUE_FAILED) from exc
-        self.manager.submit(entry)
+        self.manager.submit(entry, message)
         return Reply(250, "2.0.0", f"Queued as {entry.id}")
+
+    async def _commit_loop(self) -> None:
+        """Commit whatever is waiting, in batches, until nothing is left (group commit)."""
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                results = await asyncio.to_thread(
+                    self.store.enqueue_many, [(e, m, s, None) for e, m, s, _ in batch]
+                )
+            except Exception as exc:  # never leave a client waiting forever
+                log.exception("queue: group commit failed")
+                results = [QueueError(str(exc)) for _ in batch]
+            for (_, _, _, fut), result in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, QueueError):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
 
     async def aclose(self) -> None:
         """Stop the manager (deliveries in flight get a bounded time to finish)."""

@@ -109,6 +109,9 @@ class QueueManager:
         self.make_dsn = make_dsn
         self.clock = clock
         self._due: dict[str, float] = {}
+        self._fresh: dict[str, tuple[QueueEntry, bytes]] = {}
+        self._finishing: list[tuple[QueueEntry, asyncio.Future[str]]] = []
+        self._finisher: asyncio.Task[None] | None = None
         self._inflight: set[str] = set()
         self._work: asyncio.Queue[str] = asyncio.Queue()
         self._dest_sems: dict[str, asyncio.Semaphore] = {}
@@ -152,9 +155,15 @@ class QueueManager:
         self._tasks.clear()
         await self.outbound.aclose()
 
-    def submit(self, entry: QueueEntry) -> None:
-        """Schedule a freshly enqueued message for immediate delivery."""
+    def submit(self, entry: QueueEntry, message: bytes | None = None) -> None:
+        """Schedule a freshly enqueued message for immediate delivery.
+
+        With ``message`` the first attempt uses the in-memory copies instead of reading
+        the spool back (they are the bytes just committed; later attempts read the disk).
+        """
         self._due[entry.id] = entry.next_attempt
+        if message is not None and len(self._fresh) < 10000:
+            self._fresh[entry.id] = (entry, message)
         self._wake.set()
 
     def flush(self, qid: str | None = None) -> None:
@@ -252,13 +261,22 @@ class QueueManager:
     # -------------------------------------------------------------- delivery
 
     async def _process(self, qid: str) -> None:
-        try:
-            entry = await asyncio.to_thread(self.store.find, qid)
-        except KeyError:
-            return  # deleted meanwhile (queue delete)
-        if entry.state == "hold":
-            return
-        message = await asyncio.to_thread(self.store.read_message, qid)
+        fresh = self._fresh.pop(qid, None)
+        if fresh is not None:
+            entry, message = fresh  # finish_attempt merges any change made meanwhile
+        else:
+            try:
+                entry = await asyncio.to_thread(self.store.find, qid)
+            except KeyError:
+                return  # deleted meanwhile (queue delete)
+            if entry.state == "hold":
+                return
+            try:
+                message = await asyncio.to_thread(self.store.read_message, qid, entry)
+            except QueueError as exc:
+                log.error("queue id=%s: %s; moved to corrupt/", qid, exc)
+                await asyncio.to_thread(self.store.quarantine, entry, str(exc))
+                return
         now = self.clock()
         newly_failed: list[QueuedRecipient] = []
         newly_delivered: list[QueuedRecipient] = []
@@ -285,7 +303,7 @@ class QueueManager:
         entry.next_attempt = now + self.schedule.delay(entry.attempts)
         entry.last_reply = next((r.last_reply for r in entry.pending if r.last_reply), "")
         # Merge with any administrator change and write the result under one lock hold.
-        outcome = await asyncio.to_thread(self.store.finish_attempt, entry)
+        outcome = await self._finish(entry)
         if outcome == "gone":
             return  # deleted by the administrator during the attempt
         if outcome == "removed":
@@ -297,6 +315,30 @@ class QueueManager:
             self._due[entry.id] = entry.next_attempt
         log.info("queue id=%s %s attempts=%d next=%+.0fs reply=%r", entry.id, outcome,
                  entry.attempts, entry.next_attempt - now, entry.last_reply[:200])
+
+    async def _finish(self, entry: QueueEntry) -> str:
+        """Record an attempt; attempts finishing together share one spool-lock hold."""
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._finishing.append((entry, fut))
+        if self._finisher is None or self._finisher.done():
+            self._finisher = asyncio.create_task(self._finish_loop())
+        return await fut
+
+    async def _finish_loop(self) -> None:
+        while self._finishing:
+            batch, self._finishing = self._finishing, []
+            try:
+                outcomes = await asyncio.to_thread(
+                    self.store.finish_attempts, [e for e, _ in batch]
+                )
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), outcome in zip(batch, outcomes, strict=True):
+                if not fut.done():
+                    fut.set_result(outcome)
 
     async def _deliver_group(
         self, entry: QueueEntry, dest: str, rcpts: list[QueuedRecipient], message: bytes,

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +79,9 @@ class QueueEntry:
         state: the directory it is in: ``incoming``, ``deferred`` or ``hold``.
         seq: increases on every save; recovery keeps the highest when a crash left two.
         bounce: set by ``queue bounce ID``: return to sender at the next attempt.
+        crc32: CRC-32 of the message file (``-1``: not recorded); checked with the size
+            before each delivery from disk, so a message file left incomplete by a crash
+            is never delivered.
     """
 
     id: str
@@ -93,6 +97,7 @@ class QueueEntry:
     state: str = "incoming"
     seq: int = 0
     bounce: bool = False
+    crc32: int = -1
 
     @property
     def pending(self) -> list[QueuedRecipient]:
@@ -140,6 +145,40 @@ class QueueEntry:
 def new_queue_id() -> str:
     """A unique, sortable queue id: arrival time in hex plus 10 random hex digits."""
     return f"{time.time_ns() // 1000:013X}{secrets.token_hex(5).upper()}"
+
+
+def _load_syncfs() -> Any:
+    """Linux ``syncfs(2)`` through libc, or None where it is not available."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        func = libc.syncfs
+        func.argtypes = [ctypes.c_int]
+        return func
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _syncfs(path: Path) -> None:
+    """Flush every dirty file and directory of ``path``'s file system (one call per batch).
+
+    Raises:
+        OSError: the flush failed.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -238,20 +277,29 @@ class QueueStore:
         Returns ``"gone"`` (deleted meanwhile: nothing written), ``"removed"`` (no
         recipient pending any more), ``"hold"`` or ``"deferred"`` (the state saved).
         """
+        return self.finish_attempts([attempted])[0]
+
+    def finish_attempts(self, attempts: list[QueueEntry]) -> list[str]:
+        """:meth:`finish_attempt` for several entries under one hold of the spool lock."""
+        out: list[str] = []
         with self.locked():
-            try:
-                current = self.find(attempted.id)
-            except KeyError:
-                return "gone"
-            attempted.seq = max(attempted.seq, current.seq)
-            attempted.bounce = attempted.bounce or current.bounce
-            attempted.state = current.state
-            if attempted.finished:
-                self.remove(attempted)
-                return "removed"
-            target = "hold" if current.state == "hold" else "deferred"
-            self.save(attempted, target)
-            return target
+            for attempted in attempts:
+                try:
+                    current = self.find(attempted.id)
+                except KeyError:
+                    out.append("gone")
+                    continue
+                attempted.seq = max(attempted.seq, current.seq)
+                attempted.bounce = attempted.bounce or current.bounce
+                attempted.state = current.state
+                if attempted.finished:
+                    self.remove(attempted)
+                    out.append("removed")
+                    continue
+                target = "hold" if current.state == "hold" else "deferred"
+                self.save(attempted, target)
+                out.append(target)
+        return out
 
     # --------------------------------------------------------------- writing
 
@@ -265,43 +313,110 @@ class QueueStore:
             QueueError: any file system failure (disk full, permissions); nothing is
                 left behind that recovery would treat as committed.
         """
-        qid = queue_id or new_queue_id()
+        result = self.enqueue_many([(envelope, message, session, queue_id)])[0]
+        if isinstance(result, QueueError):
+            raise result
+        return result
+
+    def enqueue_many(
+        self,
+        batch: list[tuple[Envelope, bytes, SessionInfo | None, str | None]],
+    ) -> list[QueueEntry | QueueError]:
+        """Group commit: store several messages with shared directory fsyncs.
+
+        The per-message order of :meth:`enqueue` is kept for the whole batch: every
+        message file is written and fsync'd and renamed into ``messages/``, then
+        ``messages/`` is fsync'd once; then every envelope is written, fsync'd and renamed
+        into ``incoming/`` (each rename is that message's commit point), then
+        ``incoming/`` is fsync'd once. Only after that last fsync may any of the clients
+        see 250, so no acknowledgement precedes its fsync.
+
+        Returns:
+            One committed :class:`QueueEntry` or one :class:`QueueError` per item, in order;
+            a failed item leaves nothing that recovery would treat as committed.
+        """
         now = time.time()
-        entry = QueueEntry(
-            id=qid,
-            mail_from=envelope.mail_from,
-            mail_params=dict(envelope.mail_params),
-            recipients=[QueuedRecipient(r.address, dict(r.params)) for r in envelope.rcpt_to],
-            created=now,
-            next_attempt=now,
-            size=len(message),
-            client=_client_facts(session),
-        )
-        tmp_msg = self.path / "tmp" / f"{qid}.msg"
-        tmp_env = self.path / "tmp" / f"{qid}{_ENV_SUFFIX}"
-        msg = self.path / "messages" / qid
-        env = self._env_path(qid, "incoming")
-        committed = False
-        try:
-            _write_file(tmp_msg, message, self.fsync)
-            os.rename(tmp_msg, msg)
-            if self.fsync:
-                _fsync_dir(self.path / "messages")
-            _write_file(tmp_env, entry.to_json(), self.fsync)
-            os.rename(tmp_env, env)  # commit point
-            committed = True
-            if self.fsync:
-                _fsync_dir(self.path / "incoming")
-        except OSError as exc:
-            # the client gets 451: undo everything; a committed envelope goes before the
-            # message file, so a crash meanwhile never leaves an envelope without message
-            for leftover in ((env,) if committed else ()) + (tmp_env, tmp_msg, msg):
+        items: list[dict[str, Any]] = []
+        for envelope, message, session, queue_id in batch:
+            qid = queue_id or new_queue_id()
+            entry = QueueEntry(
+                id=qid,
+                mail_from=envelope.mail_from,
+                mail_params=dict(envelope.mail_params),
+                recipients=[QueuedRecipient(r.address, dict(r.params))
+                            for r in envelope.rcpt_to],
+                created=now,
+                next_attempt=now,
+                size=len(message),
+                client=_client_facts(session),
+                crc32=zlib.crc32(message),
+            )
+            items.append({
+                "entry": entry, "message": message, "error": None, "committed": False,
+                "tmp_msg": self.path / "tmp" / f"{qid}.msg",
+                "tmp_env": self.path / "tmp" / f"{qid}{_ENV_SUFFIX}",
+                "msg": self.path / "messages" / qid,
+                "env": self._env_path(qid, "incoming"),
+            })
+
+        def fail(item: dict[str, Any], exc: OSError) -> None:
+            item["error"] = QueueError(f"cannot store message: {exc.strerror or exc}")
+
+        # With syncfs(2) a single flush of the file system after the whole batch makes
+        # every file and directory entry durable before any 250. A crash before that flush
+        # (no client has seen 250 yet) may leave an envelope whose message file is
+        # incomplete: its size and CRC-32 in the envelope catch that, and such a message
+        # is quarantined, never delivered. Without syncfs each file and directory is
+        # fsync'd in order: messages durable, then envelopes committed.
+        batch_sync = self.fsync and _SYNCFS is not None and len(items) > 1
+        file_sync = self.fsync and not batch_sync
+
+        def flush_step(directory: str, members: list[dict[str, Any]]) -> None:
+            if not self.fsync or not members:
+                return
+            try:
+                if batch_sync:
+                    _syncfs(self.path)
+                else:
+                    _fsync_dir(self.path / directory)
+            except OSError as exc:
+                for member in members:
+                    fail(member, exc)
+
+        for item in items:
+            try:
+                _write_file(item["tmp_msg"], item["message"], file_sync)
+                os.rename(item["tmp_msg"], item["msg"])
+            except OSError as exc:
+                fail(item, exc)
+        if not batch_sync:
+            flush_step("messages", [i for i in items if i["error"] is None])
+        for item in items:
+            if item["error"] is not None:
+                continue
+            try:
+                _write_file(item["tmp_env"], item["entry"].to_json(), file_sync)
+                os.rename(item["tmp_env"], item["env"])  # commit point
+                item["committed"] = True
+            except OSError as exc:
+                fail(item, exc)
+        flush_step("incoming", [i for i in items if i["committed"]])
+        out: list[QueueEntry | QueueError] = []
+        for item in items:
+            if item["error"] is None:
+                out.append(item["entry"])
+                continue
+            # The client gets 451: undo everything; a committed envelope goes before the
+            # message file, so a crash meanwhile never leaves an envelope without message.
+            leftovers = ((item["env"],) if item["committed"] else ()) + (
+                item["tmp_env"], item["tmp_msg"], item["msg"])
+            for leftover in leftovers:
                 try:
                     leftover.unlink()
                 except OSError:
                     pass
-            raise QueueError(f"cannot store message: {exc.strerror or exc}") from exc
-        return entry
+            out.append(item["error"])
+        return out
 
     def save(self, entry: QueueEntry, state: str | None = None) -> None:
         """Rewrite an entry's envelope atomically, optionally moving it to another state.
@@ -337,9 +452,9 @@ class QueueStore:
     def remove(self, entry: QueueEntry) -> None:
         """Delete a message: the envelope first (the commit point), then the message file."""
         try:
+            # No directory fsync: if a crash loses this removal the message is delivered
+            # once more after recovery (at least once, at most twice), never lost.
             self._env_path(entry.id, entry.state).unlink(missing_ok=True)
-            if self.fsync:
-                _fsync_dir(self.path / entry.state)
             (self.path / "messages" / entry.id).unlink(missing_ok=True)
         except OSError as exc:
             raise QueueError(f"cannot remove {entry.id}: {exc.strerror or exc}") from exc
@@ -371,16 +486,36 @@ class QueueStore:
             raise KeyError(qid)
         return max(found, key=lambda e: e.seq)
 
-    def read_message(self, qid: str) -> bytes:
+    def read_message(self, qid: str, entry: QueueEntry | None = None) -> bytes:
         """The message bytes (never rewritten after enqueue).
 
+        Args:
+            qid: the queue id.
+            entry: when given, the file's size and CRC-32 must match the envelope's.
+
         Raises:
-            QueueError: the file is missing or unreadable.
+            QueueError: the file is missing, unreadable, or (with ``entry``) incomplete.
         """
         try:
-            return (self.path / "messages" / qid).read_bytes()
+            data = (self.path / "messages" / qid).read_bytes()
         except OSError as exc:
             raise QueueError(f"cannot read message {qid}: {exc.strerror or exc}") from exc
+        if entry is not None and entry.crc32 >= 0 and (
+            len(data) != entry.size or zlib.crc32(data) != entry.crc32
+        ):
+            raise QueueError(f"message {qid} does not match its envelope (size or CRC)")
+        return data
+
+    def quarantine(self, entry: QueueEntry, why: str) -> None:
+        """Move an entry's envelope and message file to ``corrupt/`` (never delivered)."""
+        with self.locked():
+            self._quarantine(self._env_path(entry.id, entry.state), why)
+            msg = self.path / "messages" / entry.id
+            if msg.exists():
+                try:
+                    shutil.move(str(msg), str(self.path / "corrupt" / f"message.{entry.id}"))
+                except OSError:
+                    pass
 
     def entries(self, states: tuple[str, ...] = STATES) -> Iterator[QueueEntry]:
         """Every readable entry in the given states (unreadable ones are quarantined)."""
