@@ -32,7 +32,7 @@ if [ "$want_apt" = 1 ]; then
     $SUDO apt-get update -qq
     echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
-      -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}" >/dev/null
+      -o DPkg::Lock::Timeout=300 "${missing[@]}" >/dev/null
   fi
 fi
 
