@@ -640,8 +640,9 @@ def med(xs: list[float]) -> float:
 
 
 def spread(xs: list[float], fmt: str) -> str:
-    """'median [min-max]' with the given format."""
-    return f"{med(xs):{fmt}} [{min(xs):{fmt}}-{max(xs):{fmt}}]"
+    """'median [min-max]' with the given format ('median [min..max]' for signed formats)."""
+    sep = ".." if "+" in fmt else "-"
+    return f"{med(xs):{fmt}} [{min(xs):{fmt}}{sep}{max(xs):{fmt}}]"
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -748,9 +749,10 @@ class Report:
             text += f" {d:>8} {conns:>9.3f}"
         return text
 
-    @staticmethod
-    def _scenario_line(sc: Scenario, runs: list[Run]) -> str:
-        n = int(next((r.messages for r in runs if r.scenario == sc.key), 0))
+    def _scenario_line(self, sc: Scenario, fam: Family) -> str:
+        names = {s.name for s in fam.servers}
+        n = int(next((r.messages for r in self.runs
+                      if r.scenario == sc.key and r.server in names and r.round > 0), 0))
         flag = "-d " if sc.persistent else ""
         return (f"{sc.key}: {sc.title}  (smtp-source {flag}-s {sc.sessions} -l {sc.size} "
                 f"-m {n})")
@@ -762,7 +764,7 @@ class Report:
                  f"{'other':>6}"]
         lines.append("-" * 107)
         for sc in fam.scenarios:
-            lines.append(self._scenario_line(sc, self.runs))
+            lines.append(self._scenario_line(sc, fam))
             for spec in fam.servers:
                 row = self._rows(spec, sc, w, aux=False)
                 if row:
@@ -798,7 +800,7 @@ class Report:
         lines.append("-" * 125)
         queues = [s for s in fam.servers if s.relay == "queue"]
         for sc in fam.scenarios:
-            lines.append(self._scenario_line(sc, self.runs))
+            lines.append(self._scenario_line(sc, fam))
             for spec in fam.servers:
                 row = self._rows(spec, sc, w, aux=True, drain=True)
                 if row:
@@ -861,7 +863,7 @@ class Report:
                  f"{'clamd':>8} {'other':>6}"]
         lines.append("-" * 116)
         for sc in fam.scenarios:
-            lines.append(self._scenario_line(sc, self.runs))
+            lines.append(self._scenario_line(sc, fam))
             for spec in fam.servers:
                 row = self._rows(spec, sc, w, aux=True)
                 if row:
@@ -1128,9 +1130,8 @@ def load_rounds(report: Report, fam: Family, rounds: int, base: int, workdir: Pa
         if profile:
             target = next((s for s in servers if s.compared == "sg"), None)
             if target is not None and scenarios:
-                report.profile.extend(profile_run(
-                    live[target.name], scenarios[0], base, workdir,
-                    idle=target.relay == "queue"))
+                report.profile.extend(profile_run(live[target.name], scenarios[0], base,
+                                                  workdir))
         for srv in started:
             srv.stop()
             srv.verify_count()
@@ -1138,7 +1139,8 @@ def load_rounds(report: Report, fam: Family, rounds: int, base: int, workdir: Pa
             queued = sum(srv.sent for srv in started if srv.spec.relay == "queue")
             report.notes.setdefault("queue", []).append(
                 f"checked: every message reached smtp-sink (its -c counters) after each run; "
-                f"smtpgate queue list --json empty at the end ({queued} messages queued)")
+                f"smtpgate queue list --json empty at the end ({queued} messages went "
+                "through the queue rows)")
     finally:
         for srv in reversed(started):
             srv.stop()

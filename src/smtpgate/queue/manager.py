@@ -10,6 +10,7 @@ permanent failure and an RFC 3464 DSN to the reverse-path (never for ``<>``).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
 import time
@@ -109,6 +110,8 @@ class QueueManager:
         self.make_dsn = make_dsn
         self.clock = clock
         self._due: dict[str, float] = {}
+        # (due time, id) min-heap over _due; entries whose time no longer matches are stale
+        self._heap: list[tuple[float, str]] = []
         self._fresh: dict[str, tuple[QueueEntry, bytes]] = {}
         self._finishing: list[tuple[QueueEntry, asyncio.Future[str]]] = []
         self._finisher: asyncio.Task[None] | None = None
@@ -130,7 +133,7 @@ class QueueManager:
         entries = await asyncio.to_thread(self.store.recover)
         for entry in entries:
             if entry.state != "hold":
-                self._due[entry.id] = entry.next_attempt
+                self._set_due(entry.id, entry.next_attempt)
         if entries:
             log.info("queue: recovered %d message(s) from %s", len(entries), self.store.path)
         self._flush_mtime = self._flush_stamp()
@@ -155,13 +158,17 @@ class QueueManager:
         self._tasks.clear()
         await self.outbound.aclose()
 
+    def _set_due(self, qid: str, when: float) -> None:
+        self._due[qid] = when
+        heapq.heappush(self._heap, (when, qid))
+
     def submit(self, entry: QueueEntry, message: bytes | None = None) -> None:
         """Schedule a freshly enqueued message for immediate delivery.
 
         With ``message`` the first attempt uses the in-memory copies instead of reading
         the spool back (they are the bytes just committed; later attempts read the disk).
         """
-        self._due[entry.id] = entry.next_attempt
+        self._set_due(entry.id, entry.next_attempt)
         if message is not None and len(self._fresh) < 10000:
             self._fresh[entry.id] = (entry, message)
         self._wake.set()
@@ -171,7 +178,7 @@ class QueueManager:
         now = self.clock()
         for key in [qid] if qid else list(self._due):
             if key in self._due:
-                self._due[key] = now
+                self._set_due(key, now)
         self._wake.set()
 
     async def flush_matching(self, node: str) -> int:
@@ -190,7 +197,7 @@ class QueueManager:
                 _domain_matches(r.address, node_l) for r in e.pending
             ):
                 if e.id not in self._inflight:
-                    self._due[e.id] = now
+                    self._set_due(e.id, now)
                     count += 1
         self._wake.set()
         return count
@@ -220,6 +227,8 @@ class QueueManager:
             # submitted while the spool was being read (committed after its listing)
             due.setdefault(qid, when)
         self._due = due
+        self._heap = [(when, qid) for qid, when in due.items()]
+        heapq.heapify(self._heap)
         self._last_rescan = time.monotonic()
 
     async def _scheduler(self) -> None:
@@ -239,11 +248,14 @@ class QueueManager:
                     self._flush_mtime = stamp
                     await self._rescan()
                 now = self.clock()
-                for qid, when in list(self._due.items()):
-                    if when <= now and qid not in self._inflight:
-                        self._inflight.add(qid)
-                        del self._due[qid]
-                        self._work.put_nowait(qid)
+                heap = self._heap
+                while heap and heap[0][0] <= now:
+                    when, qid = heapq.heappop(heap)
+                    if self._due.get(qid) != when or qid in self._inflight:
+                        continue  # stale heap entry (rescheduled, or in flight)
+                    self._inflight.add(qid)
+                    del self._due[qid]
+                    self._work.put_nowait(qid)
             except Exception:
                 log.exception("queue scheduler error")
 
@@ -254,7 +266,7 @@ class QueueManager:
                 await self._process(qid)
             except Exception:
                 log.exception("queue: delivery of %s failed unexpectedly; retrying later", qid)
-                self._due[qid] = self.clock() + self.schedule.min_backoff
+                self._set_due(qid, self.clock() + self.schedule.min_backoff)
             finally:
                 self._inflight.discard(qid)
 
@@ -312,7 +324,7 @@ class QueueManager:
                      sum(r.state == "failed" for r in entry.recipients))
             return
         if outcome != "hold":
-            self._due[entry.id] = entry.next_attempt
+            self._set_due(entry.id, entry.next_attempt)
         log.info("queue id=%s %s attempts=%d next=%+.0fs reply=%r", entry.id, outcome,
                  entry.attempts, entry.next_attempt - now, entry.last_reply[:200])
 
