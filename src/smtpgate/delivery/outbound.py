@@ -281,6 +281,7 @@ class Connector:
         self.timeout = timeout
         self.cafile = cafile
         self._contexts: dict[bool, ssl.SSLContext] = {}
+        self._context_lock = asyncio.Lock()
         #: TCP connections opened so far (metrics and tests).
         self.connections_opened = 0
 
@@ -306,8 +307,11 @@ class Connector:
         """
         ctx = self._contexts.get(verify)
         if ctx is None:
-            ctx = await asyncio.to_thread(self._build_context, verify)
-            self._contexts[verify] = ctx
+            async with self._context_lock:  # build once, not once per concurrent caller
+                ctx = self._contexts.get(verify)
+                if ctx is None:
+                    ctx = await asyncio.to_thread(self._build_context, verify)
+                    self._contexts[verify] = ctx
         return ctx
 
     @staticmethod

@@ -67,7 +67,8 @@ class QueueDelivery:
         Raises:
             TemporaryDeliveryError: 452 4.3.1 (low disk) or 451 4.3.0 (write failed).
         """
-        self._free_at = 0.0  # re-read: this is the last moment to refuse
+        # The free-space reading may be up to a second old; a write that then fails
+        # (ENOSPC) is refused with 451 4.3.0 and leaves nothing behind.
         low = self.storage_reply(len(message))
         if low is not None:
             raise TemporaryDeliveryError(low)
