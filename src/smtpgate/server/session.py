@@ -143,6 +143,7 @@ class Session(asyncio.Protocol):
     # ----------------------------------------------------------- asyncio glue
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """asyncio callback: admit the connection (limits, PROXY trust), then start the session."""
         # uvloop's transports do not subclass asyncio.Transport; duck typing suffices.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
@@ -193,6 +194,7 @@ class Session(asyncio.Protocol):
         self._task = self._loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        """asyncio callback: feed bytes to the PROXY parser or the core; pause on a backlog."""
         if self._proxy_buf is not None:
             self._proxy_data(data)
             return
@@ -257,6 +259,7 @@ class Session(asyncio.Protocol):
             self.transport.close()
 
     def eof_received(self) -> bool | None:
+        """asyncio callback: the client half-closed its side."""
         # The client half-closed (e.g. after pipelining QUIT): keep the transport open
         # so the replies still reach it; the session closes it when it ends.
         self.conn.receive_data(b"")
@@ -264,6 +267,7 @@ class Session(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """asyncio callback: wake the session task and release the connection slot."""
         self._lost = True
         pf = self._proxy_done
         if pf is not None and not pf.done():
@@ -280,9 +284,11 @@ class Session(asyncio.Protocol):
             self.server.release(self, self._ip)
 
     def pause_writing(self) -> None:
+        """asyncio flow control: the transport's write buffer is full."""
         self._write_paused = True
 
     def resume_writing(self) -> None:
+        """asyncio flow control: the write buffer drained; wake a waiting drain."""
         self._write_paused = False
         dw = self._drain_waiter
         if dw is not None and not dw.done():
