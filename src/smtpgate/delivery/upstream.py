@@ -138,7 +138,7 @@ class UpstreamDelivery:
         timeout: float = 60.0,
         helo_name: str = "localhost",
         cafile: str | None = None,
-        pool_size: int = 4,
+        pool_size: int = 32,
         idle_timeout: float = 30.0,
         probe_after: float = 5.0,
         max_age: float = 300.0,
