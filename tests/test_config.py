@@ -321,6 +321,7 @@ BAD_VALUES = [
     ("queue", "scan_interval", 0, "must be a positive number of seconds"),
     ("queue", "dsn", 1, "must be true or false"),
     ("queue", "etrn_networks", ["nowhere"], "must be an IP address or a CIDR network"),
+    ("queue", "delivery_process", "yes", "must be true or false"),
 ]
 
 

@@ -23,8 +23,8 @@ from .hooks import HookRunner, Stage, load_callable
 from .policy import RelayPolicy
 from .protocol import ProtocolConfig
 from .queue.delivery import QueueDelivery
-from .queue.manager import Outbound, QueueManager
-from .queue.schedule import RetrySchedule
+from .queue.manager import QueueManager
+from .queue.runner import RemoteQueue
 from .queue.store import QueueStore
 from .reply import Reply
 from .scanners.stage import ScannerSet
@@ -108,7 +108,7 @@ class Smtpgate:
         # 1-minute load average reader (ZMailer -L); replace it in tests to fake the load.
         self.load_average: Any = None
         self.server: SmtpServer | None = None
-        self.queue: QueueManager | None = None
+        self.queue: QueueManager | RemoteQueue | None = None
         self._background: set[asyncio.Task[int]] = set()
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
@@ -133,30 +133,16 @@ class Smtpgate:
         return "local" if self._delivery_arg is not None else self.config.delivery_mode
 
     async def _start_queue(self) -> QueueDelivery:
-        from .delivery.mx import MxDelivery
-        from .delivery.upstream import UpstreamDelivery
-        from .queue.outbound import MxOutbound, RelayOutbound, dsn_factory
+        from .queue.runner import RemoteQueue, build_manager
 
         cfg = self.config
         q = cfg.queue
         store = QueueStore(q.path, fsync=q.fsync)
-        outbound: Outbound
-        if cfg.relay.url == "mx:":
-            outbound = MxOutbound(MxDelivery(
-                helo_name=cfg.server.hostname, port=cfg.delivery.mx_port,
-                timeout=cfg.relay.timeout, local_hosts=(cfg.server.hostname,),
-            ))
+        if q.delivery_process:
+            # Postfix-style split: this process only commits; a child recovers and delivers.
+            self.queue = RemoteQueue(cfg)
         else:
-            outbound = RelayOutbound(UpstreamDelivery(
-                cfg.relay.url, timeout=cfg.relay.timeout, helo_name=cfg.server.hostname,
-                cafile=cfg.relay.cafile or None,
-            ))
-        schedule = RetrySchedule(q.min_backoff, q.max_backoff, q.max_lifetime)
-        self.queue = QueueManager(
-            store, outbound, schedule=schedule, workers=q.workers,
-            per_destination=q.per_destination, scan_interval=q.scan_interval,
-            delay_warning=q.delay_warning, make_dsn=dsn_factory(cfg.server.hostname, schedule),
-        )
+            self.queue = build_manager(cfg)
         await self.queue.start()  # recovery happens before the listeners open
         return QueueDelivery(store, self.queue, q.min_free_space)
 

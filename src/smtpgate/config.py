@@ -884,6 +884,8 @@ class QueueConfig:
         scan_interval: seconds between spool scans for due or flushed messages.
         dsn: advertise DSN (RFC 3461) and honour NOTIFY/RET/ENVID/ORCPT.
         etrn_networks: client networks allowed to use ETRN (RFC 1985).
+        delivery_process: recover and deliver in a separate process (Postfix-style
+            smtpd/qmgr split; uses a second CPU core).
     """
 
     path: str = _opt("./smtpgate-queue", _printable_ascii("a directory path", spaces=True))
@@ -898,6 +900,7 @@ class QueueConfig:
     scan_interval: float = _opt(1.0, _positive_seconds)
     dsn: bool = _opt(True, _bool)
     etrn_networks: tuple[str, ...] = _opt(("127.0.0.0/8", "::1"), _each(_network))
+    delivery_process: bool = _opt(True, _bool)
 
 
 _SECTIONS: dict[str, type[Any]] = {

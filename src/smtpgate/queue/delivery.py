@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from ..envelope import Envelope, SessionInfo
 from ..errors import QueueError, TemporaryDeliveryError
@@ -28,11 +29,15 @@ class QueueDelivery:
 
     Args:
         store: the spool.
-        manager: the running manager (gets each new message at once).
+        manager: the running :class:`QueueManager`, or a
+            :class:`~smtpgate.queue.runner.RemoteQueue` for a separate delivery process
+            (gets each new message at once).
         min_free_space: bytes that must stay free in the spool's file system.
     """
 
-    def __init__(self, store: QueueStore, manager: QueueManager, min_free_space: int = 0) -> None:
+    def __init__(
+        self, store: QueueStore, manager: QueueManager | Any, min_free_space: int = 0
+    ) -> None:
         self.store = store
         self.manager = manager
         self.min_free_space = min_free_space

@@ -128,9 +128,14 @@ class QueueManager:
 
     # ------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
-        """Recover the spool after a crash, then start the scheduler and the workers."""
-        entries = await asyncio.to_thread(self.store.recover)
+    async def start(self, clean: bool = True) -> None:
+        """Recover the spool after a crash, then start the scheduler and the workers.
+
+        Args:
+            clean: also remove leftovers of interrupted commits (only safe while no
+                process is committing to the spool: at start-up, before listening).
+        """
+        entries = await asyncio.to_thread(self.store.recover, clean)
         for entry in entries:
             if entry.state != "hold":
                 self._set_due(entry.id, entry.next_attempt)
@@ -161,6 +166,11 @@ class QueueManager:
     def _set_due(self, qid: str, when: float) -> None:
         self._due[qid] = when
         heapq.heappush(self._heap, (when, qid))
+
+    def submit_id(self, qid: str) -> None:
+        """Schedule a message committed by another process for immediate delivery."""
+        self._set_due(qid, self.clock())
+        self._wake.set()
 
     def submit(self, entry: QueueEntry, message: bytes | None = None) -> None:
         """Schedule a freshly enqueued message for immediate delivery.

@@ -559,14 +559,19 @@ class QueueStore:
 
     # -------------------------------------------------------------- recovery
 
-    def recover(self) -> list[QueueEntry]:
+    def recover(self, clean: bool = True) -> list[QueueEntry]:
         """Start-up recovery after a crash (``kill -9``, power loss).
 
         Removes half-written temporary files (never acknowledged), message files whose
         envelope was never committed, and duplicate envelopes left by a crash during a
         state move (the higher ``seq`` wins). Returns every committed entry.
+
+        Args:
+            clean: remove leftovers of interrupted commits (tmp files, orphan message
+                files). False while another process may be committing (a restarted
+                delivery process): then only committed entries are read.
         """
-        for name in os.listdir(self.path / "tmp"):
+        for name in (os.listdir(self.path / "tmp") if clean else ()):
             try:
                 (self.path / "tmp" / name).unlink()
             except OSError:
@@ -580,7 +585,7 @@ class QueueStore:
                 best[entry.id] = entry
             else:
                 self._env_path(entry.id, entry.state).unlink(missing_ok=True)
-        for name in os.listdir(self.path / "messages"):
+        for name in (os.listdir(self.path / "messages") if clean else ()):
             if name not in best:
                 log.info("queue recovery: removing uncommitted message %s", name)
                 (self.path / "messages" / name).unlink(missing_ok=True)
