@@ -268,3 +268,43 @@ def test_expired_message_bounces(run_app, tmp_path: Path, upstream_port: int) ->
         assert not any(m[1] == ["never@example.com"] for m in handler.messages)
     finally:
         ctl.stop()
+
+
+def test_delivery_process_restarts_and_finds_the_spool(run_app, tmp_path: Path,
+                                                       upstream_port: int) -> None:
+    from smtpgate.queue.runner import RemoteQueue
+
+    spool = tmp_path / "spool"
+    ctl, handler = start_upstream(upstream_port)
+    try:
+        app = run_app(queue_cfg(spool, upstream_port))
+        assert isinstance(app.queue, RemoteQueue)
+        child = app.queue._process
+        with smtplib.SMTP("127.0.0.1", app.port) as s:
+            s.sendmail("sender@example.org", ["one@example.com"], MSG)
+        assert wait_for(lambda: len(handler.messages) == 1)
+        child.kill()
+        child.join(5)
+        # Committed while no delivery process runs: the next submit restarts it, and the
+        # restarted process (no clean-up: the server may be committing) finds the message.
+        with smtplib.SMTP("127.0.0.1", app.port) as s:
+            s.sendmail("sender@example.org", ["two@example.com"], MSG)
+        assert wait_for(lambda: len(handler.messages) == 2, timeout=30)
+        assert app.queue._process is not None and app.queue._process.pid != child.pid
+        assert wait_for(lambda: spool_empty(spool))
+    finally:
+        ctl.stop()
+
+
+def test_in_process_delivery_option(run_app, tmp_path: Path, upstream_port: int) -> None:
+    from smtpgate.queue.manager import QueueManager
+
+    ctl, handler = start_upstream(upstream_port)
+    try:
+        app = run_app(queue_cfg(tmp_path / "spool", upstream_port, delivery_process=False))
+        assert isinstance(app.queue, QueueManager)
+        with smtplib.SMTP("127.0.0.1", app.port) as s:
+            s.sendmail("sender@example.org", ["x@example.com"], MSG)
+        assert wait_for(lambda: len(handler.messages) == 1)
+    finally:
+        ctl.stop()

@@ -113,6 +113,7 @@ class RemoteQueue:
         self._ctx = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._commands: Connection | None = None
+        self._restart: asyncio.Task[None] | None = None
 
     async def start(self, clean: bool = True) -> None:
         """Start the delivery process and wait until it has recovered the spool.
@@ -137,12 +138,14 @@ class RemoteQueue:
         log.info("queue delivery process started (pid %d)", self._process.pid)
 
     def _send(self, msg: tuple[Any, ...]) -> None:
+        if self._restart is not None and not self._restart.done():
+            return  # the restarted process will find the message in the spool
         if self._process is not None and not self._process.is_alive():
             # The spool is the truth: a restarted process finds everything queued. It must
             # not clean up, because this process may be in the middle of a commit.
             log.error("queue delivery process died (exit %s); restarting",
                       self._process.exitcode)
-            asyncio.get_running_loop().create_task(self.start(clean=False))
+            self._restart = asyncio.get_running_loop().create_task(self.start(clean=False))
             return
         if self._commands is not None:
             try:
