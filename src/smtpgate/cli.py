@@ -65,14 +65,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):
                 pass
+        pid_file = cfg.server.pid_file
+        if pid_file:  # written before the listeners open: whoever can connect finds it
+            Path(pid_file).write_text(f"{os.getpid()}\n")
         try:
             await app.start()
         except OSError as exc:
             log.error("cannot listen: %s", exc)
+            if pid_file:
+                Path(pid_file).unlink(missing_ok=True)
             return 1
-        pid_file = cfg.server.pid_file
-        if pid_file:
-            Path(pid_file).write_text(f"{os.getpid()}\n")
         where = ", ".join(
             f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in app.addresses
         )
