@@ -361,7 +361,18 @@ class ServerConnection:
                 self._pos = 0
             return None
         line = bytes(buf[pos : nl + 1])
-        pos = nl + 1
+        self._consume_to(nl + 1)
+        if self._discarding:
+            self._discarding = False
+            return _LINE_TOO_LONG
+        if len(line) > MAX_AUTH_LINE:
+            return _LINE_TOO_LONG
+        return line
+
+    def _consume_to(self, pos: int) -> None:
+        """Mark the command buffer consumed up to ``pos``; compact it when that pays
+        (everything consumed, or more than _COMPACT_AT bytes), keeping scans O(n)."""
+        buf = self._buf
         if pos >= len(buf):
             del buf[:]
             pos = 0
@@ -369,12 +380,6 @@ class ServerConnection:
             del buf[:pos]
             pos = 0
         self._pos = pos
-        if self._discarding:
-            self._discarding = False
-            return _LINE_TOO_LONG
-        if len(line) > MAX_AUTH_LINE:
-            return _LINE_TOO_LONG
-        return line
 
     # --------------------------------------------------------------- commands
 
@@ -663,15 +668,8 @@ class ServerConnection:
         if take:
             if self._chunk_error is None:
                 self._bdat_buf += buf[pos : pos + take]
-            pos += take
             self._chunk_left -= take
-            if pos >= len(buf):
-                del buf[:]
-                pos = 0
-            elif pos > _COMPACT_AT:
-                del buf[:pos]
-                pos = 0
-            self._pos = pos
+            self._consume_to(pos + take)
         if self._chunk_left:
             return NEED_DATA
         self._chunk_active = False
