@@ -552,6 +552,17 @@ class ServerConfig:
             average (ZMailer -L); 0 = off.
         pid_file: write the process id here at start (ZMailer -I); ``""`` = none.
         received_tls_peer: put the TLS client certificate's subject into Received.
+        limit_exceptions: client networks exempt from the per-IP connection limit and the
+            ZMailer flood escalation (Postfix ``smtpd_client_event_limit_exceptions``);
+            ``None`` (the default) means ``relay.local_networks``
+            (see :attr:`Config.limit_exception_networks`).
+        min_data_rate: bytes/s a client must keep up during DATA/BDAT (Postfix
+            ``smtpd_min_data_rate``): the data deadline starts at ``data_timeout`` and
+            each read of N bytes extends it by N / ``min_data_rate`` seconds; 0 = the
+            deadline is only ``data_timeout`` of silence (idle timeout).
+        recipient_overshoot_limit: RCPTs beyond ``max_recipients`` answered 452 before
+            each further one counts toward ``max_errors`` (Postfix
+            ``smtpd_recipient_overshoot_limit``).
     """
 
     hostname: str = _opt(
@@ -590,6 +601,9 @@ class ServerConfig:
     max_load_average: float = _opt(0.0, _nonnegative_number)
     pid_file: str = _opt("", _str)
     received_tls_peer: bool = _opt(False, _bool)
+    limit_exceptions: tuple[str, ...] | None = _opt(None, _each(_network))
+    min_data_rate: int = _opt(500, _nonnegative_int)
+    recipient_overshoot_limit: int = _opt(1000, _nonnegative_int)
 
     @property
     def banner(self) -> str:
@@ -955,6 +969,12 @@ class Config:
         if url == "mx:":
             return "queue"
         return self.delivery.mode or "queue"
+
+    @property
+    def limit_exception_networks(self) -> tuple[str, ...]:
+        """``server.limit_exceptions``, or ``relay.local_networks`` when it is not set."""
+        exc = self.server.limit_exceptions
+        return self.relay.local_networks if exc is None else exc
 
     @classmethod
     def default(cls) -> Config:

@@ -212,22 +212,32 @@ class QueueStore:
     """A spool directory.
 
     Args:
-        path: the spool directory (created with mode 0700 if missing).
+        path: the spool directory (created with mode 0700 if missing and ``create``).
         fsync: flush files and directories to stable storage before a commit
             returns (on by default; turning it off loses mail on power failure).
+        create: create the spool's directories when missing; False (the queue tools)
+            opens an existing spool only and never creates anything.
 
     Raises:
-        QueueError: the directory cannot be created.
+        QueueError: the directory cannot be created, or (``create=False``) it is not
+            an existing spool.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, fsync: bool = True, create: bool = True
+    ) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        if not create:
+            missing = [sub for sub in ("messages", *STATES) if not (self.path / sub).is_dir()]
+            if missing:
+                raise QueueError(f"{self.path}: not a spool directory (no {missing[0]}/)")
+            return
         try:
             for sub in ("tmp", "messages", "corrupt", *STATES):
                 (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise QueueError(f"cannot create spool {self.path}: {exc}") from exc
+            raise QueueError(f"cannot create spool {self.path}: {exc.strerror or exc}") from exc
 
     # --------------------------------------------------------------- locking
 
@@ -524,8 +534,16 @@ class QueueStore:
                 except OSError:
                     pass
 
-    def entries(self, states: tuple[str, ...] = STATES) -> Iterator[QueueEntry]:
-        """Every readable entry in the given states (unreadable ones are quarantined)."""
+    def entries(
+        self, states: tuple[str, ...] = STATES, *, repair: bool = True
+    ) -> Iterator[QueueEntry]:
+        """Every readable entry in the given states.
+
+        Args:
+            states: the queue states to read.
+            repair: move unreadable envelopes to ``corrupt/`` (only the spool's owner
+                does); False skips them with a warning and changes nothing (listings).
+        """
         for state in states:
             try:
                 names = os.listdir(self.path / state)
@@ -540,7 +558,10 @@ class QueueStore:
                 except FileNotFoundError:
                     continue  # moved or removed meanwhile
                 except QueueError as exc:
-                    self._quarantine(p, str(exc))
+                    if repair:
+                        self._quarantine(p, str(exc))
+                    else:
+                        log.warning("queue: unreadable envelope %s: %s", p, exc)
                     continue
                 entry.state = state
                 yield entry
