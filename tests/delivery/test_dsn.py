@@ -254,7 +254,11 @@ def test_should_notify_default_delay_is_configurable() -> None:
     assert should_notify({"NOTIFY": "DELAY"}, "delay", default_delay=False) is True
     assert should_notify({"notify": "NEVER"}, "failure") is False
     with pytest.raises(ValueError):
-        should_notify({}, "relayed")  # type: ignore[arg-type]
+        should_notify({}, "expanded")  # type: ignore[arg-type]
+    # "relayed" (RFC 3461 §5.2.2) is asked for by NOTIFY=SUCCESS only.
+    assert should_notify({"NOTIFY": "SUCCESS"}, "relayed") is True
+    assert should_notify({"NOTIFY": "FAILURE,DELAY"}, "relayed") is False
+    assert should_notify({}, "relayed") is False
 
 
 def test_xtext_and_orcpt() -> None:

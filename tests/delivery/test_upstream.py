@@ -184,10 +184,11 @@ async def test_upstream_down_is_temporary_4_4_1(caplog: pytest.LogCaptureFixture
         with pytest.raises(TemporaryDeliveryError) as ei:
             await d.deliver(env(), MESSAGE)
     reply = ei.value.reply
+    # Says what failed (finding 8), not a generic "unreachable".
     assert (reply.code, reply.enhanced, reply.text) == (
         451,
         "4.4.1",
-        "Upstream unreachable, try again later",
+        f"Connection to 127.0.0.1:{port} failed: connection refused",
     )
     assert f"127.0.0.1:{port}" in caplog.text
     assert PASSWORD not in caplog.text and quote(PASSWORD, safe="") not in caplog.text
@@ -224,20 +225,34 @@ async def test_starttls_required_untrusted_cert_fails(
     async with UpstreamDelivery(f"smtp+starttls://{up.hostport}", timeout=5) as d:
         with pytest.raises(TemporaryDeliveryError) as ei:
             await d.deliver(env(), MESSAGE)
-    assert ei.value.reply.enhanced == "4.4.1"
+    reply = ei.value.reply
+    assert (reply.code, reply.enhanced) == (451, "4.7.5")
+    assert reply.text.startswith(
+        f"TLS is required, but the certificate of host {up.hostport} was not verified: "
+    ), reply.text
     assert up.handler.messages == []
     # ...but verify=no accepts it.
     async with UpstreamDelivery(f"smtp+starttls://{up.hostport}?verify=no") as d:
         assert (await d.deliver(env(), MESSAGE)).code == 250
 
 
-async def test_starttls_required_but_not_offered(upstream: Upstream, pki: Pki) -> None:
+async def test_starttls_required_but_not_offered(
+    upstream: Upstream, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A security/configuration error, said as such and logged at ERROR once per attempt
+    (was ``451 4.4.1 Upstream unreachable`` at WARNING)."""
+    caplog.set_level(logging.INFO, logger="smtpgate")
     async with UpstreamDelivery(
         f"smtp+starttls://{upstream.hostport}", cafile=pki.cafile, timeout=5
     ) as d:
         with pytest.raises(TemporaryDeliveryError) as ei:
             await d.deliver(env(), MESSAGE)
-    assert ei.value.reply.enhanced == "4.4.1"
+    reply = ei.value.reply
+    assert (reply.code, reply.enhanced, reply.text) == (
+        451, "4.7.4", f"TLS is required, but was not offered by host {upstream.hostport}"
+    )
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "TLS" in errors[0].getMessage()
     assert upstream.handler.messages == []
 
 

@@ -30,16 +30,27 @@ __all__ = [
     "xtext_decode",
 ]
 
-DsnKind = Literal["failure", "delay", "success"]
+DsnKind = Literal["failure", "delay", "success", "relayed"]
 
 #: RFC 3464 §2.3.3 Action per kind of report.
-_ACTIONS: dict[str, str] = {"failure": "failed", "delay": "delayed", "success": "delivered"}
+_ACTIONS: dict[str, str] = {
+    "failure": "failed",
+    "delay": "delayed",
+    "success": "delivered",
+    "relayed": "relayed",
+}
 #: RFC 3461 §4.1 NOTIFY keyword per kind of report.
-_NOTIFY_KEYWORD: dict[str, str] = {"failure": "FAILURE", "delay": "DELAY", "success": "SUCCESS"}
+_NOTIFY_KEYWORD: dict[str, str] = {
+    "failure": "FAILURE",
+    "delay": "DELAY",
+    "success": "SUCCESS",
+    "relayed": "SUCCESS",
+}
 _SUBJECTS: dict[str, str] = {
     "failure": "Undelivered Mail Returned to Sender",
     "delay": "Delayed Mail (still being retried)",
     "success": "Successful Mail Delivery Report",
+    "relayed": "Successful Mail Delivery Report",
 }
 _XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -187,6 +198,13 @@ def _human_text(
             + f" {attached}",
             "The mail system said:",
         ]
+    elif kind == "relayed":
+        lines += [
+            "Your message was successfully relayed to the destinations listed below,",
+            "as you asked. The next mail system does not support delivery status",
+            "notifications: you will receive no notice of delivery from it, but you may",
+            f"still receive notices of delivery errors from other systems. {attached}",
+        ]
     else:
         lines += [
             "Your message was delivered to the recipients listed below,",
@@ -241,8 +259,9 @@ def build_dsn(
         original_message: the original message bytes (CRLF).
         ret: ``"FULL"`` (return the whole message) or ``"HDRS"`` (headers only),
             any case: the original's RET parameter (RFC 3461 §4.3), FULL if none.
-        kind: ``"failure"`` (Action: failed), ``"delay"`` (delayed) or
-            ``"success"`` (delivered).
+        kind: ``"failure"`` (Action: failed), ``"delay"`` (delayed),
+            ``"success"`` (delivered) or ``"relayed"`` (relayed: passed to a next hop
+            that does not offer DSN, RFC 3461 §5.2.2; asked for by ``NOTIFY=SUCCESS``).
         message_id_domain: the domain of the DSN's own Message-ID.
         now: the DSN's Date, seconds since the epoch (default: now).
         max_full_size: return only the headers when the original is larger than

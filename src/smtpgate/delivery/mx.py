@@ -29,6 +29,7 @@ from .outbound import (
     AuthFailed,
     Connector,
     RecipientResults,
+    TlsPolicyError,
     close_connection,
     connection_failure,
     deliver_per_recipient,
@@ -457,6 +458,10 @@ class MxDelivery:
                         server_hostname=None if literal else dest.host,
                         label=label,
                     )
+                except TlsPolicyError as exc:
+                    last = exc.reply()
+                    log.error("session=%s mx %s: %s", sid, target, last.text)
+                    continue
                 except (*NETWORK_ERRORS, AuthFailed) as exc:
                     last = connection_failure(label, describe_error(exc))
                     log.info("session=%s mx %s: %s", sid, target, last.text)

@@ -9,8 +9,10 @@ Entry points: :class:`Connector` (connect, EHLO/HELO, STARTTLS, AUTH), :func:`se
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ __all__ = [
     "OutboundConnection",
     "RecipientResults",
     "StaleConnection",
+    "TlsPolicyError",
     "close_connection",
     "connection_failure",
     "deliver_per_recipient",
@@ -133,24 +136,95 @@ def remote_reply(code: int, message: str) -> Reply:
     return Reply(code, enhanced, text or "(no text)")
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes/contexts, outermost first (at most 8, no cycles)."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < 8:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
 def describe_error(exc: BaseException) -> str:
-    """A short, single-line description of a network error for replies and logs.
+    """A short, single-line description of what failed, for replies, logs and DSNs.
+
+    Connection-level failures are named plainly: ``connection refused``,
+    ``connection timed out``, ``timed out waiting for the server``, ``connection
+    closed by the server``, ``host name not found``, ``TLS certificate not verified:
+    <reason>``; a server reply (greeting, EHLO, STARTTLS) is shown as
+    ``<code> <enhanced> <text>``.
 
     Args:
-        exc: the exception (aiosmtplib, OSError, timeout). Never contains credentials:
-            only connection-level errors are passed here.
+        exc: the exception (aiosmtplib, OSError, timeout, :class:`TlsPolicyError`).
+            Never contains credentials: only connection-level errors are passed here.
 
     Returns:
         Text of at most 200 characters without control characters.
     """
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
+    chain = _chain(exc)
+    shown: str | None = None
+    if isinstance(exc, TlsPolicyError):
+        shown = exc.detail
+    elif isinstance(exc, aiosmtplib.SMTPResponseException):
         enhanced, text = split_enhanced(exc.message)
         shown = f"{exc.code} {enhanced} {text}" if enhanced else f"{exc.code} {text}"
     else:
-        shown = str(exc) or type(exc).__name__
-        if isinstance(exc, (asyncio.TimeoutError, aiosmtplib.SMTPTimeoutError)):
-            shown = f"timed out ({shown})" if str(exc) else "timed out"
+        for item in chain:
+            if isinstance(item, ssl.SSLCertVerificationError):
+                shown = f"TLS certificate not verified: {item.verify_message or item}"
+            elif isinstance(item, ConnectionRefusedError) or (
+                isinstance(item, OSError) and item.errno == errno.ECONNREFUSED
+            ):
+                shown = "connection refused"
+            elif isinstance(item, aiosmtplib.SMTPConnectTimeoutError):
+                shown = "connection timed out"
+            elif isinstance(item, (asyncio.TimeoutError, aiosmtplib.SMTPTimeoutError)):
+                shown = "timed out waiting for the server"
+            elif isinstance(item, socket.gaierror):
+                shown = f"host name not found ({item.strerror or item})"
+            elif isinstance(item, ssl.SSLError):
+                shown = f"TLS handshake failed: {item.reason or item}"
+            elif isinstance(item, (aiosmtplib.SMTPServerDisconnected, ConnectionResetError,
+                                   BrokenPipeError, EOFError)):
+                detail = str(item)
+                shown = "connection closed by the server" + (f" ({detail})" if detail else "")
+            if shown is not None:
+                break
+        if shown is None:
+            shown = str(exc) or type(exc).__name__
     return _UNPRINTABLE.sub("?", shown.replace("\n", " "))[:200]
+
+
+class TlsPolicyError(aiosmtplib.SMTPException):
+    """The server cannot satisfy the TLS the relay URL requires (RFC 3207, RFC 8314).
+
+    Raised by :meth:`Connector.open` for ``tls="required"`` when STARTTLS is not
+    offered, refused, or its handshake fails (certificate not verified), and for
+    ``tls="implicit"`` when the handshake fails. A security/configuration problem,
+    not an unreachable host: see :meth:`reply`.
+
+    Args:
+        label: the peer, e.g. ``"relay.example.com:587"``.
+        detail: what happened, e.g. ``"TLS is required, but was not offered by host ..."``.
+        enhanced: RFC 3463 code: ``4.7.4`` (security feature not supported/offered)
+            or ``4.7.5`` (cryptographic failure: certificate not verified, handshake).
+    """
+
+    def __init__(self, label: str, detail: str, enhanced: str) -> None:
+        super().__init__(detail)
+        self.label = label
+        self.detail = _UNPRINTABLE.sub("?", detail)[:200]
+        self.enhanced = enhanced
+
+    def reply(self) -> Reply:
+        """``451 4.7.4`` / ``451 4.7.5`` with the detail: a temporary failure.
+
+        Deferred rather than bounced (as Postfix does with "TLS is required, but was
+        not offered by host"): the cause is a setting on one side or the other (or an
+        expired certificate) that an administrator can fix without losing the mail.
+        """
+        return Reply(451, self.enhanced, self.detail)
 
 
 def connection_failure(label: str, detail: str) -> Reply:
@@ -179,12 +253,17 @@ class RecipientResults(dict[str, Reply]):
         synthesized: forward-paths whose reply smtpgate made up itself
             (connection failures, local checks) rather than received from
             ``remote_mta``; the DSN shows those without ``Remote-MTA``.
+        next_hop_dsn: whether the MTA that took the transaction advertised DSN
+            (RFC 3461); ``False`` means recipients it accepted were *relayed* to a
+            non-DSN host and a ``NOTIFY=SUCCESS`` recipient is owed a "relayed"
+            DSN (RFC 3461 §5.2.2); ``None`` when no MTA took the transaction.
     """
 
     def __init__(self, *, remote_mta: str | None = None) -> None:
         super().__init__()
         self.remote_mta = remote_mta
         self.synthesized: set[str] = set()
+        self.next_hop_dsn: bool | None = None
 
     def __repr__(self) -> str:
         items = ", ".join(f"{k!r}: {v}" for k, v in self.items())
@@ -227,6 +306,24 @@ class RecipientResults(dict[str, Reply]):
 
 
 # -- connections -------------------------------------------------------------------
+
+
+def _handshake_failure(label: str, exc: BaseException) -> TlsPolicyError:
+    """The :class:`TlsPolicyError` (``4.7.5``) for a failed TLS handshake with ``label``."""
+    for item in _chain(exc):
+        if isinstance(item, ssl.SSLCertVerificationError):
+            why = _UNPRINTABLE.sub("?", str(item.verify_message or item))
+            return TlsPolicyError(
+                label,
+                f"TLS is required, but the certificate of host {label} was not verified: {why}",
+                "4.7.5",
+            )
+    return TlsPolicyError(
+        label,
+        f"TLS is required, but the TLS handshake with host {label} failed: "
+        f"{describe_error(exc)}",
+        "4.7.5",
+    )
 
 
 class AuthFailed(Exception):
@@ -361,8 +458,10 @@ class Connector:
         Raises:
             aiosmtplib.SMTPException / OSError / asyncio.TimeoutError: connection
                 refused or timed out, non-220 greeting (``SMTPConnectResponseError``,
-                e.g. 421/554), EHLO and HELO refused, TLS failure, STARTTLS
-                required but not offered (``SMTPNotSupported``).
+                e.g. 421/554), EHLO and HELO refused, connection lost.
+            TlsPolicyError: ``tls="required"`` and STARTTLS not offered, refused
+                or its handshake failed (certificate not verified); ``tls="implicit"``
+                and the handshake failed. A subclass of ``aiosmtplib.SMTPException``.
             AuthFailed: the server refused our AUTH or does not offer AUTH.
         """
         shown = label or (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
@@ -405,7 +504,12 @@ class Connector:
         )
         self.connections_opened += 1
         try:
-            await smtp.connect()
+            try:
+                await smtp.connect()
+            except NETWORK_ERRORS as exc:
+                if mode == "implicit" and any(isinstance(e, ssl.SSLError) for e in _chain(exc)):
+                    raise _handshake_failure(label, exc) from exc
+                raise
             await self._ehlo(smtp)
             tls = mode == "implicit"
             if mode in ("may", "required") and not plaintext:
@@ -413,6 +517,13 @@ class Connector:
                     try:
                         await smtp.starttls(tls_context=ctx, server_hostname=server_hostname)
                     except aiosmtplib.SMTPResponseException as exc:
+                        if mode == "required" and smtp.is_connected:
+                            raise TlsPolicyError(
+                                label,
+                                f"TLS is required, but host {label} refused STARTTLS: "
+                                f"{describe_error(exc)}",
+                                "4.7.4",
+                            ) from exc
                         if mode == "required" or not smtp.is_connected:
                             raise
                         log.info(
@@ -420,6 +531,8 @@ class Connector:
                         )
                     except NETWORK_ERRORS as exc:
                         if mode == "required":
+                            if any(isinstance(e, ssl.SSLError) for e in _chain(exc)):
+                                raise _handshake_failure(label, exc) from exc
                             raise
                         log.info(
                             "%s: STARTTLS failed (%s); retrying in plaintext",
@@ -443,7 +556,9 @@ class Connector:
                         tls = True
                         await self._ehlo(smtp)
                 elif mode == "required":
-                    raise aiosmtplib.SMTPNotSupported("server does not offer STARTTLS")
+                    raise TlsPolicyError(
+                        label, f"TLS is required, but was not offered by host {label}", "4.7.4"
+                    )
             authenticated = False
             if username is not None and password is not None:
                 await self._auth(smtp, username, password, auth_mechanism)
@@ -734,6 +849,7 @@ async def deliver_per_recipient(
             any recipient, so the caller may try another connection or host.
     """
     results = RecipientResults(remote_mta=remote_mta)
+    results.next_hop_dsn = "dsn" in conn.extensions
     if BAD_ADDRESS.search(envelope.mail_from):
         results.fill(envelope, BAD_SENDER)
         return results

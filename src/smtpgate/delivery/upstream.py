@@ -35,8 +35,11 @@ from .outbound import (
     OutboundConnection,
     RecipientResults,
     StaleConnection,
+    TlsPolicyError,
     close_connection,
+    connection_failure,
     deliver_per_recipient,
+    describe_error,
     reset,
     send_envelope,
     split_enhanced,
@@ -54,8 +57,6 @@ __all__ = [
 
 log = logging.getLogger("smtpgate.delivery.upstream")
 
-#: Any network-level failure: refused, timed out, TLS failed, connection lost.
-UNREACHABLE = Reply(451, "4.4.1", "Upstream unreachable, try again later")
 #: Our credentials for the upstream were refused: our configuration problem.
 UPSTREAM_AUTH_FAILED = Reply(451, "4.7.0", "Upstream authentication failed, try again later")
 SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery is shutting down, try again later")
@@ -201,11 +202,19 @@ class UpstreamDelivery:
                 exc,
             )
             raise TemporaryDeliveryError(UPSTREAM_AUTH_FAILED, "upstream AUTH failed") from None
-        except _NETWORK_ERRORS as exc:
-            log.warning(
-                "upstream %s unreachable: %s: %s", self.url.host_port, type(exc).__name__, exc
+        except TlsPolicyError as exc:
+            log.error(
+                "UPSTREAM %s DOES NOT SATISFY THE RELAY URL'S TLS REQUIREMENT (%s): %s -- "
+                "check the relay URL and the upstream's TLS set-up",
+                self.url.host_port,
+                self.url.scheme,
+                exc.detail,
             )
-            raise TemporaryDeliveryError(UNREACHABLE, "upstream unreachable") from None
+            raise TemporaryDeliveryError(exc.reply(), "upstream TLS requirement") from None
+        except _NETWORK_ERRORS as exc:
+            reply = connection_failure(self.url.host_port, describe_error(exc))
+            log.warning("upstream %s unreachable: %s", self.url.host_port, reply.text)
+            raise TemporaryDeliveryError(reply, "upstream unreachable") from None
 
     # -- pool -------------------------------------------------------------------
 
@@ -401,14 +410,10 @@ class UpstreamDelivery:
                 raise
             except (*_NETWORK_ERRORS, UnicodeEncodeError, ValueError) as exc:
                 conn.clean = False
-                log.warning(
-                    "session=%s upstream %s: transaction failed: %s: %s",
-                    sid,
-                    self.url.host_port,
-                    type(exc).__name__,
-                    exc,
-                )
-                raise TemporaryDeliveryError(UNREACHABLE, "upstream connection failed") from None
+                reply = connection_failure(self.url.host_port, describe_error(exc))
+                log.warning("session=%s upstream %s: transaction failed: %s", sid,
+                            self.url.host_port, reply.text)
+                raise TemporaryDeliveryError(reply, "upstream connection failed") from None
             except BaseException:
                 conn.clean = False
                 raise

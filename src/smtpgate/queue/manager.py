@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..envelope import Envelope, Recipient
 from ..errors import QueueError
@@ -30,6 +30,23 @@ FLUSH_FILE = "flush"
 _RESCAN_EVERY = 60.0
 
 
+class Outcome(NamedTuple):
+    """One recipient's result of one delivery attempt.
+
+    Attributes:
+        reply: the final reply for this attempt (2xx delivered, 4xx retry, 5xx failed).
+        remote: host name of the MTA that gave ``reply``; ``""`` when smtpgate made
+            the reply up (connection failure, TLS requirement, local check), so that
+            DSNs and ``queue show`` never name a host that did not answer.
+        relayed: delivered to a next hop that does not offer DSN (RFC 3461 §5.2.2):
+            a ``NOTIFY=SUCCESS`` recipient then gets a "relayed" DSN from us.
+    """
+
+    reply: Reply
+    remote: str
+    relayed: bool = False
+
+
 class Outbound(Protocol):
     """How the queue reaches the next hop (a relay URL, or MX hosts per domain)."""
 
@@ -39,12 +56,12 @@ class Outbound(Protocol):
 
     async def send(
         self, destination: str, envelope: Envelope, message: bytes
-    ) -> dict[str, tuple[Reply, str]]:
+    ) -> dict[str, Outcome]:
         """Deliver to every recipient of ``envelope`` (all share ``destination``).
 
         Returns:
-            forward-path → (reply, remote MTA name); a recipient missing from the
-            result counts as a temporary failure.
+            forward-path → :class:`Outcome`; a recipient missing from the result
+            counts as a temporary failure.
         """
         ...
 
@@ -54,8 +71,11 @@ class Outbound(Protocol):
 
 
 DsnFactory = Callable[[QueueEntry, bytes, list[QueuedRecipient], str], bytes | None]
-"""(entry, original message, recipients, kind "failure"|"delay"|"success") → DSN bytes or
-None when no DSN is due (e.g. NOTIFY=NEVER)."""
+"""(entry, original message, recipients, kind "failure"|"delay"|"relayed") → DSN bytes or
+None when no DSN is due (e.g. NOTIFY=NEVER, or no NOTIFY=SUCCESS for "relayed")."""
+
+#: The reply recorded for recipients returned by ``smtpgate queue bounce`` (RFC 3463 X.0.0).
+ADMIN_BOUNCE = "550 5.0.0 Returned to sender by the mail administrator"
 
 
 def _domain_matches(address: str, node: str) -> bool:
@@ -301,26 +321,30 @@ class QueueManager:
                 return
         now = self.clock()
         newly_failed: list[QueuedRecipient] = []
-        newly_delivered: list[QueuedRecipient] = []
+        newly_relayed: list[QueuedRecipient] = []
         if entry.bounce:
+            # Our decision, not any host's: no Remote-MTA; the last attempt's outcome is kept
+            # in the text (saying which host gave it, if one did).
             for r in entry.pending:
                 r.state = "failed"
-                r.last_reply = "550 5.0.0 Returned to sender by the mail administrator"
+                r.last_reply = _with_last(ADMIN_BOUNCE, r)
+                r.remote_mta = ""
                 newly_failed.append(r)
         else:
             groups: dict[str, list[QueuedRecipient]] = {}
             for r in entry.pending:
                 groups.setdefault(self.outbound.destination(r.address), []).append(r)
             await asyncio.gather(*(
-                self._deliver_group(entry, dest, rcpts, message, newly_failed, newly_delivered)
+                self._deliver_group(entry, dest, rcpts, message, newly_failed, newly_relayed)
                 for dest, rcpts in groups.items()
             ))
         if entry.pending and self.schedule.expired(entry.created, now):
             for r in entry.pending:
                 r.state = "failed"
-                r.last_reply = f"450 4.4.7 Delivery time expired; last reply: {r.last_reply}"
+                r.last_reply = _with_last("450 4.4.7 Delivery time expired", r)
+                r.remote_mta = ""
                 newly_failed.append(r)
-        await self._notify(entry, message, newly_failed, newly_delivered, now)
+        await self._notify(entry, message, newly_failed, newly_relayed, now)
         entry.attempts += 1
         entry.next_attempt = now + self.schedule.delay(entry.attempts)
         entry.last_reply = next((r.last_reply for r in entry.pending if r.last_reply), "")
@@ -364,8 +388,10 @@ class QueueManager:
 
     async def _deliver_group(
         self, entry: QueueEntry, dest: str, rcpts: list[QueuedRecipient], message: bytes,
-        failed: list[QueuedRecipient], delivered: list[QueuedRecipient],
+        failed: list[QueuedRecipient], relayed_to: list[QueuedRecipient],
     ) -> None:
+        """Deliver one destination's recipients; ``relayed_to`` gets those accepted by a
+        next hop without DSN."""
         sem = self._dest_sems.get(dest)
         if sem is None:
             sem = self._dest_sems[dest] = asyncio.Semaphore(self.per_destination)
@@ -376,18 +402,22 @@ class QueueManager:
                 results = await self.outbound.send(dest, env, message)
             except Exception as exc:  # an outbound bug must not lose the message
                 log.exception("queue id=%s: outbound to %s raised", entry.id, dest)
-                results = {r.address: (Reply(451, "4.3.0", f"Local delivery error: {exc}"[:200]),
-                                       "") for r in rcpts}
+                results = {r.address: Outcome(Reply(451, "4.3.0",
+                                                    f"Local delivery error: {exc}"[:200]), "")
+                           for r in rcpts}
         for r in rcpts:
-            reply, remote = results.get(
-                r.address, (Reply(451, "4.4.1", "No result for this recipient"), "")
-            )
+            out = results.get(r.address)
+            if out is None:
+                out = Outcome(Reply(451, "4.4.1", "No result for this recipient"), "")
+            reply, remote = out[0], out[1]
+            relayed = len(out) > 2 and bool(out[2])
             r.attempts += 1
             r.last_reply = f"{reply.code} {reply.enhanced or ''} {reply.text}".replace("  ", " ")
             r.remote_mta = remote
             if reply.code < 400:
                 r.state = "delivered"
-                delivered.append(r)
+                if relayed:
+                    relayed_to.append(r)
                 self.delivered += 1
             elif reply.code >= 500:
                 r.state = "failed"
@@ -397,7 +427,7 @@ class QueueManager:
 
     async def _notify(
         self, entry: QueueEntry, message: bytes, failed: list[QueuedRecipient],
-        delivered: list[QueuedRecipient], now: float,
+        relayed: list[QueuedRecipient], now: float,
     ) -> None:
         if self.make_dsn is None or entry.mail_from == "":
             if failed and entry.mail_from == "":
@@ -407,8 +437,8 @@ class QueueManager:
         jobs: list[tuple[list[QueuedRecipient], str]] = []
         if failed:
             jobs.append((failed, "failure"))
-        if delivered:
-            jobs.append((delivered, "success"))
+        if relayed:  # accepted by a next hop without DSN: ours to report (RFC 3461 §5.2.2)
+            jobs.append((relayed, "relayed"))
         if self.delay_warning and now - entry.created >= self.delay_warning:
             late = [r for r in entry.pending if not r.delay_notified]
             if late:
@@ -436,3 +466,12 @@ class QueueManager:
                      entry.mail_from)
             self.submit(dsn_entry)
 
+
+
+def _with_last(reason: str, r: QueuedRecipient) -> str:
+    """``reason`` plus the recipient's last attempt outcome, naming the host that gave it."""
+    last = r.last_reply.strip()
+    if not last:
+        return reason
+    who = f" from {r.remote_mta}" if r.remote_mta else ""
+    return f"{reason}; last reply{who}: {last}"[:900]

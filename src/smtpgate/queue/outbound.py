@@ -12,10 +12,11 @@ import time
 
 from ..delivery.dsn import RecipientStatus, build_dsn, should_notify
 from ..delivery.mx import MxDelivery
+from ..delivery.outbound import RecipientResults
 from ..delivery.upstream import UpstreamDelivery
 from ..envelope import Envelope
 from ..reply import Reply
-from .manager import DsnFactory
+from .manager import DsnFactory, Outcome
 from .schedule import RetrySchedule
 from .store import QueuedRecipient, QueueEntry
 
@@ -34,8 +35,16 @@ def parse_reply_text(text: str) -> Reply:
     return Reply(code, enhanced, (m.group(3) or "").replace("\r", " "))
 
 
-def _results(results: dict[str, Reply], remote: str | None) -> dict[str, tuple[Reply, str]]:
-    return {addr: (reply, remote or "") for addr, reply in results.items()}
+def _results(results: RecipientResults) -> dict[str, Outcome]:
+    """The manager's view: the remote MTA only for replies it gave (never for a reply
+    smtpgate made up, e.g. a connection failure), and "relayed" for recipients accepted
+    by a next hop without DSN (RFC 3461 §5.2.2)."""
+    out: dict[str, Outcome] = {}
+    for addr, reply in results.items():
+        remote = results.remote_mta or "" if results.is_remote(addr) else ""
+        relayed = bool(remote) and reply.is_positive and results.next_hop_dsn is False
+        out[addr] = Outcome(reply, remote, relayed)
+    return out
 
 
 class RelayOutbound:
@@ -54,10 +63,10 @@ class RelayOutbound:
 
     async def send(
         self, destination: str, envelope: Envelope, message: bytes
-    ) -> dict[str, tuple[Reply, str]]:
+    ) -> dict[str, Outcome]:
         """Per-recipient outcome from the relay (connection failures are 4xx for all)."""
         results = await self.relay.deliver_recipients(envelope, message)
-        return _results(results, results.remote_mta)
+        return _results(results)
 
     async def aclose(self) -> None:
         """Close the relay's pooled connections."""
@@ -81,13 +90,13 @@ class MxOutbound:
 
     async def send(
         self, destination: str, envelope: Envelope, message: bytes
-    ) -> dict[str, tuple[Reply, str]]:
+    ) -> dict[str, Outcome]:
         """Per-recipient outcome from the domain's MX hosts."""
         if not destination:
-            return {r.address: (Reply(550, "5.1.2", "Recipient has no domain"), "")
+            return {r.address: Outcome(Reply(550, "5.1.2", "Recipient has no domain"), "")
                     for r in envelope.rcpt_to}
         results = await self.mx.deliver_recipients(envelope, message, domain=destination)
-        return _results(results, results.remote_mta)
+        return _results(results)
 
     async def aclose(self) -> None:
         """Nothing pooled."""
@@ -97,8 +106,10 @@ class MxOutbound:
 def dsn_factory(hostname: str, schedule: RetrySchedule) -> DsnFactory:
     """Build the manager's DSN callback (RFC 3464; honours NOTIFY, RET, ENVID, ORCPT).
 
-    Success DSNs are not generated: smtpgate passes NOTIFY on to a DSN-capable next hop,
-    which reports delivery itself ("relayed" DSNs for hops without DSN are not produced).
+    Kinds: ``"failure"``, ``"delay"``, and ``"relayed"`` for recipients accepted by a next
+    hop that does not offer DSN (RFC 3461 §5.2.2, sent when NOTIFY has SUCCESS). Recipients
+    accepted by a DSN-capable next hop get no success DSN from us: NOTIFY was passed on, and
+    that hop reports delivery itself.
     """
 
     def make(entry: QueueEntry, message: bytes, rcpts: list[QueuedRecipient],
