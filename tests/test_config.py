@@ -135,6 +135,9 @@ EXPECTED_DEFAULTS["server"].update({
     "max_load_average": 0.0,
     "pid_file": "",
     "received_tls_peer": False,
+    "limit_exceptions": None,
+    "min_data_rate": 500,
+    "recipient_overshoot_limit": 1000,
 })
 
 
@@ -306,6 +309,9 @@ BAD_VALUES = [
     ("server", "max_load_average", -1, "must be a number >= 0"),
     ("server", "pid_file", 3, "must be a string"),
     ("server", "received_tls_peer", "y", "must be true or false"),
+    ("server", "limit_exceptions", ["lan"], "must be an IP address or a CIDR network"),
+    ("server", "min_data_rate", -1, "must be an integer >= 0"),
+    ("server", "recipient_overshoot_limit", 1.5, "must be an integer"),
     ("hooks", "address_check", ["nocolon"], "must look like"),
     ("delivery", "mode", "async", 'must be one of "", "queue", "proxy"'),
     ("delivery", "mx_port", 0, "must be a positive integer"),
@@ -376,6 +382,24 @@ def test_delivery_mode_resolution() -> None:
     assert mode({"relay": {"url": "smtp://mx.example:25"}}) == "queue"
     assert mode({"relay": {"url": "smtp://mx.example:25"}, "delivery": {"mode": "proxy"}}) == "proxy"
     assert mode({"relay": {"url": "mx:"}}) == "queue"
+    assert mode({"relay": {"url": "MX:"}}) == "queue"
+
+
+@pytest.mark.parametrize(
+    ("mode", "url", "fragment"),
+    [
+        ("queue", "discard:", 'relay.url is "discard:"'),
+        ("queue", "", "relay.url is empty"),
+        ("proxy", "", "relay.url is empty"),
+        ("proxy", "discard:", 'relay.url is "discard:"'),
+        ("proxy", "mx:", "MX delivery needs queue mode"),
+    ],
+)
+def test_delivery_mode_without_an_upstream_is_refused(mode: str, url: str, fragment: str) -> None:
+    """Finding 5 of issue 8: mode = "queue" with "discard:" passed the check and crashed."""
+    (problem,) = problems_of({"delivery": {"mode": mode}, "relay": {"url": url}})
+    assert problem.startswith("delivery.mode: "), problem
+    assert fragment in problem
 
 
 @pytest.mark.parametrize(("section", "key", "value", "fragment"), BAD_VALUES)
@@ -527,7 +551,8 @@ def test_values_from_file_and_source(tmp_path: Path) -> None:
     assert cfg.server.max_recipients == 3
     assert cfg.source == str(path)
     assert cfg == config_from_mapping(
-        {"server": {"listen": ["127.0.0.1:0", "[::1]:0"], "max_recipients": 3}}
+        {"server": {"listen": ["127.0.0.1:0", "[::1]:0"], "max_recipients": 3}},
+        base_dir=tmp_path,
     )
 
 
@@ -541,7 +566,9 @@ def test_paths_relative_to_config_directory(tmp_path: Path, monkeypatch: Any) ->
     path.write_text(
         '[tls]\ncertificate = "tls/chain.pem"\nkey = "tls/key.pem"\ncafile = "tls/ca.pem"\n'
         'capath = "cas"\n[auth]\nusers_file = "users"\n[relay]\ncafile = "up-ca.pem"\n'
-        '[maildir]\npath = "mail"\n'
+        '[maildir]\npath = "mail"\n[queue]\npath = "../spool"\n'
+        '[server]\npid_file = "run/smtpgate.pid"\n'
+        '[[scanner]]\ntype = "clamav"\nquarantine_path = "quarantine"\n'
     )
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
@@ -555,7 +582,27 @@ def test_paths_relative_to_config_directory(tmp_path: Path, monkeypatch: Any) ->
     assert cfg.auth.users_file == str(conf_dir / "users")
     assert cfg.auth.enabled
     assert cfg.relay.cafile == str(conf_dir / "up-ca.pem")
-    assert cfg.maildir.path == "mail"  # relative to the current directory, kept as written
+    # finding 7 of issue 8: Maildir, spool, pid file and quarantine too (they were
+    # relative to the current directory)
+    assert cfg.maildir.path == str(conf_dir / "mail")
+    assert cfg.queue.path == str(tmp_path / "spool")
+    assert cfg.server.pid_file == str(conf_dir / "run/smtpgate.pid")
+    assert cfg.scanners[0].quarantine_path == str(conf_dir / "quarantine")
+
+
+def test_default_directories_follow_the_config_file(tmp_path: Path, monkeypatch: Any) -> None:
+    """A file that leaves maildir.path/queue.path out gets them next to the file; without a
+    file (and for a mapping without base_dir) they stay relative to the current directory."""
+    conf = tmp_path / "etc" / "smtpgate.toml"
+    conf.parent.mkdir()
+    conf.write_text("[server]\nmax_recipients = 3\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(conf)
+    assert cfg.maildir.path == str(conf.parent / "smtpgate-mail")
+    assert cfg.queue.path == str(conf.parent / "smtpgate-queue")
+    assert Config.default().maildir.path == "./smtpgate-mail"
+    assert load_config(None).queue.path == "./smtpgate-queue"
+    assert config_from_mapping({}).maildir.path == "./smtpgate-mail"
 
 
 def test_paths_missing_files_reported(tmp_path: Path) -> None:
@@ -690,16 +737,21 @@ def test_relay_url_good(url: str) -> None:
         (f"lmtp://user:{SECRET}@example.org:24", "unsupported scheme 'lmtp'"),
         ("mx.example.org:25", "not a relay URL"),
         (f"user:{SECRET}@mx.example.org", "not a relay URL"),
-        ("smtp://:25", "has no host"),
-        (f"plain://user:{SECRET}@:25", "has no host"),
+        ("smtp://:25", "missing host"),
+        (f"plain://user:{SECRET}@:25", "missing host"),
         ("smtp://mx.example.org:abc", "port must be a number"),
         (f"plain://user:{SECRET}@mx.example.org:99999", "port must be a number"),
         ("smtp://mx.example.org:0", "port must be a number"),
-        ("plain://mx.example.org:25", "needs USER:PASSWORD@"),
-        ("plain://user@mx.example.org:25", "needs USER:PASSWORD@"),
+        ("plain://mx.example.org:25", "USER:PASSWORD@"),
+        ("plain://user@mx.example.org:25", "USER:PASSWORD@"),
         (f"plain://user:{SECRET}#x@mx.example.org:25", "percent-encode"),
         (f"plain://user:{SECRET}/x@mx.example.org:25", "percent-encode"),
-        ("discard://x", 'write "discard:"'),
+        ("discard://x", "discard: takes no host"),
+        # finding 5 of issue 8: accepted by the old config parser, refused by the relay
+        (f"smtp://bob:{SECRET}@localhost:25", "credentials are only sent over TLS"),
+        (f"plain://bob:{SECRET}@host:587/path", "a path is not allowed"),
+        (f"plain://bob:{SECRET} x@host:587", "a space is %20"),
+        (f"smtps://host:465?verify=maybe", "verify must be yes or no"),
     ],
 )
 def test_relay_url_bad_without_leaking_password(url: str, fragment: str) -> None:

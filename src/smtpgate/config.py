@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import date, datetime, time
 from typing import Any, ClassVar, TypeAlias
-from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -444,16 +443,6 @@ def _network(text: str) -> str:
     return text.strip()
 
 
-_RELAY_HOST_SCHEMES = ("smtp", "smtp+starttls", "smtps", "plain")
-_RELAY_HINT = (
-    'expected "" (Maildir), smtp://HOST:PORT, smtp+starttls://HOST:PORT, smtps://HOST:PORT, '
-    "plain://USER:PASSWORD@HOST:PORT, discard: or mx: (queue mode: deliver by MX lookup)"
-)
-_PCT_HINT = " (percent-encode @ : / # ? in the user name or password)"
-_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:).*@", re.DOTALL)
-
-
 def redact_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***`` (for logs, reprs and errors).
 
@@ -463,42 +452,55 @@ def redact_url(url: str) -> str:
     Returns:
         ``plain://user:***@mx.example.org:587``; URLs without a password unchanged.
     """
-    return _USERINFO_RE.sub(r"\1***@", url, count=1)
+    from .delivery.url import redact_relay_url
+
+    return redact_relay_url(url)
 
 
-def _relay_url(value: object, ctx: _Context) -> str:
-    """Validate scheme, host and port of the upstream URL. Messages never echo the URL."""
+def _relay_url(value: object, _ctx: _Context) -> str:
+    """Validate the upstream URL with THE relay-URL parser (:func:`parse_relay_url`).
+
+    ``""`` (Maildir) and ``mx:`` (queue mode, MX lookup) are accepted besides the relay
+    URLs; ``discard:`` is stored as ``"discard:"``. Messages show the URL with its
+    password replaced by ``***``.
+    """
+    from .delivery.url import parse_relay_url
+
     if not isinstance(value, str):
         raise _Invalid(f"must be a string, got {_show(value)}")
     url = value
     if url == "":
         return ""
-    if url.strip().lower() in ("discard:", "mx:"):
-        return url.strip().lower()
-    m = _SCHEME_RE.match(url)
-    if m is None:
-        raise _Invalid(f"not a relay URL; {_RELAY_HINT}")
-    scheme = m.group(1).lower()
-    if scheme == "discard":
-        raise _Invalid('the discard scheme takes nothing after it; write "discard:"')
-    if scheme not in _RELAY_HOST_SCHEMES:
-        raise _Invalid(f"unsupported scheme {scheme!r}; {_RELAY_HINT}")
+    if url.strip().lower() == "mx:":
+        return "mx:"
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        raise _Invalid(f"malformed {scheme}:// URL: the host cannot be parsed{_PCT_HINT}") from None
-    if not host:
-        raise _Invalid(f"{scheme}:// URL has no host; {_RELAY_HINT}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise _Invalid(f"{scheme}:// URL port must be a number 1..65535{_PCT_HINT}")
-    if scheme == "plain" and (not parts.username or parts.password is None):
-        raise _Invalid(f"plain:// needs USER:PASSWORD@ before the host{_PCT_HINT}")
-    return url
+        parsed = parse_relay_url(url)
+    except ConfigError as exc:
+        message = exc.problems[0]
+        message = message.removeprefix("relay URL ")
+        if "unsupported scheme" in message:
+            message += '; "" (Maildir) and mx: (queue mode: deliver by MX lookup) work too'
+        raise _Invalid(message) from None
+    return "discard:" if parsed.is_discard else url
+
+
+def _dir_path(value: object, ctx: _Context) -> str:
+    """A directory smtpgate creates if missing (Maildir, spool): resolved, not checked here.
+
+    Relative paths are resolved against ``ctx.base_dir`` (the config file's directory);
+    whether the directory can be created and written is checked by
+    :func:`smtpgate.preflight.preflight`.
+    """
+    text = _printable_ascii("a directory path", spaces=True)(value, ctx)
+    return os.path.abspath(os.path.join(ctx.base_dir, os.path.expanduser(text)))
+
+
+def _new_file_path(value: object, ctx: _Context) -> str:
+    """A file smtpgate writes (pid file): ``""`` = none, else resolved like :func:`_dir_path`."""
+    text = _str(value, ctx)
+    if not text:
+        return ""
+    return os.path.abspath(os.path.join(ctx.base_dir, os.path.expanduser(text)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,6 +553,8 @@ class ServerConfig:
         max_load_average: refuse new sessions with 421 4.3.2 above this 1-minute load
             average (ZMailer -L); 0 = off.
         pid_file: write the process id here at start (ZMailer -I); ``""`` = none.
+            Absolute after loading (relative to the config file's directory); its
+            directory must exist and be writable (checked by preflight).
         received_tls_peer: put the TLS client certificate's subject into Received.
         limit_exceptions: client networks exempt from the per-IP connection limit and the
             ZMailer flood escalation (Postfix ``smtpd_client_event_limit_exceptions``);
@@ -599,7 +603,7 @@ class ServerConfig:
     tarpit_exponent: float = _opt(0.0, _nonnegative_number)
     tarpit_max: float = _opt(0.0, _nonnegative_seconds)
     max_load_average: float = _opt(0.0, _nonnegative_number)
-    pid_file: str = _opt("", _str)
+    pid_file: str = _opt("", _new_file_path)
     received_tls_peer: bool = _opt(False, _bool)
     limit_exceptions: tuple[str, ...] | None = _opt(None, _each(_network))
     min_data_rate: int = _opt(500, _nonnegative_int)
@@ -677,7 +681,9 @@ class RelayConfig:
 
     Attributes:
         url: ``""`` (deliver to the Maildir), ``smtp://``, ``smtp+starttls://``, ``smtps://``,
-            ``plain://USER:PASSWORD@HOST:PORT`` or ``discard:``. Syntax-checked only.
+            ``plain://USER:PASSWORD@HOST:PORT``, ``discard:`` or ``mx:`` (queue mode).
+            Checked with :func:`smtpgate.delivery.url.parse_relay_url`, the one relay-URL
+            parser; stored as written (``discard:``/``mx:`` lower-cased).
         relay_domains: recipient domains accepted from anyone (lower case).
         local_networks: CIDRs or addresses whose clients may relay anywhere.
         timeout: seconds for the upstream connect and each upstream command.
@@ -713,10 +719,13 @@ class MaildirConfig:
     """``[maildir]``: local delivery when ``relay.url`` is empty.
 
     Attributes:
-        path: Maildir directory; relative paths are relative to the current directory.
+        path: Maildir directory, absolute after loading: a relative path in a file is
+            relative to the file's directory (the default too, when loaded from a file);
+            :meth:`Config.default` keeps ``./smtpgate-mail``, relative to the current
+            directory.
     """
 
-    path: str = _opt("./smtpgate-mail", _printable_ascii("a directory path", spaces=True))
+    path: str = _opt("./smtpgate-mail", _dir_path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -798,7 +807,8 @@ class ScannerConfig:
         tag_score: spam score from which the message is tagged (X-Spam-* headers).
         reject_score: spam score from which the message is rejected (0 = never).
         quarantine_score: spam score from which it goes to ``quarantine_path`` (0 = never).
-        quarantine_path: Maildir for quarantined messages.
+        quarantine_path: Maildir for quarantined messages (absolute after loading,
+            relative paths against the config file's directory).
         quarantine_reply: ``accept`` (250 after quarantining) or ``reject`` (550/554).
         subject_prefix: prepended to the Subject of tagged spam (``""`` = none).
         reject_text: text of the 550 reply for spam.
@@ -815,7 +825,7 @@ class ScannerConfig:
     tag_score: float = _opt(5.0, _nonnegative_number)
     reject_score: float = _opt(10.0, _nonnegative_number)
     quarantine_score: float = _opt(0.0, _nonnegative_number)
-    quarantine_path: str = _opt("", _str)
+    quarantine_path: str = _opt("", _new_file_path)
     quarantine_reply: str = _opt("accept", _choice("accept", "reject"))
     subject_prefix: str = _opt("", _str)
     reject_text: str = _opt("Message rejected as spam", _printable_ascii("reply text", spaces=True))
@@ -886,7 +896,8 @@ class QueueConfig:
     """``[queue]``: the durable spool and its delivery workers (queue mode).
 
     Attributes:
-        path: spool directory (relative to the current directory).
+        path: spool directory, resolved like ``maildir.path`` (against the config
+            file's directory; ``./smtpgate-queue`` in the current directory without a file).
         fsync: fsync files and directories before acknowledging (never turn off in
             production: a power loss would lose acknowledged mail).
         min_backoff / max_backoff: seconds; retry delays double from min to max.
@@ -902,7 +913,7 @@ class QueueConfig:
             smtpd/qmgr split; uses a second CPU core).
     """
 
-    path: str = _opt("./smtpgate-queue", _printable_ascii("a directory path", spaces=True))
+    path: str = _opt("./smtpgate-queue", _dir_path)
     fsync: bool = _opt(True, _bool)
     min_backoff: float = _opt(300.0, _positive_seconds)
     max_backoff: float = _opt(3600.0, _positive_seconds)
@@ -1112,6 +1123,39 @@ def _cross_checks(sections: Mapping[str, Any], problems: list[str]) -> None:
         for key in ("key", "cafile", "capath"):
             if getattr(tls, key):
                 problems.append(f"tls.{key}: set, but tls.certificate is empty (TLS is off)")
+    delivery = sections.get("delivery")
+    relay = sections.get("relay")
+    mode = delivery.mode if isinstance(delivery, DeliveryConfig) else ""
+    url = relay.url if isinstance(relay, RelayConfig) else ""
+    if mode == "queue" and url in ("", "discard:"):
+        shown = "is empty (Maildir delivery)" if not url else 'is "discard:"'
+        problems.append(
+            'delivery.mode: "queue" needs an upstream in relay.url (smtp://, smtp+starttls://, '
+            f'smtps://, plain:// or mx:), but relay.url {shown}; remove mode to deliver locally'
+        )
+    elif mode == "proxy" and url in ("", "discard:", "mx:"):
+        shown = {"": "is empty (Maildir delivery)", "discard:": 'is "discard:"',
+                 "mx:": 'is "mx:" (MX delivery needs queue mode)'}[url]
+        problems.append(
+            'delivery.mode: "proxy" needs an upstream in relay.url (smtp://, smtp+starttls://, '
+            f"smtps:// or plain://), but relay.url {shown}"
+        )
+
+
+#: Directory keys whose default is resolved against the config file's directory when a
+#: file is loaded (see :func:`config_from_mapping`).
+_DEFAULT_DIRS: tuple[tuple[str, str], ...] = (("maildir", "path"), ("queue", "path"))
+
+
+def _resolve_default_dirs(sections: dict[str, Any], base_dir: str) -> None:
+    """Resolve the default of every key in :data:`_DEFAULT_DIRS` the data left out."""
+    for name, key in _DEFAULT_DIRS:
+        cls = _SECTIONS[name]
+        section = sections.get(name) or cls()
+        default = getattr(cls(), key)
+        if getattr(section, key) == default:
+            path = os.path.abspath(os.path.join(base_dir, str(default)))
+            sections[name] = replace(section, **{key: path})
 
 
 def config_from_mapping(
@@ -1126,8 +1170,12 @@ def config_from_mapping(
         data: ``{"server": {...}, "tls": {...}, ...}``; missing sections and keys take
             their defaults.
         source: a name for where ``data`` came from, kept in :attr:`Config.source`.
-        base_dir: directory that relative ``[tls]``, ``[auth]`` and ``relay.cafile`` paths
-            are resolved against; defaults to the current directory.
+        base_dir: directory that relative paths (``[tls]``, ``[auth]``, ``relay.cafile``,
+            ``maildir.path``, ``queue.path``, ``server.pid_file``,
+            ``scanner.quarantine_path``) are resolved against; defaults to the current
+            directory. When given (:func:`load_config` passes the file's directory), the
+            defaults ``./smtpgate-mail`` and ``./smtpgate-queue`` are resolved against it
+            too; without it they stay relative to the current directory.
 
     Returns:
         The validated configuration.
@@ -1167,6 +1215,8 @@ def config_from_mapping(
     _cross_checks(sections, problems)
     if problems:
         raise ConfigError(problems)
+    if base_dir is not None:
+        _resolve_default_dirs(sections, ctx.base_dir)
     return Config(**sections, source=source)
 
 

@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote
 
 from ..errors import ConfigError
 
-__all__ = ["DEFAULT_PORTS", "RelayUrl", "TlsMode", "parse_relay_url"]
+__all__ = ["DEFAULT_PORTS", "RelayUrl", "TlsMode", "parse_relay_url", "redact_relay_url"]
 
 TlsMode = Literal["none", "may", "required", "implicit"]
 
@@ -32,7 +32,6 @@ _TLS_MODES: dict[str, TlsMode] = {
 
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
-_SCHEME_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(?://)?")
 _TRUE = {"yes", "true", "1", "on"}
 _FALSE = {"no", "false", "0", "off"}
 
@@ -108,15 +107,29 @@ class RelayUrl:
         )
 
 
-def _redact_raw(url: str) -> str:
-    """Mask whatever could be a password in a (possibly malformed) URL string."""
+def redact_relay_url(url: str) -> str:
+    """Mask whatever could be a password in a (possibly malformed) relay URL string.
+
+    Everything between the first ``:`` after the scheme's ``//`` (or, without ``//``,
+    after the start) and the last ``@`` is replaced by ``***``; a URL without ``@`` is
+    returned unchanged. Used for logs, error messages and reprs.
+
+    Args:
+        url: the URL text, e.g. ``plain://user:secret@mx.example.org:587``.
+
+    Returns:
+        ``plain://user:***@mx.example.org:587``.
+    """
     if "@" not in url:
         return url
     head, _, hostpart = url.rpartition("@")
-    m = _SCHEME_PREFIX.match(head)
-    prefix = m.group(0) if m else ""
+    sep = head.find("://")
+    prefix = head[: sep + 3] if sep >= 0 else ""
     user, colon, _ = head[len(prefix) :].partition(":")
     return f"{prefix}{user}{':***' if colon else ''}@{hostpart}"
+
+
+_redact_raw = redact_relay_url
 
 
 def _parse_host(hostport: str, fail: Callable[[str], ConfigError]) -> tuple[str, str | None]:
@@ -175,14 +188,15 @@ def parse_relay_url(url: str) -> RelayUrl:
     if not text:
         raise _fail("empty URL")
     if _CONTROL_OR_SPACE.search(text):
-        raise _fail("contains whitespace or control characters")
+        raise _fail("contains whitespace or control characters (percent-encode them in the "
+                    "user name or password: a space is %20)")
     scheme, colon, rest = text.partition(":")
     scheme = scheme.lower()
     if not colon or scheme not in _TLS_MODES:
-        raise _fail(
-            "unsupported scheme (expected smtp://, smtp+starttls://, smtps://, plain:// "
-            "or discard:)"
-        )
+        expected = "expected smtp://, smtp+starttls://, smtps://, plain:// or discard:"
+        if colon and rest.startswith("//"):
+            raise _fail(f"unsupported scheme {scheme[:20]!r} ({expected})")
+        raise _fail(f"not a relay URL ({expected})")
     if scheme == "discard":
         if rest.strip("/"):
             raise _fail("discard: takes no host or parameters")
@@ -202,7 +216,8 @@ def parse_relay_url(url: str) -> RelayUrl:
     if "#" in query or path.startswith("#"):
         raise _fail("fragments (#...) are not allowed")
     if path not in ("", "/"):
-        raise _fail("a path is not allowed")
+        raise _fail("a path is not allowed (percent-encode '/' in the user name or password "
+                    "as %2F)")
 
     username: str | None = None
     password: str | None = None

@@ -1,28 +1,49 @@
 """``smtpgate queue ...``: inspect and manage a spool, on a stopped or a running server.
 
-Entry point: :func:`add_queue_commands` (wired into :mod:`smtpgate.cli`). Changes are
-made under the spool lock (see :meth:`QueueStore.locked`); a running server notices
-them at its next spool scan, which ``flush`` requests at once.
+Entry point: :func:`add_queue_commands` (wired into :mod:`smtpgate.cli`). The spool is
+``--spool DIR`` (relative to the current directory) or ``queue.path`` of ``-c FILE``
+(relative to FILE's directory, see docs/configuration.md). It must exist: the tools never
+create a spool, and a missing one is an error (exit 2), not an empty queue. ``list`` and
+``show`` only read (an unreadable envelope is reported and left where it is). Changes
+(``hold``, ``release``, ``bounce``, ``delete``, ``flush``) are made under the spool lock
+(see :meth:`QueueStore.locked`); a running server notices them at its next spool scan,
+which those commands request at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Sequence
 from email.parser import BytesHeaderParser
 
+from ..errors import QueueError
 from .manager import request_flush
 from .store import QueueEntry, QueueStore, entry_dict
 
 
 def _store(args: argparse.Namespace) -> QueueStore:
-    if args.spool:
-        return QueueStore(args.spool)
-    from ..config import load_config
+    """Open the existing spool named by ``--spool`` or by ``queue.path`` of ``-c``.
 
-    return QueueStore(load_config(args.config).queue.path)
+    Raises:
+        ConfigError: the configuration file is invalid.
+        UsageError: the directory is not an existing spool (nothing is created).
+    """
+    from ..cli import UsageError, _load
+
+    if args.spool:
+        path, origin = os.path.abspath(args.spool), "--spool"
+    else:
+        cfg = _load(args)
+        path = cfg.queue.path
+        origin = f"{cfg.source}: queue.path" if args.config else "queue.path (no -c: default)"
+    try:
+        return QueueStore(path, create=False)
+    except QueueError as exc:
+        raise UsageError(f"{origin}: {exc}") from None
 
 
 def _age(seconds: float) -> str:
@@ -33,9 +54,12 @@ def _age(seconds: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """List queued messages: id, state, age, size, sender, recipients, attempts, last reply."""
+    """List queued messages: id, state, age, size, sender, recipients, attempts, last reply.
+
+    Read-only: an unreadable envelope is logged and skipped, never moved.
+    """
     store = _store(args)
-    entries = sorted(store.entries(), key=lambda e: e.created)
+    entries = sorted(store.entries(repair=False), key=lambda e: e.created)
     if args.json:
         json.dump([entry_dict(e) for e in entries], sys.stdout, indent=2)
         print()
@@ -50,7 +74,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    """Show one message's envelope and headers."""
+    """Show one message's envelope and headers (read-only)."""
     store = _store(args)
     try:
         e = store.find(args.id)
@@ -83,8 +107,8 @@ def _change(args: argparse.Namespace, what: str) -> int:
             return "deferred" if e.state == "hold" else None
         return None
 
-    ids = [args.id] if getattr(args, "id", None) else [e.id for e in store.entries(("deferred",
-                                                                                    "incoming"))]
+    ids = [args.id] if getattr(args, "id", None) else [
+        e.id for e in store.entries(("deferred", "incoming"), repair=False)]
     status = 0
     for qid in ids:
         if what == "delete":
@@ -108,22 +132,35 @@ def _change(args: argparse.Namespace, what: str) -> int:
     return status
 
 
-def add_queue_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``queue list|show|flush|delete|hold|release|bounce`` to the CLI."""
+def add_queue_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    parents: Sequence[argparse.ArgumentParser] = (),
+    epilog: str | None = None,
+) -> None:
+    """Add ``queue list|show|flush|delete|hold|release|bounce`` to the CLI.
+
+    Args:
+        sub: the ``smtpgate`` sub-command parsers.
+        parents: parsers whose options every queue command takes (``--log-level``).
+        epilog: text after each command's help (the exit codes).
+    """
     q = sub.add_parser("queue", help="inspect and manage the mail queue")
     qsub = q.add_subparsers(dest="queue_command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def command(name: str, doc: str) -> argparse.ArgumentParser:
+        p = qsub.add_parser(name, help=doc, description=doc, parents=list(parents),
+                            epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         g = p.add_mutually_exclusive_group()
-        g.add_argument("-c", "--config", help="configuration file (for queue.path)")
-        g.add_argument("--spool", help="spool directory (instead of -c)")
+        g.add_argument("-c", "--config",
+                       help="configuration file (for queue.path, relative to its directory)")
+        g.add_argument("--spool", help="spool directory (instead of -c); must exist")
+        return p
 
-    p = qsub.add_parser("list", help="list queued messages")
-    common(p)
+    p = command("list", "list queued messages (read-only)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
-    p = qsub.add_parser("show", help="show a message's envelope and headers")
-    common(p)
+    p = command("show", "show a message's envelope and headers (read-only)")
     p.add_argument("id")
     p.set_defaults(func=cmd_show)
     for name, doc, optional in (
@@ -133,7 +170,6 @@ def add_queue_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         ("release", "release a held message", False),
         ("bounce", "return a message to its sender now", False),
     ):
-        p = qsub.add_parser(name, help=doc)
-        common(p)
+        p = command(name, doc)
         p.add_argument("id", nargs="?" if optional else None)
         p.set_defaults(func=lambda a, w=name: _change(a, w))
