@@ -38,6 +38,15 @@ from .grammar import PathSyntaxError, parse_params, parse_path, valid_helo_argum
 
 MAX_AUTH_LINE = 12288  # octets, RFC 4954 §4 (AUTH command line and SASL responses)
 MAX_PATH_COMMAND = 2048  # MAIL/RCPT with ESMTP parameters (RFC 1869 §4.1.2 lets extensions grow it)
+OVERLONG_LINE_BOUND = 64 * 1024
+"""Octets an over-long command line may run past its limit before the session is closed.
+
+A command line (or SASL response) longer than its limit is answered once with
+``500 5.5.2 Line too long`` (``500 5.5.6`` in an AUTH exchange, RFC 4954 §6) and
+discarded up to its CRLF; when no CRLF has come within this many octets past the
+limit, the core answers ``421 4.5.0`` and closes. Memory stays bounded by the
+limit plus one received chunk whatever the client sends.
+"""
 _COMPACT_AT = 16384
 
 _AUTH_PLAIN = "PLAIN"
@@ -46,7 +55,15 @@ _CHALLENGE_USERNAME = Reply(334, None, "VXNlcm5hbWU6")  # base64("Username:")
 _CHALLENGE_PASSWORD = Reply(334, None, "UGFzc3dvcmQ6")  # base64("Password:")
 _CHALLENGE_EMPTY = Reply(334, None, "")
 
-_BARE_LF_COMMAND = Reply(500, "5.5.2", "Bare <LF> received; command lines must end with <CRLF>")
+# RFC 5321 §2.3.8: only CRLF ends a line, so a bare LF or CR is part of the line it is in.
+_BARE_LF_COMMAND = Reply(500, "5.5.2", "Bare <LF> in command line; only <CRLF> ends a line")
+_BARE_CR_COMMAND = Reply(500, "5.5.2", "Bare <CR> in command line; only <CRLF> ends a line")
+_BARE_SASL = Reply(501, "5.5.2", "Bare <CR> or <LF> in SASL response; only <CRLF> ends a line")
+# RFC 4954 §6: "500 5.5.6 Authentication Exchange line is too long".
+_AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too long")
+# RFC 3463 X.5.0 "Other or undefined protocol status": the client broke the command
+# framing itself (no CRLF within the bound); the subject is protocol, not security.
+_LINE_NEVER_ENDS = Reply(421, "4.5.0", "Line too long and not ended; closing connection")
 _TOO_MANY_UNKNOWN = Reply(421, "4.7.0", "Too many unrecognized commands, closing connection")
 _HTTP = Reply(421, "4.7.0", "This is an SMTP server, not a web proxy; closing connection")
 _NO_RCPT_YET = Reply(503, "5.5.1", "Need RCPT command first")
@@ -121,8 +138,22 @@ class ProtocolConfig:
         max_line_length: octets per message text line including CRLF (RFC 5321
             §4.5.3.1.6); 0 disables the check.
         max_command_line: octets per command line including CRLF (§4.5.3.1.4);
-            MAIL/RCPT may use up to 2048 (parameters), AUTH up to 12288 (RFC 4954).
-        max_errors: 5xx replies per session before ``421`` and close.
+            MAIL/RCPT may use up to 2048 (parameters), AUTH lines and SASL
+            responses up to 12288 (RFC 4954 §4). Only CRLF ends a line (§2.3.8).
+            A longer line is answered once (500 5.5.2, or 500 5.5.6 in AUTH) as
+            soon as it exceeds the limit, then discarded up to its CRLF; without
+            a CRLF within :data:`OVERLONG_LINE_BOUND` octets past the limit the
+            session gets ``421 4.5.0`` and is closed.
+        max_errors: error replies caused by the client (4xx and 5xx) per session
+            before ``421 4.7.0`` and close (Postfix ``smtpd_hard_error_limit``).
+            Not counted: ``421`` replies, replies whose enhanced status code has
+            subject 3 (mail system, ``4.3.0``, ``452 4.3.1`` ...) or 4 (network
+            and routing, ``451 4.4.1`` ...), which are the server's own failures
+            (RFC 3463 §3.4, §3.5), and ``452 4.5.3`` (too many recipients) up to
+            ``recipient_overshoot_limit`` per transaction.
+        recipient_overshoot_limit: ``452 4.5.3`` replies per transaction that do
+            not count toward ``max_errors`` (Postfix ``smtpd_recipient_overshoot_limit``);
+            each further one counts.
         max_unknown_commands: unrecognized commands per session before ``421``.
         normalize_bare_line_endings: rewrite bare CR/LF in message data to CRLF
             instead of rejecting the message with 550 5.6.11.
@@ -152,6 +183,7 @@ class ProtocolConfig:
     max_line_length: int = 1000
     max_command_line: int = 512
     max_errors: int = 10
+    recipient_overshoot_limit: int = 1000
     max_unknown_commands: int = 5
     normalize_bare_line_endings: bool = False
     smtputf8: bool = True
@@ -174,11 +206,17 @@ class ProtocolConfig:
     help_text: str = _HELP_DEFAULT
 
 
-class _LineTooLong:
-    pass
+class _Overlong(enum.Enum):
+    """Results of the line reader besides a line: the line exceeds its limit, or
+    it has not ended within OVERLONG_LINE_BOUND octets past it."""
+
+    TOO_LONG = "TOO_LONG"
+    NEVER_ENDS = "NEVER_ENDS"
 
 
-_LINE_TOO_LONG = _LineTooLong()
+_LINE_TOO_LONG = _Overlong.TOO_LONG
+_LINE_NEVER_ENDS_MARK = _Overlong.NEVER_ENDS
+_LONG_VERBS = (b"AUTH ", b"MAIL ", b"RCPT ")
 
 
 class ServerConnection:
@@ -201,6 +239,13 @@ class ServerConnection:
     decides the transition (e.g. 354 to ``Data`` enters the DATA state, 2xx to
     ``MailFrom`` starts a transaction). Protocol errors never raise: they come
     out as :class:`AutoReply` events carrying the reply to send.
+
+    Attributes (read-only for the driver):
+        errors: replies counted as the client's errors so far (see
+            ``ProtocolConfig.max_errors``).
+        unknown_commands: unrecognized commands so far.
+        state: the :class:`State`; ``helo_name``, ``esmtp``, ``tls_active``,
+            ``authenticated`` describe the session.
     """
 
     def __init__(self, config: ProtocolConfig | None = None) -> None:
@@ -219,12 +264,18 @@ class ServerConnection:
         self._close_after = False
         self._buf = bytearray()
         self._pos = 0
+        self._scanned = 0  # bytes after _pos searched for CRLF without finding one
+        # An over-long line being discarded up to its CRLF (see OVERLONG_LINE_BOUND).
         self._discarding = False
+        self._discard_count = 0  # octets of that line dropped so far
+        self._discard_limit = 0  # the limit it exceeded
+        self._discard_label = ""  # what the logs call it
         # transaction
         self._mail_utf8 = False
         self._body_binary = False
         self._rcpt_count = 0
         self._rcpt_attempts = 0
+        self._rcpt_overshoot = 0  # 452 4.5.3 replies in this transaction
         # DATA reader
         self._dbuf = bytearray()
         self._dscan = 0
@@ -328,7 +379,11 @@ class ServerConnection:
                 # command line would be taken as a SASL response.
                 self.state = State.READY
                 self._sasl_user = None
-            return self._auto(R.LINE_TOO_LONG, "")
+            if self._discard_label == "AUTH":
+                return self._auto(_AUTH_LINE_TOO_LONG, "AUTH")
+            return self._auto(R.LINE_TOO_LONG, self._discard_label)
+        if line is _LINE_NEVER_ENDS_MARK:
+            return self._auto(_LINE_NEVER_ENDS, self._discard_label)
         assert isinstance(line, bytes)
         if state is State.AUTH:
             return self._pend(self._sasl_response(line))
@@ -346,28 +401,110 @@ class ServerConnection:
         self._pending = ev
         return ev
 
-    def _next_line(self) -> bytes | _LineTooLong | None:
+    def _line_limit(self) -> int | None:
+        """The length limit (octets including CRLF) of the line starting at ``_pos``.
+
+        ``None`` while too few bytes have arrived to tell (fewer than 5 that could
+        still begin ``AUTH ``, ``MAIL `` or ``RCPT ``). RFC 5321 §4.5.3.1.4,
+        RFC 1869 §4.1.2 (parameters), RFC 4954 §4 (12288 for AUTH and SASL lines).
+        """
+        cfg = self.config
+        if self.state is State.AUTH:
+            return max(cfg.max_command_line, MAX_AUTH_LINE)
+        head = bytes(self._buf[self._pos : self._pos + 5]).upper()
+        if head == b"AUTH ":
+            return max(cfg.max_command_line, MAX_AUTH_LINE)
+        if head in (b"MAIL ", b"RCPT "):
+            return max(cfg.max_command_line, MAX_PATH_COMMAND)
+        if len(head) < 5 and any(v.startswith(head) for v in _LONG_VERBS):
+            return None
+        return cfg.max_command_line
+
+    def _next_line(self) -> bytes | _Overlong | None:
+        """The next command line (ending with CRLF), an over-long marker, or None.
+
+        Only CRLF ends a line (RFC 5321 §2.3.8): a bare LF or CR stays inside the
+        line and is refused by :meth:`_command`. The verdict does not depend on
+        how the bytes were chunked: a line is too long as soon as the octets seen
+        prove it (a trailing CR may be the start of its CRLF).
+        """
+        if self._discarding:
+            return self._discard()
         buf = self._buf
         pos = self._pos
-        nl = buf.find(b"\n", pos)
-        if nl < 0:
-            if len(buf) - pos > MAX_AUTH_LINE:
-                # Discard the overlong line up to its end, then answer once.
-                self._discarding = True
-                del buf[:]
-                self._pos = 0
-            elif pos and pos == len(buf):
-                del buf[:]
-                self._pos = 0
+        end = buf.find(b"\r\n", pos + self._scanned)
+        if end < 0:
+            n = len(buf) - pos
+            if not n:
+                if pos:
+                    del buf[:]
+                    self._pos = 0
+                self._scanned = 0
+                return None
+            # The line will be at least ``low`` octets plus CRLF long.
+            low = n - 1 if buf[-1] == 0x0D else n
+            self._scanned = n - 1
+            limit = self._line_limit()
+            if limit is not None and low + 2 > limit:
+                return self._start_discard(limit)
             return None
-        line = bytes(buf[pos : nl + 1])
-        self._consume_to(nl + 1)
-        if self._discarding:
-            self._discarding = False
-            return _LINE_TOO_LONG
-        if len(line) > MAX_AUTH_LINE:
-            return _LINE_TOO_LONG
+        limit = self._line_limit()
+        assert limit is not None  # a complete line tells its verb
+        if end + 2 - pos > limit:
+            return self._start_discard(limit)
+        line = bytes(buf[pos : end + 2])
+        self._consume_to(end + 2)
         return line
+
+    def _start_discard(self, limit: int) -> _Overlong:
+        """Begin discarding the over-long line at ``_pos`` (nothing consumed yet)."""
+        self._discarding = True
+        self._discard_count = 0
+        self._discard_limit = limit
+        head = bytes(self._buf[self._pos : self._pos + 5]).upper()
+        if self.state is State.AUTH or head == b"AUTH ":
+            self._discard_label = "AUTH"  # never log SASL data
+        else:
+            # The first octets are line content whatever the chunking (the line
+            # is at least ``limit - 1`` octets before its CRLF).
+            take = max(0, min(40, limit - 1))
+            self._discard_label = _printable(bytes(self._buf[self._pos : self._pos + take]))
+        return _LINE_TOO_LONG
+
+    def _discard(self) -> bytes | _Overlong | None:
+        """Drop the over-long line up to its CRLF, keeping at most one byte (a CR).
+
+        Returns the next line once the CRLF has come, None while waiting, or the
+        NEVER_ENDS marker when the line runs more than OVERLONG_LINE_BOUND octets
+        past its limit.
+        """
+        buf = self._buf
+        pos = self._pos
+        bound = self._discard_limit + OVERLONG_LINE_BOUND
+        end = buf.find(b"\r\n", pos + self._scanned)
+        if end >= 0:
+            length = self._discard_count + (end - pos) + 2
+            self._consume_to(end + 2)
+            self._discarding = False
+            if length > bound:
+                return self._never_ends()
+            return self._next_line()
+        n = len(buf) - pos
+        keep = 1 if n and buf[-1] == 0x0D else 0
+        if self._discard_count + n - keep + 2 > bound:
+            return self._never_ends()
+        self._discard_count += n - keep
+        del buf[: len(buf) - keep]
+        self._pos = 0
+        self._scanned = 0
+        return None
+
+    def _never_ends(self) -> _Overlong:
+        self._discarding = False
+        del self._buf[:]
+        self._pos = 0
+        self._scanned = 0
+        return _LINE_NEVER_ENDS_MARK
 
     def _consume_to(self, pos: int) -> None:
         """Mark the command buffer consumed up to ``pos``; compact it when that pays
@@ -380,15 +517,23 @@ class ServerConnection:
             del buf[:pos]
             pos = 0
         self._pos = pos
+        self._scanned = 0
 
     # --------------------------------------------------------------- commands
 
     def _command(self, raw: bytes) -> Event | _Sentinel:
-        if not raw.endswith(b"\r\n"):
-            return self._auto(_BARE_LF_COMMAND, "")
+        """One complete command line (ending with CRLF, within its length limit).
+
+        A bare LF or CR inside it makes the whole line one refused command
+        (RFC 5321 §2.3.8), answered once with 500 5.5.2.
+        """
         body = raw[:-2]
-        if b"\r" in body or b"\x00" in body:
-            return self._auto(R.BAD_BYTES, _printable(body))
+        if b"\n" in body:
+            return self._auto(_BARE_LF_COMMAND, _label(body))
+        if b"\r" in body:
+            return self._auto(_BARE_CR_COMMAND, _label(body))
+        if b"\x00" in body:
+            return self._auto(R.BAD_BYTES, _label(body))
         try:
             text = body.decode("ascii")
             utf8 = False
@@ -408,13 +553,6 @@ class ServerConnection:
             if not verb.isascii():
                 return self._auto(R.BAD_BYTES, _printable(body))
             return self._auto(R.UNKNOWN_COMMAND, _printable(body))
-        limit = self.config.max_command_line
-        if verb_u == "AUTH":
-            limit = MAX_AUTH_LINE
-        elif verb_u in ("MAIL", "RCPT"):
-            limit = max(limit, MAX_PATH_COMMAND)
-        if len(raw) > limit:
-            return self._auto(R.LINE_TOO_LONG, verb_u)
         if self.state is State.REJECTED and verb_u not in ("QUIT", "NOOP", "HELP"):
             return self._auto(_REJECTED_SESSION, verb_u)
         if utf8 and verb_u not in ("MAIL", "RCPT"):
@@ -749,10 +887,13 @@ class ServerConnection:
         return self._sasl_step(initial.encode("ascii"), "AUTH " + mech)
 
     def _sasl_response(self, raw: bytes) -> Event:
-        if not raw.endswith(b"\r\n"):
+        """One SASL response line (RFC 4954 §4); a bare CR/LF in it ends the exchange."""
+        body = raw[:-2]
+        if b"\n" in body or b"\r" in body:
             self.state = State.READY
-            return self._auto(R.AUTH_BAD_BASE64, "AUTH")
-        return self._sasl_step(raw[:-2], "AUTH " + self._sasl_mech)
+            self._sasl_user = None
+            return self._auto(_BARE_SASL, "AUTH " + self._sasl_mech)
+        return self._sasl_step(body, "AUTH " + self._sasl_mech)
 
     def _sasl_step(self, response: bytes, cmd: str) -> Event:
         """One client SASL response (RFC 4954 §4): ``*`` cancels, else base64."""
@@ -795,6 +936,7 @@ class ServerConnection:
         self._dbuf += self._buf[self._pos :]
         del self._buf[:]
         self._pos = 0
+        self._scanned = 0
         self._dscan = 0
         self._dsize = 0  # stuffed dots counted so far (see _next_data_event)
         self._dcounted = 0
@@ -828,6 +970,7 @@ class ServerConnection:
         rest = bytes(buf[idx + 5 :])
         self._buf = bytearray(rest)
         self._pos = 0
+        self._scanned = 0
         if self._dtoo_big:
             self._dbuf = bytearray()
             return DataComplete(b"", R.TOO_BIG)
@@ -876,8 +1019,11 @@ class ServerConnection:
     def send(self, reply: Reply) -> bytes:
         """Answer the pending event (or send the greeting) and return the wire bytes.
 
-        The reply decides the state transition. After too many errors or unknown
-        commands a ``421`` is appended and the session is closed (check
+        The reply decides the state transition. A ``421`` closes the session.
+        Every reply counting as the client's error (see ``ProtocolConfig.max_errors``:
+        4xx and 5xx except 421, X.3.*, X.4.* and the recipient overshoot allowance)
+        increments :attr:`errors`; at ``max_errors``, or after too many unknown
+        commands, ``421 4.7.0`` is appended and the session is closed (check
         :attr:`closed`).
 
         Raises:
@@ -912,6 +1058,7 @@ class ServerConnection:
                 self._body_binary = ev.params.get("BODY") == "BINARYMIME"
                 self._rcpt_count = 0
                 self._rcpt_attempts = 0
+                self._rcpt_overshoot = 0
         elif t is DataComplete:
             self._reset_transaction()
         elif t is Data:
@@ -936,6 +1083,7 @@ class ServerConnection:
                 self.state = State.TLS_PENDING
                 del self._buf[:]  # CVE-2011-0411: drop anything pipelined in plaintext
                 self._pos = 0
+                self._scanned = 0
         elif t is AuthCredentials:
             if code == 235:
                 self.authenticated = True
@@ -948,12 +1096,35 @@ class ServerConnection:
         if code == 421:
             self.state = State.CLOSED
             return out
-        if code >= 500 and t is not DataComplete:
+        if self._counts_as_error(reply):
             self.errors += 1
             if self.errors >= self.config.max_errors:
                 self.state = State.CLOSED
                 out += R.TOO_MANY_ERRORS.to_bytes(enh)
         return out
+
+    def _counts_as_error(self, reply: Reply) -> bool:
+        """Whether ``reply`` counts toward ``max_errors`` (Postfix ``smtpd_hard_error_limit``).
+
+        4xx and 5xx replies count when the client caused them. The server's own
+        failures do not: enhanced status subject 3 (mail system, RFC 3463 §3.5)
+        and 4 (network and routing, §3.4), and 421 (handled by the caller). Too
+        many recipients (``4.5.3``, RFC 5321 §4.5.3.1.10) counts only past
+        ``recipient_overshoot_limit`` replies in one transaction (Postfix
+        ``smtpd_recipient_overshoot_limit``).
+        """
+        if reply.code < 400:
+            return False
+        enhanced = reply.enhanced
+        if enhanced is None:
+            return True
+        subject = enhanced.split(".", 2)[1] if enhanced.count(".") == 2 else ""
+        if subject in ("3", "4"):
+            return False
+        if enhanced == "4.5.3":
+            self._rcpt_overshoot += 1
+            return self._rcpt_overshoot > self.config.recipient_overshoot_limit
+        return True
 
     @property
     def lmtp_reply_count(self) -> int:
@@ -997,12 +1168,14 @@ class ServerConnection:
         self.authenticated = False
         del self._buf[:]
         self._pos = 0
+        self._scanned = 0
         self._reset_transaction()
         self.state = State.INIT
 
     def _reset_transaction(self) -> None:
         self._rcpt_count = 0
         self._rcpt_attempts = 0
+        self._rcpt_overshoot = 0
         self._mail_utf8 = False
         self._body_binary = False
         self._bdat_buf = bytearray()
@@ -1053,6 +1226,13 @@ class ServerConnection:
 def _xtext_ok(value: str) -> bool:
     """RFC 3461 §4: xtext = *( xchar / hexchar ), hexchar = "+" 2HEXDIG (upper case)."""
     return _XTEXT.fullmatch(value) is not None
+
+
+def _label(body: bytes) -> str:
+    """How the logs name a refused command line: ``AUTH`` for AUTH lines (no SASL data)."""
+    if body[:5].upper() == b"AUTH ":
+        return "AUTH"
+    return _printable(body)
 
 
 def _printable(data: bytes) -> str:
