@@ -22,10 +22,8 @@ from .errors import ConfigError
 from .hooks import HookRunner, Stage, load_callable
 from .policy import RelayPolicy
 from .protocol import ProtocolConfig
-from .queue.delivery import QueueDelivery
-from .queue.manager import QueueManager
-from .queue.runner import RemoteQueue
-from .queue.store import QueueStore
+from .queue.delivery import QueueDelivery, QueueScheduler
+from .queue.store import DELIVERY_LOCK, QueueStore, SpoolOwnership
 from .reply import Reply
 from .scanners.stage import ScannerSet
 from .server import ServerContext, SmtpServer, server_tls_context
@@ -90,6 +88,7 @@ class Smtpgate:
                 self.hooks.register(stage, load_callable(spec, f"hooks.{stage.value}"), name=spec)
         self.relay = RelayPolicy(config.relay.relay_domains, config.relay.local_networks)
         self._delivery_arg = deliver
+        self._authenticator_arg = authenticator
         self.delivery: Delivery | None = None
         self.authenticator = self._make_authenticator(authenticator)
         self.tls_context = (
@@ -108,7 +107,11 @@ class Smtpgate:
         # 1-minute load average reader (ZMailer -L); replace it in tests to fake the load.
         self.load_average: Any = None
         self.server: SmtpServer | None = None
-        self.queue: QueueManager | RemoteQueue | None = None
+        self.queue: QueueScheduler | None = None
+        self._ownership: SpoolOwnership | None = None
+        self._delivery_lock: SpoolOwnership | None = None
+        self._ctx_extra: dict[str, Any] = {}
+        self._code_hooks: list[tuple[Stage | str, Callable[..., Any], int]] = []
         self._background: set[asyncio.Task[int]] = set()
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
@@ -132,19 +135,52 @@ class Smtpgate:
         """``"queue"``, ``"proxy"`` or ``"local"`` (see docs/queue.md)."""
         return "local" if self._delivery_arg is not None else self.config.delivery_mode
 
-    async def _start_queue(self) -> QueueDelivery:
-        from .queue.runner import RemoteQueue, build_manager
+    async def _start_queue(self, *, owner: bool) -> QueueDelivery:
+        """Open the spool. As its ``owner`` (a server), take the spool's ownership lock and
+        start what recovers and delivers; otherwise (``inetd``, ``bsmtp``,
+        ``policy-test``) only commit into it and leave delivery to the owner.
+
+        Raises:
+            SpoolBusyError: ``owner`` and another running server owns the spool.
+            QueueError: the spool cannot be created or locked.
+        """
+        from .queue.runner import RemoteQueue, SpoolDrop, build_manager
 
         cfg = self.config
         q = cfg.queue
         store = QueueStore(q.path, fsync=q.fsync)
-        if q.delivery_process:
-            # Postfix-style split: this process only commits; a child recovers and delivers.
-            self.queue = RemoteQueue(cfg)
+        scheduler: QueueScheduler
+        if not owner:
+            scheduler = SpoolDrop(store)
         else:
-            self.queue = build_manager(cfg)
-        await self.queue.start()  # recovery happens before the listeners open
-        return QueueDelivery(store, self.queue, q.min_free_space)
+            self._ownership = store.acquire_owner()
+            remote: RemoteQueue | None = None
+            try:
+                if q.delivery_process:
+                    # Postfix-style split: this process only commits; a child recovers
+                    # and delivers, supervised (restarted when it dies).
+                    remote = RemoteQueue(cfg)
+                    scheduler = remote
+                    await remote.start()  # recovery happens before the listeners open
+                else:
+                    self._delivery_lock = await asyncio.to_thread(
+                        SpoolOwnership.wait, store.path / DELIVERY_LOCK, 60.0)
+                    manager = build_manager(cfg)
+                    scheduler = manager
+                    await manager.start()
+            except BaseException:
+                if remote is not None:
+                    await remote.stop(timeout=1.0)
+                self._release_spool()
+                raise
+        self.queue = scheduler
+        return QueueDelivery(store, scheduler, q.min_free_space)
+
+    def _release_spool(self) -> None:
+        for lock in (self._delivery_lock, self._ownership):
+            if lock is not None:
+                lock.release()
+        self._delivery_lock = self._ownership = None
 
     def _current_load(self) -> float:
         if self.load_average is None:
@@ -224,6 +260,7 @@ class Smtpgate:
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
             self.hooks.register(stage, func, priority=priority)
+            self._code_hooks.append((stage, func, priority))  # kept across reload()
             return func
 
         return register
@@ -244,6 +281,7 @@ class Smtpgate:
             max_line_length=s.max_line_length,
             max_command_line=s.max_command_line,
             max_errors=s.max_errors,
+            recipient_overshoot_limit=s.recipient_overshoot_limit,
             max_unknown_commands=s.max_unknown_commands,
             normalize_bare_line_endings=s.bare_line_endings == "normalize",
             tls_available=(self.tls_context is not None and tls_mode == "starttls"
@@ -251,7 +289,7 @@ class Smtpgate:
             tls_active=tls_mode == "implicit",
             auth_mechanisms=mechanisms,
             auth_require_tls=self.config.auth.require_tls,
-            dsn=self.delivery_mode in ("queue", "proxy") and self.config.queue.dsn
+            dsn=self.delivery_mode == "queue" and self.config.queue.dsn
             and "DSN" not in off,
             etrn=queue and "ETRN" not in off,
             eightbitmime="8BITMIME" not in off,
@@ -310,41 +348,139 @@ class Smtpgate:
 
     # ---------------------------------------------------------------- asyncio
 
-    async def start(self) -> None:
-        """Bind the listeners and start accepting connections (returns once listening).
+    def _listener_specs(self) -> list[tuple[str, int, ServerContext]]:
+        """``(host, port, context)`` for every ``[server] listen`` entry and ``[[listener]]``.
 
         Raises:
-            OSError: an address cannot be bound.
+            ConfigError: an implicit-TLS listener without ``[tls] certificate``.
         """
-        ctx_extra = await self._prepare_delivery()
         s = self.config.server
-        specs: list[tuple[str, int, ServerContext]] = []
         targets: list[tuple[ListenAddress, ListenerConfig | None]] = [(a, None) for a in s.listen]
         targets += [(lc.listen, lc) for lc in self.config.listeners]
         delivery = self.delivery
         assert delivery is not None
+        specs: list[tuple[str, int, ServerContext]] = []
         for addr, listener in targets:
             if listener is not None and listener.tls == "implicit" and self.tls_context is None:
                 raise ConfigError(f"listener {listener.address}: tls = \"implicit\" needs "
                                   "[tls] certificate")
             ctx = self._context(delivery, listener)
-            for key, value in ctx_extra.items():
+            for key, value in self._ctx_extra.items():
                 setattr(ctx, key, value)
             specs.append((addr.host, addr.port, ctx))
-        self.server = SmtpServer(
-            specs,
-            max_connections=s.max_connections,
-            max_connections_per_ip=s.max_connections_per_ip,
-            backlog=s.listen_backlog,
-            rcvbuf=s.tcp_rcvbuf,
-            sndbuf=s.tcp_sndbuf,
-        )
-        await self.server.start()
+        return specs
 
-    async def _prepare_delivery(self) -> dict[str, Any]:
-        """Set up :attr:`delivery` (starting the queue in queue mode); context extras."""
+    async def start(self, *, before_listen: Callable[[], None] | None = None) -> None:
+        """Bind the listeners and start accepting connections (returns once listening).
+
+        Args:
+            before_listen: called once the delivery side is ready, just before the
+                listeners open (``serve`` writes its pid file there).
+
+        In queue mode this process becomes the spool's owner first (see
+        :meth:`~smtpgate.queue.store.QueueStore.acquire_owner`). If anything fails,
+        everything started so far is stopped again (delivery process, spool lock)
+        before the error is raised.
+
+        Raises:
+            OSError: an address cannot be bound.
+            SpoolBusyError: another running server owns the spool.
+            QueueError / ConfigError / RuntimeError: the spool or the delivery process
+                cannot be set up.
+        """
+        s = self.config.server
+        self._ctx_extra = await self._prepare_delivery(owner=True)
+        try:
+            specs = self._listener_specs()
+            self.server = SmtpServer(
+                specs,
+                max_connections=s.max_connections,
+                max_connections_per_ip=s.max_connections_per_ip,
+                backlog=s.listen_backlog,
+                rcvbuf=s.tcp_rcvbuf,
+                sndbuf=s.tcp_sndbuf,
+            )
+            if before_listen is not None:
+                before_listen()
+            await self.server.start()
+        except BaseException:
+            self.server = None
+            await self.stop()
+            raise
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply a new configuration to a running server (SIGHUP), gracefully.
+
+        Rebuilt from ``config``: host name and greeting, protocol limits and timeouts,
+        relay lists (run-time ``relay_add`` changes are replaced), HELO rules, hooks
+        (those registered in code with :meth:`hook` are kept), address checks,
+        scanners, TLS certificates, the AUTH users file. New sessions use them;
+        sessions in flight finish with the settings they started with. Settings bound
+        at start (listen addresses and listeners, the delivery mode, relay URL, queue,
+        Maildir path, connection limits, uvloop) keep their running values; each one
+        that differs is returned (and should be logged) as needing a restart.
+
+        Args:
+            config: the new configuration, already validated.
+
+        Returns:
+            The dotted names of changed settings that need a restart.
+
+        Raises:
+            ConfigError / OSError / ssl.SSLError: the new configuration cannot be
+                applied (unloadable hook, unreadable certificate); nothing was changed.
+        """
+        import dataclasses
+
+        old = self.config
+        restart: list[str] = []
+        server_keys = ("listen", "max_connections", "max_connections_per_ip",
+                       "listen_backlog", "tcp_rcvbuf", "tcp_sndbuf", "use_uvloop", "pid_file")
+        kept_server = {}
+        for key in server_keys:
+            if getattr(config.server, key) != getattr(old.server, key):
+                restart.append(f"server.{key}")
+                kept_server[key] = getattr(old.server, key)
+        relay_keys = ("url", "timeout", "cafile")
+        kept_relay = {}
+        for key in relay_keys:
+            if getattr(config.relay, key) != getattr(old.relay, key):
+                restart.append(f"relay.{key}")
+                kept_relay[key] = getattr(old.relay, key)
+        merged = dataclasses.replace(
+            config,
+            server=dataclasses.replace(config.server, **kept_server),
+            relay=dataclasses.replace(config.relay, **kept_relay),
+        )
+        for section in ("listeners", "queue", "delivery", "maildir"):
+            if getattr(merged, section) != getattr(old, section):
+                restart.append(section if section == "listeners" else f"[{section}]")
+                merged = dataclasses.replace(merged, **{section: getattr(old, section)})
+        fresh = Smtpgate(merged, authenticator=self._authenticator_arg)
+        for stage, func, priority in self._code_hooks:
+            fresh.hooks.register(stage, func, priority=priority)
+        # Nothing below can fail: the new parts were all built above.
+        self.config = merged
+        self.hooks = fresh.hooks
+        self.helo_rules = fresh.helo_rules
+        self.address_checks = fresh.address_checks
+        self.relay = fresh.relay
+        self.authenticator = fresh.authenticator
+        self.tls_context = fresh.tls_context
+        self.scanners = fresh.scanners
+        if self.server is not None:
+            self.server.replace_contexts([ctx for _, _, ctx in self._listener_specs()])
+        return restart
+
+    async def _prepare_delivery(self, *, owner: bool) -> dict[str, Any]:
+        """Set up :attr:`delivery` (opening the spool in queue mode); context extras.
+
+        Args:
+            owner: this process serves the spool (``start``); False for one-session
+                run modes that only commit into it.
+        """
         if self.delivery_mode == "queue":
-            queue_delivery = await self._start_queue()
+            queue_delivery = await self._start_queue(owner=owner)
             self.delivery = queue_delivery
             return {"mail_check": queue_delivery.storage_reply, "etrn": self._etrn}
         self.delivery = self._make_delivery()
@@ -362,7 +498,7 @@ class Smtpgate:
         """
         from .server.stdio import run_stdio_session
 
-        extra = await self._prepare_delivery()
+        extra = await self._prepare_delivery(owner=False)
         listener = ListenerConfig(address="127.0.0.1:0", protocol=protocol, tls="none")
         delivery = self.delivery
         assert delivery is not None
@@ -405,6 +541,10 @@ class Smtpgate:
         if self.delivery is not None:
             await self.delivery.aclose()
             self.delivery = None
+        elif self.queue is not None:  # start() failed before the delivery was in place
+            await self.queue.stop()
+        self.queue = None
+        self._release_spool()
 
     async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
         """Start, then run until ``stop`` is set (or the task is cancelled), then stop."""
@@ -422,7 +562,8 @@ class Smtpgate:
     def start_thread(self, timeout: float = 10.0) -> None:
         """Run the server in a background thread with its own event loop.
 
-        Returns once the listeners are bound.
+        Returns once the listeners are bound. The loop is uvloop's when uvloop is
+        installed and ``server.use_uvloop`` is true (as ``smtpgate serve``), else asyncio's.
 
         Raises:
             OSError / ConfigError: whatever :meth:`start` raised in the thread.
@@ -434,7 +575,17 @@ class Smtpgate:
         failure: list[BaseException] = []
 
         def runner() -> None:
-            loop = asyncio.new_event_loop()
+            # The loop production runs (cli: uvloop when installed and server.use_uvloop).
+            loop: asyncio.AbstractEventLoop | None = None
+            if self.config.server.use_uvloop:
+                try:
+                    import uvloop
+                except ImportError:
+                    pass
+                else:
+                    loop = uvloop.new_event_loop()
+            if loop is None:
+                loop = asyncio.new_event_loop()
             self._thread_loop = loop
             try:
                 loop.run_until_complete(self.start())

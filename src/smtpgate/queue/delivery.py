@@ -10,15 +10,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Protocol
 
 from ..envelope import Envelope, SessionInfo
 from ..errors import QueueError, TemporaryDeliveryError
 from ..reply import Reply
-from .manager import QueueManager
 from .store import QueueEntry, QueueStore
 
 log = logging.getLogger("smtpgate.queue")
+
+class QueueScheduler(Protocol):
+    """What :class:`QueueDelivery` tells about committed messages: a
+    :class:`~smtpgate.queue.manager.QueueManager` (in process), a
+    :class:`~smtpgate.queue.runner.RemoteQueue` (the owner's delivery process) or a
+    :class:`~smtpgate.queue.runner.SpoolDrop` (a process that does not own the spool)."""
+
+    def submit(self, entry: QueueEntry, message: bytes | None = None) -> None:
+        """A message was committed: deliver it soon (``message``: its bytes, if kept)."""
+
+    async def flush_matching(self, node: str) -> int:
+        """ETRN (RFC 1985): make mail for ``node`` due now; returns how many (or 0)."""
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Finish deliveries in flight (bounded by ``timeout`` seconds) and stop."""
+
 
 NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 _QUEUE_FAILED = Reply(451, "4.3.0", "Cannot queue the message, try again later")
@@ -29,14 +44,12 @@ class QueueDelivery:
 
     Args:
         store: the spool.
-        manager: the running :class:`QueueManager`, or a
-            :class:`~smtpgate.queue.runner.RemoteQueue` for a separate delivery process
-            (gets each new message at once).
+        manager: the :class:`QueueScheduler` told about each committed message.
         min_free_space: bytes that must stay free in the spool's file system.
     """
 
     def __init__(
-        self, store: QueueStore, manager: QueueManager | Any, min_free_space: int = 0
+        self, store: QueueStore, manager: QueueScheduler, min_free_space: int = 0
     ) -> None:
         self.store = store
         self.manager = manager

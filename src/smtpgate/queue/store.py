@@ -37,6 +37,9 @@ log = logging.getLogger("smtpgate.queue")
 FORMAT_VERSION = 1
 STATES = ("incoming", "deferred", "hold")
 _ENV_SUFFIX = ".json"
+OWNER_LOCK = "owner.lock"  # held by the serving process (see QueueStore.acquire_owner)
+DELIVERY_LOCK = "delivery.lock"  # held by the process that delivers for the owner
+COMMIT_LOCK = "commit.lock"  # shared by every commit, exclusive during recovery
 
 
 @dataclass(slots=True)
@@ -351,6 +354,17 @@ class QueueStore:
             One committed :class:`QueueEntry` or one :class:`QueueError` per item, in order;
             a failed item leaves nothing that recovery would treat as committed.
         """
+        try:
+            with self._commits(exclusive=False):
+                return self._enqueue_many(batch)
+        except OSError as exc:  # the commit lock itself cannot be opened
+            err = QueueError(f"cannot store message: {exc.strerror or exc}")
+            return [err for _ in batch]
+
+    def _enqueue_many(
+        self,
+        batch: list[tuple[Envelope, bytes, SessionInfo | None, str | None]],
+    ) -> list[QueueEntry | QueueError]:
         now = time.time()
         items: list[dict[str, Any]] = []
         for envelope, message, session, queue_id in batch:
@@ -581,40 +595,160 @@ class QueueStore:
     # -------------------------------------------------------------- recovery
 
     def recover(self, clean: bool = True) -> list[QueueEntry]:
-        """Start-up recovery after a crash (``kill -9``, power loss).
+        """Start-up recovery after a crash (``kill -9``, power loss); the spool owner only.
 
-        Removes half-written temporary files (never acknowledged), message files whose
-        envelope was never committed, and duplicate envelopes left by a crash during a
-        state move (the higher ``seq`` wins). Returns every committed entry.
+        Removes half-written temporary files and message files whose envelope was never
+        committed, and duplicate envelopes left by a crash during a state move (the
+        higher ``seq`` wins). Returns every committed entry. It runs holding the spool
+        lock and the commit lock exclusively, so no commit of any process (the server,
+        ``smtpgate inetd``/``bsmtp``) and no ``smtpgate queue`` change is in flight while
+        leftovers are judged: a file that is not committed now was abandoned.
 
         Args:
-            clean: remove leftovers of interrupted commits (tmp files, orphan message
-                files). False while another process may be committing (a restarted
-                delivery process): then only committed entries are read.
+            clean: remove leftovers of interrupted commits; False only reads the
+                committed entries.
         """
-        for name in (os.listdir(self.path / "tmp") if clean else ()):
-            try:
-                (self.path / "tmp" / name).unlink()
-            except OSError:
-                pass
-        best: dict[str, QueueEntry] = {}
-        for entry in self.entries():
-            other = best.get(entry.id)
-            if other is None or entry.seq > other.seq:
-                if other is not None:
-                    self._env_path(other.id, other.state).unlink(missing_ok=True)
-                best[entry.id] = entry
-            else:
-                self._env_path(entry.id, entry.state).unlink(missing_ok=True)
-        for name in (os.listdir(self.path / "messages") if clean else ()):
-            if name not in best:
-                log.info("queue recovery: removing uncommitted message %s", name)
-                (self.path / "messages" / name).unlink(missing_ok=True)
-        for qid, entry in list(best.items()):
-            if not (self.path / "messages" / qid).exists():
-                self._quarantine(self._env_path(qid, entry.state), "message file missing")
-                del best[qid]
+        with self.locked(), self._commits(exclusive=True):
+            if clean:
+                for name in os.listdir(self.path / "tmp"):
+                    (self.path / "tmp" / name).unlink(missing_ok=True)
+            best: dict[str, QueueEntry] = {}
+            for entry in self.entries():
+                other = best.get(entry.id)
+                if other is None or entry.seq > other.seq:
+                    if other is not None:
+                        self._env_path(other.id, other.state).unlink(missing_ok=True)
+                    best[entry.id] = entry
+                else:
+                    self._env_path(entry.id, entry.state).unlink(missing_ok=True)
+            if clean:
+                for name in os.listdir(self.path / "messages"):
+                    if name not in best:
+                        log.info("queue recovery: removing uncommitted message %s", name)
+                        (self.path / "messages" / name).unlink(missing_ok=True)
+            for qid, entry in list(best.items()):
+                if not (self.path / "messages" / qid).exists():
+                    self._quarantine(self._env_path(qid, entry.state), "message file missing")
+                    del best[qid]
         return sorted(best.values(), key=lambda e: e.created)
+
+    @contextlib.contextmanager
+    def _commits(self, *, exclusive: bool) -> Iterator[None]:
+        """The commit lock (``<spool>/commit.lock``): every commit holds it shared for
+        the length of its writes; recovery holds it exclusively, so it never sees a
+        commit half done. Different processes commit at once; only recovery waits."""
+        fd = os.open(self.path / COMMIT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    # -------------------------------------------------------------- ownership
+
+    def acquire_owner(self) -> SpoolOwnership:
+        """Become the spool's one owner: the only process that recovers, schedules,
+        delivers and deletes (Postfix's master lock on its queue directory).
+
+        Holds an exclusive ``flock`` on ``<spool>/owner.lock`` until
+        :meth:`SpoolOwnership.release` or the process ends; the file holds the pid.
+
+        Raises:
+            SpoolBusyError: another live process owns the spool.
+            QueueError: the lock file cannot be opened.
+        """
+        return SpoolOwnership.acquire(self.path / OWNER_LOCK)
+
+    def owner_pid(self) -> int | None:
+        """The pid of the process owning the spool, ``None`` when no owner is running.
+
+        Reads the pid written by :meth:`acquire_owner` and checks that the process
+        exists; it never takes the lock (a starting owner is never disturbed).
+        """
+        try:
+            text = (self.path / OWNER_LOCK).read_text().strip()
+            pid = int(text)
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
+
+class SpoolBusyError(QueueError):
+    """The spool is owned by another running process (see :meth:`QueueStore.acquire_owner`)."""
+
+
+class SpoolOwnership:
+    """An exclusive ``flock`` held on a lock file for as long as this object lives.
+
+    Entry points: :meth:`acquire` (non-blocking, the spool owner) and :meth:`wait`
+    (blocking with a deadline: the delivery process, which must not overlap with an
+    older delivery process still finishing). ``release`` drops the lock.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, path: Path) -> SpoolOwnership:
+        """Take the lock now or fail.
+
+        Raises:
+            SpoolBusyError: another process holds it (its pid is named when known).
+            QueueError: the lock file cannot be opened.
+        """
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise QueueError(f"cannot open {path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            who = f" (pid {pid})" if pid.isdigit() else ""
+            raise SpoolBusyError(
+                f"spool {path.parent} is in use by another smtpgate server{who}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd, path)
+
+    @classmethod
+    def wait(cls, path: Path, timeout: float) -> SpoolOwnership:
+        """Take the lock, waiting up to ``timeout`` seconds for its holder to let go.
+
+        Raises:
+            SpoolBusyError: still held after ``timeout``. QueueError: cannot open.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise QueueError(f"cannot open {path}: {exc.strerror or exc}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return cls(fd, path)
+            except BlockingIOError:
+                os.close(fd)
+            if time.monotonic() > deadline:
+                raise SpoolBusyError(f"{path} still locked after {timeout:g}s")
+            time.sleep(0.1)
+
+    def release(self) -> None:
+        """Drop the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _client_facts(session: SessionInfo | None) -> dict[str, str]:

@@ -63,9 +63,9 @@ class SmtpServer:
         """
         loop = asyncio.get_running_loop()
         try:
-            for host, port, ctx in self.listeners:
+            for index, (host, port, _ctx) in enumerate(self.listeners):
                 server = await loop.create_server(
-                    lambda ctx=ctx: Session(self, ctx),
+                    lambda index=index: Session(self, self.listeners[index][2]),
                     host=host,
                     port=port,
                     backlog=self.backlog,
@@ -82,6 +82,19 @@ class SmtpServer:
         except OSError:
             await self._close_listeners()
             raise
+
+    def replace_contexts(self, contexts: Sequence[ServerContext]) -> None:
+        """Give new sessions new settings (configuration reload); one context per
+        listener, in the order given at construction. Sessions already running keep
+        the context they started with.
+
+        Raises:
+            ValueError: not one context per listener.
+        """
+        if len(contexts) != len(self.listeners):
+            raise ValueError(f"{len(contexts)} contexts for {len(self.listeners)} listeners")
+        self.listeners = [(host, port, ctx) for (host, port, _), ctx
+                          in zip(self.listeners, contexts, strict=True)]
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
