@@ -1,8 +1,10 @@
 """Command-line interface: ``smtpgate serve|check-config|user|send|queue|scan|train|...``.
 
 Entry point: :func:`main` (the ``smtpgate`` console script and ``python -m smtpgate``).
-Exit codes: 0 success, 1 runtime failure (delivery refused, bind failure),
-2 usage or configuration error.
+Exit codes (:data:`EXIT_CODES`, also in ``--help``): 0 success, 1 runtime failure
+(delivery refused, bind failure, a refused or cut-off bsmtp batch), 2 usage or
+configuration error. Every error is one line on stderr (``smtpgate: WHERE: CAUSE``); the
+Python traceback only with ``--log-level debug``.
 """
 
 from __future__ import annotations
@@ -13,13 +15,39 @@ import getpass
 import logging
 import os
 import signal
+import stat
 import sys
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import ConfigError, DeliveryError
+from .errors import ConfigError, DeliveryError, QueueError, SmtpgateError
+
+if TYPE_CHECKING:
+    from .app import Smtpgate
+    from .config import Config
 
 log = logging.getLogger("smtpgate")
+
+
+EXIT_CODES = """\
+exit codes:
+  0  success
+  1  runtime failure: delivery refused, address in use, spool busy, a bsmtp batch with
+     a refused command or cut off inside a transaction
+     (scan: 1 = spam or virus found; scan/train/scanner: 3 = scanner error)
+  2  configuration or usage error: a bad configuration file or key, a file or directory
+     named on the command line that cannot be read or written, a missing spool,
+     inetd without a socket on stdin
+
+Errors are one line on stderr, "smtpgate: WHERE: CAUSE" (the file or key, then why);
+--log-level debug adds the Python traceback.
+"""
+
+
+class UsageError(SmtpgateError):
+    """An argument given on the command line cannot be used (exit code 2)."""
 
 
 def _setup_logging(level: str) -> None:
@@ -27,13 +55,30 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,
     )
 
 
+def _in_file(exc: ConfigError, source: str | None) -> ConfigError:
+    """``exc`` with every problem prefixed by the configuration file's name."""
+    if not source or source.startswith("<"):
+        return exc
+    return ConfigError([p if p.startswith(source) else f"{source}: {p}" for p in exc.problems])
+
+
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Load ``-c FILE`` (or the defaults) and apply ``--listen``/``--log-level``.
+
+    Raises:
+        ConfigError: every problem, each prefixed with the file name.
+    """
     from .config import load_config
 
-    cfg = load_config(args.config)
+    path = getattr(args, "config", None)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        raise _in_file(exc, path) from None
     listen = getattr(args, "listen", None)
     level = getattr(args, "log_level", None)
     if listen or level:
@@ -41,13 +86,47 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return cfg
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the server until SIGINT/SIGTERM (graceful shutdown)."""
-    from .app import Smtpgate
+def _checked_app(cfg: Config, *, listeners: bool = True) -> Smtpgate:
+    """The one validation path of ``check-config`` and ``serve`` (and the stdio modes).
 
+    Runs :func:`smtpgate.preflight.preflight` and builds the application (hooks, TLS,
+    scanners); whatever one of them refuses is refused by all commands alike.
+
+    Raises:
+        ConfigError: every problem, each prefixed with the file name and naming the key.
+    """
+    from .app import Smtpgate
+    from .preflight import preflight
+
+    try:
+        preflight(cfg, listeners=listeners)
+        return Smtpgate(cfg)
+    except ConfigError as exc:
+        raise _in_file(exc, cfg.source) from None
+
+
+def _delivery_target(cfg: Config) -> str:
+    """Where mail goes, for the start-up line (``mx:`` is not a relay URL)."""
+    url = cfg.relay.url
+    if url == "mx:":
+        return "MX hosts (mx:)"
+    if url:
+        from .delivery.url import parse_relay_url
+
+        return f"relay {parse_relay_url(url).redacted()}"
+    return f"Maildir {Path(cfg.maildir.path).resolve()}"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGINT/SIGTERM (graceful shutdown); SIGHUP reloads.
+
+    The configuration goes through the same checks as ``check-config`` first
+    (:func:`_checked_app`): a configuration refused there is refused here before anything
+    starts, with exit code 2.
+    """
     cfg = _load(args)
     _setup_logging(cfg.logging.level)
-    app = Smtpgate(cfg)
+    app = _checked_app(cfg)
     if cfg.server.use_uvloop:
         try:
             import uvloop
@@ -60,36 +139,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[None]] = set()
+
+        def hangup() -> None:  # SIGHUP: reload, like Postfix and most daemons
+            task = loop.create_task(_reload(app, args))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):
                 pass
-        pid_file = cfg.server.pid_file
-        if pid_file:  # written before the listeners open: whoever can connect finds it
-            Path(pid_file).write_text(f"{os.getpid()}\n")
         try:
-            await app.start()
+            loop.add_signal_handler(signal.SIGHUP, hangup)
+        except (NotImplementedError, RuntimeError):
+            pass
+        pid_file = cfg.server.pid_file
+
+        def write_pid() -> None:
+            # After the spool is ours, before the listeners open: whoever can connect
+            # finds it, and a second server refused on a busy spool never touches it.
+            if pid_file:
+                Path(pid_file).write_text(f"{os.getpid()}\n")
+
+        try:
+            await app.start(before_listen=write_pid)
         except OSError as exc:
-            log.error("cannot listen: %s", exc)
+            # asyncio's text names the address and the cause ("address already in use")
+            print(f"smtpgate: cannot listen: {exc}", file=sys.stderr, flush=True)
             if pid_file:
                 Path(pid_file).unlink(missing_ok=True)
+            return 1
+        except (QueueError, RuntimeError) as exc:
+            print(f"smtpgate: cannot start: {exc}", file=sys.stderr, flush=True)
             return 1
         where = ", ".join(
             f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in app.addresses
         )
-        if cfg.relay.url:
-            from .delivery.url import parse_relay_url
-
-            target = f"relay {parse_relay_url(cfg.relay.url).redacted()}"
-        else:
-            target = f"Maildir {Path(cfg.maildir.path).resolve()}"
+        target = _delivery_target(cfg)
         print(f"smtpgate {__version__} listening on {where}; delivering to {target}",
               file=sys.stderr, flush=True)
         try:
             await stop.wait()
         finally:
             log.info("shutting down")
+            for task in list(reloads):
+                task.cancel()
             await app.stop()
             if pid_file:
                 Path(pid_file).unlink(missing_ok=True)
@@ -98,69 +194,154 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def cmd_stdio(args: argparse.Namespace) -> int:
-    """``bsmtp`` (ZMailer -i), ``inetd`` (-n) and ``policy-test`` (-T with -d)."""
-    from .app import Smtpgate
+async def _reload(app: Smtpgate, args: argparse.Namespace) -> None:
+    """SIGHUP: re-read and validate the configuration file, then apply it gracefully.
 
+    An invalid new configuration is logged and the running one kept; settings that
+    need a restart are logged as such (see :meth:`smtpgate.app.Smtpgate.reload`).
+    """
+    log.info("SIGHUP: reloading the configuration from %s", args.config or "<defaults>")
+    from .preflight import preflight
+
+    try:
+        cfg = await asyncio.to_thread(_load, args)
+        # the same checks as serve and check-config; the listeners are already bound
+        await asyncio.to_thread(preflight, cfg, listeners=False)
+        restart = app.reload(cfg)
+    except Exception as exc:  # ConfigError, OSError, ssl.SSLError: keep what runs
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return
+    for key in restart:
+        log.warning("reload: %s changed; it takes effect after a restart", key)
+    log.info("configuration reloaded from %s", args.config or "<defaults>")
+
+
+def _stdin_is_socket() -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(0).st_mode)
+    except OSError:
+        return False
+
+
+def cmd_stdio(args: argparse.Namespace) -> int:
+    """``bsmtp`` (ZMailer -i), ``inetd`` (-n) and ``policy-test`` (-T with -d).
+
+    ``bsmtp`` exits 1, saying why on stderr, when a command of the batch was refused
+    (a 4xx/5xx reply) or the batch ended inside a transaction (e.g. cut off in DATA: that
+    message was not delivered).
+
+    Raises:
+        UsageError: ``inetd`` with a standard input that is not a socket.
+    """
+    from .server.stdio import OUTCOME, StdioOutcome
+
+    if args.command == "inetd" and not _stdin_is_socket():
+        raise UsageError("inetd: standard input is not a socket (inetd mode is started by "
+                         "inetd or systemd with Accept=yes; use 'smtpgate bsmtp' for a batch)")
     cfg = _load(args)
     level = "DEBUG" if args.command == "policy-test" else cfg.logging.level
     if args.command == "bsmtp" and level == "INFO":
         level = "WARNING"  # keep stdout for replies and stderr quiet in batch mode
     _setup_logging(level)
-    app = Smtpgate(cfg)
+    app = _checked_app(cfg, listeners=False)
     client_ip = getattr(args, "client_ip", None)
     if args.command == "policy-test":
         print(f"policy test: session as if from [{client_ip}]; policy decisions on stderr",
               file=sys.stderr, flush=True)
+    outcome = StdioOutcome()
+    OUTCOME.set(outcome)  # asyncio.run copies this context: the session fills `outcome`
     asyncio.run(app.run_stdio(inetd=args.command == "inetd", client_ip=client_ip,
                               protocol=getattr(args, "protocol", "smtp")))
+    if args.command == "bsmtp" and outcome.problem:
+        print(f"smtpgate: bsmtp: {outcome.problem}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a configuration file without starting (also loads hooks and TLS files)."""
-    from .app import Smtpgate
+    """Check a configuration file exactly as ``serve`` does at start, without starting.
 
+    The same path as ``serve`` (:func:`_checked_app`): the file, then
+    :func:`smtpgate.preflight.preflight` (hooks import, TLS files load, directories can be
+    written, ...), then the application is built. Prints ``FILE: OK`` or raises.
+    """
     cfg = _load(args)
-    Smtpgate(cfg)
+    _checked_app(cfg)
     print(f"{cfg.source}: OK")
     return 0
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
-    """Add or replace a user in a users file; the password is read from stdin."""
+    """Add or replace a user in a users file; the password is read from stdin.
+
+    Raises:
+        UsageError: the users file cannot be written (e.g. its directory is missing),
+            or the name is invalid.
+    """
     from .auth.users import add_user
 
     if sys.stdin.isatty():
         password = getpass.getpass(f"Password for {args.name}: ")
         if password != getpass.getpass("Again: "):
-            print("passwords differ", file=sys.stderr)
-            return 2
+            raise UsageError("user add: passwords differ")
     else:
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
-        print("empty password refused", file=sys.stderr)
-        return 2
-    add_user(args.users_file, args.name, password)
+        raise UsageError("user add: empty password refused")
+    try:
+        add_user(args.users_file, args.name, password)
+    except OSError as exc:
+        raise UsageError(f"{args.users_file}: cannot write the users file: "
+                         f"{exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise UsageError(f"user add {args.name!r}: {exc}") from exc
     print(f"user {args.name} written to {args.users_file}", file=sys.stderr)
     return 0
 
 
 def cmd_user_delete(args: argparse.Namespace) -> int:
-    """Remove a user from a users file."""
+    """Remove a user from a users file (exit 1: no such user).
+
+    Raises:
+        UsageError: the users file cannot be read or written.
+    """
     from .auth.users import delete_user
 
-    if delete_user(args.users_file, args.name):
+    try:
+        deleted = delete_user(args.users_file, args.name)
+    except OSError as exc:
+        raise UsageError(f"{args.users_file}: cannot rewrite the users file: "
+                         f"{exc.strerror or exc}") from exc
+    if deleted:
         return 0
-    print(f"no such user: {args.name}", file=sys.stderr)
+    print(f"smtpgate: {args.users_file}: no such user: {args.name}", file=sys.stderr)
     return 1
 
 
+def _read_input(path: str | None, what: str) -> bytes:
+    """The bytes of ``path`` (``None`` or ``-``: stdin).
+
+    Raises:
+        UsageError: the file cannot be read.
+    """
+    if path in (None, "-"):
+        return sys.stdin.buffer.read()
+    assert path is not None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
+
+
 def cmd_send(args: argparse.Namespace) -> int:
-    """Send a message file (or stdin) through an upstream (nssmtpd ``ns_smtpd send``)."""
+    """Send a message file (or stdin) through an upstream (nssmtpd ``ns_smtpd send``).
+
+    Exit 1 when the upstream refuses it (its reply on stderr), 2 for an unreadable
+    file or a bad relay URL.
+    """
     from .delivery.send import send_message
 
-    data = sys.stdin.buffer.read() if args.file in (None, "-") else Path(args.file).read_bytes()
+    data = _read_input(args.file, "message file")
     relay_url = args.relay
     if relay_url is None and args.server is None and args.config:
         relay_url = _load(args).relay.url or None
@@ -189,7 +370,7 @@ def _scanner_set(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _read_message(path: str) -> bytes:
-    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    data = _read_input(path, "message file")
     # Scanners see what smtpgate would deliver: CRLF line endings.
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
@@ -209,10 +390,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         else:
             results = asyncio.run(scanners.check_virus(message))
     except ScannerError as exc:
-        print(f"scanner error: {exc}", file=sys.stderr)
+        print(f"smtpgate: scanner error: {_one_line(str(exc))}", file=sys.stderr)
         return 3
     if not results:
-        print(f"no {args.kind} scanner configured", file=sys.stderr)
+        print(f"smtpgate: no {args.kind} scanner configured", file=sys.stderr)
         return 2
     found = False
     for r in results:
@@ -235,10 +416,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         answers = asyncio.run(scanners.train_spam(spam, message, args.user))
     except ScannerError as exc:
-        print(f"scanner error: {exc}", file=sys.stderr)
+        print(f"smtpgate: scanner error: {_one_line(str(exc))}", file=sys.stderr)
         return 3
     if not answers:
-        print("no trainable spam scanner configured", file=sys.stderr)
+        print("smtpgate: no trainable spam scanner configured", file=sys.stderr)
         return 2
     for line in answers:
         print(line)
@@ -258,54 +439,71 @@ def cmd_scanner_versions(args: argparse.Namespace) -> int:
         for line in asyncio.run(versions()):
             print(line)
     except ScannerError as exc:
-        print(f"scanner error: {exc}", file=sys.stderr)
+        print(f"smtpgate: scanner error: {_one_line(str(exc))}", file=sys.stderr)
         return 3
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for documentation and tests)."""
-    p = argparse.ArgumentParser(prog="smtpgate", description="ESMTP server and proxy")
+    """The argument parser (exposed for documentation and tests).
+
+    Every command takes ``--log-level``; the exit codes are in the epilog of ``--help``.
+    """
+    p = argparse.ArgumentParser(prog="smtpgate", description="ESMTP server and proxy",
+                                epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-V", "--version", action="version", version=f"smtpgate {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        type=str.upper,
+                        help="log level (replaces logging.level); DEBUG also prints the "
+                             "traceback of an error")
+    parents = [common]
 
-    s = sub.add_parser("serve", help="run the server")
+    def command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                doc: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, help=doc, description=doc, parents=parents,
+                                     epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    s = command(sub, "serve", "run the server")
     s.add_argument("-c", "--config", help="TOML configuration file (default: embedded defaults)")
     s.add_argument("--listen", action="append", metavar="ADDR",
                    help="listen address host:port, [v6]:port (repeatable; replaces server.listen)")
-    s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   type=str.upper)
     s.set_defaults(func=cmd_serve)
 
     for name, doc in (
-        ("bsmtp", "process a batch of SMTP commands from stdin, replies to stdout (ZMailer -i)"),
+        ("bsmtp", "process a batch of SMTP commands from stdin (a file, a pipe or a terminal), "
+                  "replies to stdout (ZMailer -i); exit 1 if a command was refused or the "
+                  "batch ended inside a transaction"),
         ("inetd", "one session on stdin/stdout as a socket, for inetd/systemd (ZMailer -n)"),
         ("policy-test", "interactive session as if from --client-ip, showing each policy "
                         "decision (ZMailer -T with -d)"),
     ):
-        r = sub.add_parser(name, help=doc)
+        r = command(sub, name, doc)
         r.add_argument("-c", "--config", help="TOML configuration file")
         r.add_argument("--protocol", choices=["smtp", "lmtp"], default="smtp")
         if name == "policy-test":
             r.add_argument("--client-ip", required=True, help="the client address to assume")
         r.set_defaults(func=cmd_stdio)
 
-    c = sub.add_parser("check-config", help="validate a configuration file")
+    c = command(sub, "check-config", "check a configuration file as serve does at start")
     c.add_argument("-c", "--config", required=True)
     c.set_defaults(func=cmd_check_config)
 
     u = sub.add_parser("user", help="manage the AUTH users file")
     usub = u.add_subparsers(dest="user_command", required=True)
-    ua = usub.add_parser("add", help="add or replace a user (password on stdin)")
+    ua = command(usub, "add", "add or replace a user (password on stdin)")
     ua.add_argument("--users-file", required=True)
     ua.add_argument("name")
     ua.set_defaults(func=cmd_user_add)
-    ud = usub.add_parser("delete", help="remove a user")
+    ud = command(usub, "delete", "remove a user")
     ud.add_argument("--users-file", required=True)
     ud.add_argument("name")
     ud.set_defaults(func=cmd_user_delete)
 
-    m = sub.add_parser("send", help="send a message through an upstream (ns_smtpd send)")
+    m = command(sub, "send", "send a message through an upstream (ns_smtpd send)")
     m.add_argument("sender")
     m.add_argument("rcpt", nargs="+")
     m.add_argument("--file", "-f", help="message file (default: stdin)")
@@ -315,14 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-c", "--config", help="take the relay URL from this configuration")
     m.set_defaults(func=cmd_send)
 
-    sc = sub.add_parser("scan", help="scan a message with the configured scanners")
+    sc = command(sub, "scan", "scan a message with the configured scanners")
     sc.add_argument("kind", choices=["spam", "virus"])
     sc.add_argument("file", help="message file, - for stdin")
     sc.add_argument("-c", "--config", required=True)
     sc.add_argument("--user", help="per-user preferences (spamd User)")
     sc.set_defaults(func=cmd_scan)
 
-    tr = sub.add_parser("train", help="train the spam scanners")
+    tr = command(sub, "train", "train the spam scanners")
     tr.add_argument("kind", choices=["spam", "ham", "forget"])
     tr.add_argument("file", help="message file, - for stdin")
     tr.add_argument("-c", "--config", required=True)
@@ -331,31 +529,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("scanner", help="scanner information")
     svsub = sv.add_subparsers(dest="scanner_command", required=True)
-    svv = svsub.add_parser("versions", help="print the scanner daemons' versions")
+    svv = command(svsub, "versions", "print the scanner daemons' versions")
     svv.add_argument("-c", "--config", required=True)
     svv.set_defaults(func=cmd_scanner_versions)
 
     from .queue.cli import add_queue_commands
 
-    add_queue_commands(sub)
+    add_queue_commands(sub, parents=parents, epilog=EXIT_CODES)
 
-    v = sub.add_parser("version", help="print the version")
+    v = command(sub, "version", "print the version")
     v.set_defaults(func=lambda a: print(f"smtpgate {__version__}") or 0)
     return p
 
 
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _report(exc: BaseException, debug: bool) -> None:
+    """Print ``exc`` as one line per problem on stderr (with the traceback when ``debug``)."""
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, ConfigError):
+        lines = [_one_line(p) for p in exc.problems] or ["invalid configuration"]
+    elif isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        lines = [f"{where}{exc.strerror}"]
+    elif isinstance(exc, SmtpgateError):
+        lines = [_one_line(str(exc)) or type(exc).__name__]
+    else:
+        hint = "" if debug else " (--log-level debug shows the traceback)"
+        lines = [f"internal error: {type(exc).__name__}: {_one_line(str(exc))}{hint}"]
+    for line in lines:
+        print(f"smtpgate: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
+    """Run the CLI; returns the exit code (see :data:`EXIT_CODES`).
+
+    Never lets an exception escape as a traceback: configuration and usage errors
+    (:class:`~smtpgate.errors.ConfigError`, :class:`UsageError`) exit 2, any other failure
+    (:class:`~smtpgate.errors.SmtpgateError`, :class:`OSError`, anything else) exits 1,
+    each as one line on stderr; ``--log-level debug`` adds the traceback.
+    """
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "log_level", None) == "DEBUG"
+    if args.func not in (cmd_serve, cmd_stdio):
+        _setup_logging(getattr(args, "log_level", None) or "WARNING")
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"smtpgate: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         os._exit(1)
+    except (ConfigError, UsageError) as exc:
+        _report(exc, debug)
+        return 2
+    except Exception as exc:  # SmtpgateError, OSError, bugs: one line, never a traceback
+        _report(exc, debug)
+        return 1
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from .crash_support import (
     GateProcess,
     free_port,
     make_message,
-    serial_of,
     wait_for,
     write_config,
 )

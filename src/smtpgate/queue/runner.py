@@ -3,9 +3,9 @@
 Entry points: :func:`build_manager` (the queue manager for a configuration, used in and
 out of process), :class:`RemoteQueue` (the owner's stand-in for, and supervisor of, its
 delivery process) and :class:`SpoolDrop` (the handle of a process that commits into a
-spool it does not own). Like Postfix's smtpd/qmgr split, the process that speaks SMTP to clients only
-commits messages to the spool; a child process recovers the spool, schedules and
-delivers. They share nothing but the spool and a pipe that carries "new message ID",
+spool it does not own). Like Postfix's smtpd/qmgr split, the process that speaks
+SMTP to clients only commits messages to the spool; a child process recovers the spool,
+schedules and delivers. They share nothing but the spool and a pipe that carries "new message ID",
 "ETRN node" and "stop". On a machine with more than one core the two run in parallel.
 """
 
