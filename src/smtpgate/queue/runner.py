@@ -184,7 +184,9 @@ class RemoteQueue:
         loop = self._loop
         assert loop is not None
         loop.remove_reader(proc.sentinel)
-        proc.join(0)  # reap it: no <defunct> left behind
+        # Reap it (no <defunct> left behind). The sentinel closes while the process
+        # exits, a moment before it can be waited for: allow that moment.
+        proc.join(0.5)
         if self._stopping or proc is not self._process:
             return
         if self._commands is not None:
