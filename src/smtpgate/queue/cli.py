@@ -78,11 +78,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         e = store.find(args.id)
+        message = store.read_message(e.id)
     except KeyError:
-        print(f"no such message: {args.id}", file=sys.stderr)
+        print(f"smtpgate: {store.path}: no such message: {args.id}", file=sys.stderr)
+        return 1
+    except QueueError as exc:
+        print(f"smtpgate: {store.path}: message {args.id}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(entry_dict(e), indent=2, ensure_ascii=False))
-    headers = BytesHeaderParser().parsebytes(store.read_message(e.id))
+    headers = BytesHeaderParser().parsebytes(message)
     print()
     for name, value in headers.items():
         print(f"{name}: {value}")
@@ -116,14 +120,14 @@ def _change(args: argparse.Namespace, what: str) -> int:
                 try:
                     store.remove(store.find(qid))
                 except KeyError:
-                    print(f"no such message: {qid}", file=sys.stderr)
+                    print(f"smtpgate: {store.path}: no such message: {qid}", file=sys.stderr)
                     status = 1
                     continue
         else:
             try:
                 store.update(qid, change)
             except KeyError:
-                print(f"no such message: {qid}", file=sys.stderr)
+                print(f"smtpgate: {store.path}: no such message: {qid}", file=sys.stderr)
                 status = 1
                 continue
         print(f"{qid}: {what}")
