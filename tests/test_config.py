@@ -751,7 +751,7 @@ def test_relay_url_good(url: str) -> None:
         (f"smtp://bob:{SECRET}@localhost:25", "credentials are only sent over TLS"),
         (f"plain://bob:{SECRET}@host:587/path", "a path is not allowed"),
         (f"plain://bob:{SECRET} x@host:587", "a space is %20"),
-        (f"smtps://host:465?verify=maybe", "verify must be yes or no"),
+        ("smtps://host:465?verify=maybe", "verify must be yes or no"),
     ],
 )
 def test_relay_url_bad_without_leaking_password(url: str, fragment: str) -> None:
