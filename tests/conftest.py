@@ -1,8 +1,10 @@
-"""Fixtures for the whole suite: an in-process smtpgate on a free port, capture deliveries,
-throw-away TLS certificates (trustme), a raw line-level SMTP client."""
+"""Fixtures for the whole suite: an in-process smtpgate on a free port (under each event
+loop), capture deliveries, throw-away TLS certificates (trustme), a raw line-level SMTP
+client."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,14 +23,68 @@ def capture() -> Capture:
     return Capture()
 
 
+#: The event loops the server-level tests run under: the stdlib loop and uvloop, the one
+#: production uses when it is installed (``server.use_uvloop``, default true).
+LOOP_KINDS = ["asyncio", "uvloop"]
+
+#: Test directories whose async tests run once per event loop (pytest-asyncio's loop
+#: is then the one the test starts the server in).
+_SERVER_LEVEL = ("server", "e2e", "queue")
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """pytest-asyncio hook: the loops an async test runs in.
+
+    Server-level tests (``tests/server``, ``tests/e2e``, ``tests/queue``) run under
+    both loops (ids ``[asyncio]`` / ``[uvloop]``) unless they use :func:`run_app`,
+    which runs the server in its own thread and is parametrised itself; the others
+    run under the stdlib loop only.
+    """
+    loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    parts = Path(str(item.path)).relative_to(Path(__file__).parent).parts
+    uv = _uvloop_factory()
+    if (parts and parts[0] in _SERVER_LEVEL and uv is not None
+            and "run_app" not in getattr(item, "fixturenames", ())):
+        loops["uvloop"] = uv
+    return loops
+
+
+@pytest.fixture(params=LOOP_KINDS)
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """``"asyncio"`` or ``"uvloop"``: the event loop the server under test runs in
+    (``server.use_uvloop``, honoured by :meth:`Smtpgate.start_thread`); skips the
+    uvloop variant when uvloop is not installed."""
+    kind = str(request.param)
+    if kind == "uvloop" and _uvloop_factory() is None:
+        pytest.skip("uvloop is not installed")
+    return kind
+
+
 @pytest.fixture
-def run_app(tmp_path: Path) -> Iterator[Callable[..., Smtpgate]]:
-    """Start smtpgate in a thread: ``run_app({"relay": {...}}, deliver=...)``."""
+def run_app(tmp_path: Path, loop_kind: str) -> Iterator[Callable[..., Smtpgate]]:
+    """Start smtpgate in a thread: ``run_app({"relay": {...}}, deliver=...)``.
+
+    Parametrised over the event loops (:data:`LOOP_KINDS`, via :func:`loop_kind`):
+    every test using it runs once with the stdlib loop and once with uvloop.
+    """
     apps: list[Smtpgate] = []
 
     def start(cfg: dict[str, Any] | None = None, **kwargs: Any) -> Smtpgate:
         base = {
-            "server": {"hostname": "mx.test", "listen": ["127.0.0.1:0"]},
+            "server": {"hostname": "mx.test", "listen": ["127.0.0.1:0"],
+                       "use_uvloop": loop_kind == "uvloop"},
             "maildir": {"path": str(tmp_path / "mail")},
         }
         app = Smtpgate(merge(base, cfg or {}), **kwargs)

@@ -341,6 +341,9 @@ class Smtpgate:
             greeting=s.greeting,
             command_timeout=s.command_timeout,
             data_timeout=s.data_timeout,
+            min_data_rate=float(s.min_data_rate),
+            limit_exceptions=tuple(ip_network(n, strict=False)
+                                   for n in self.config.limit_exception_networks),
             received_tls=s.received_tls,
             received_auth=s.received_auth,
             scanners=self.scanners if self.scanners else None,

@@ -258,6 +258,11 @@ def capture_upstream(*, stock: bool = False) -> Iterator[CaptureUpstream]:
 # --------------------------------------------------------------------------- smtpgate
 
 
+#: The event loop :func:`running_gate` runs smtpgate in (``server.use_uvloop``); the
+#: autouse ``_gate_loop`` fixture of ``tests/e2e/conftest.py`` sets it per test.
+LOOP_KIND = "uvloop"
+
+
 @contextmanager
 def running_gate(
     *,
@@ -272,7 +277,8 @@ def running_gate(
         relay_url: ``relay.url`` (e.g. the capture's ``smtp://127.0.0.1:PORT``).
         maildir: ``maildir.path`` when delivering locally.
         deliver: a callable delivery (``(envelope, message) -> None``).
-        server: extra ``[server]`` keys (``max_line_length=0`` ...).
+        server: extra ``[server]`` keys (``max_line_length=0`` ...); the event loop is
+            :data:`LOOP_KIND` unless ``use_uvloop`` is given.
     """
     cfg: dict[str, Any] = {
         "server": {
@@ -280,6 +286,7 @@ def running_gate(
             "listen": ["127.0.0.1:0"],
             "max_message_size": 20_000_000,
             "shutdown_timeout": 2,
+            "use_uvloop": LOOP_KIND == "uvloop",
             **server,
         },
     }

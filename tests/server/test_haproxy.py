@@ -131,7 +131,7 @@ def haproxy(tmp_path: Path) -> Iterator[Callable[[int, str], Haproxy]]:
 
 
 @pytest.fixture
-def gate(tmp_path: Path) -> Iterator[Callable[..., Smtpgate]]:
+def gate(tmp_path: Path, loop_kind: str) -> Iterator[Callable[..., Smtpgate]]:
     """``gate(local_networks=[...], trusted=[...])``: smtpgate with a PROXY listener.
 
     The PROXY listener is the app's last address; ``server.listen`` (first) is a plain one.
@@ -142,7 +142,8 @@ def gate(tmp_path: Path) -> Iterator[Callable[..., Smtpgate]]:
               deliver: Any = None) -> Smtpgate:
         app = Smtpgate(
             {
-                "server": {"hostname": "mx.test", "listen": ["127.0.0.1:0"]},
+                "server": {"hostname": "mx.test", "listen": ["127.0.0.1:0"],
+                           "use_uvloop": loop_kind == "uvloop"},
                 "maildir": {"path": str(tmp_path / "mail")},
                 "relay": {"local_networks": local_networks, "relay_domains": ["example.com"]},
                 "listener": [{

@@ -82,7 +82,8 @@ def test_tarpit_delays_error_replies(run_app, raw) -> None:
 def test_connection_flood_escalates_to_silent_close(run_app, raw) -> None:
     import socket
 
-    app = run_app({"server": {"max_connections_per_ip": 1}})
+    # limit_exceptions = []: 127.0.0.1 (a local network) is otherwise exempt
+    app = run_app({"server": {"max_connections_per_ip": 1, "limit_exceptions": []}})
     socks = []
     greetings = []
     for _ in range(6):

@@ -36,7 +36,17 @@ class ServerContext:
         auth_limiter: failed-AUTH rate limit per client IP.
         tls_context: server TLS context for STARTTLS, ``None`` when TLS is off.
         greeting: text of the 220 banner.
-        command_timeout / data_timeout: seconds (RFC 5321 §4.5.3.2).
+        command_timeout: seconds within which a whole command line must arrive, counted
+            from when the server starts waiting for it (a deadline, not an idle timer:
+            partial lines do not extend it; Postfix ``smtpd_per_request_deadline``).
+        data_timeout: seconds; the DATA/BDAT deadline starts at this and each read of N
+            bytes extends it by N / ``min_data_rate`` seconds, never to more than
+            ``data_timeout`` from now (RFC 5321 §4.5.3.2 minimums: 5 min command,
+            10 min data block; Postfix ``smtpd_min_data_rate``).
+        min_data_rate: bytes/s a client must keep up during DATA/BDAT; 0 makes
+            ``data_timeout`` an idle timeout (restarted by every read).
+        limit_exceptions: client networks exempt from the per-IP connection limit and
+            the flood escalation (``server.limit_exceptions``, default the local networks).
         received_tls / received_auth: what the Received header includes.
         vrfy_reply: reply to VRFY.
         tls_handshake_timeout: seconds allowed for the STARTTLS handshake.
@@ -72,6 +82,8 @@ class ServerContext:
     greeting: str = "localhost ESMTP smtpgate"
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    min_data_rate: float = 0.0
+    limit_exceptions: tuple[IPv4Network | IPv6Network, ...] = ()
     received_tls: bool = True
     received_auth: bool = False
     tls_handshake_timeout: float = 60.0

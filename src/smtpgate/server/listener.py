@@ -1,7 +1,8 @@
 """Listeners and connection admission: one asyncio server per listen address.
 
 Entry point: :class:`SmtpServer` (``start``, ``close``, ``sockets``). Enforces the
-total and per-client-IP connection limits (421 4.7.0 beyond them) and the graceful
+total and per-client-IP connection limits (421 4.7.0 beyond them; clients in
+``server.limit_exceptions`` are exempt from the per-IP limit) and the graceful
 shutdown bound: idle sessions get 421 4.3.2 at once, sessions with a transaction in
 flight may finish it within ``shutdown_timeout`` seconds.
 """
@@ -13,6 +14,7 @@ import logging
 import socket
 from collections.abc import Sequence
 
+from ..policy.limits import Admission, AdmissionKind, client_key
 from ..reply import R, Reply
 from .context import ServerContext
 from .session import Session
@@ -107,61 +109,94 @@ class SmtpServer:
         return out
 
     def admit(
-        self, session: Session, ip: str, *, per_ip: bool = True
-    ) -> tuple[str, Reply | None]:
-        """Judge a new connection, ZMailer style: ``("accept"|"refuse"|"drop", reply)``.
+        self, session: Session, ip: str, *, per_ip: bool = True, exempt: bool = False
+    ) -> Admission:
+        """Judge a new connection, ZMailer style, and count it unless it is dropped.
 
         At the limits (``max_connections``, ``max_connections_per_ip``) the client gets
         ``421 4.7.0`` and the connection is closed; a refused connection still holds its
         slot until it is closed (as ZMailer's children did), so a flood from one address
         reaches 4x the per-IP limit (or the total limit + 100), past which connections
-        are closed silently. Accepted and refused connections must be released with
-        :meth:`release`; dropped ones are not counted. ``per_ip=False`` skips the per-IP
-        limit (a trusted proxy: see :meth:`rebind`).
-        """
-        if self._closing:
-            return "refuse", R.SHUTDOWN
-        n = self._per_ip.get(ip, 0) + 1
-        total = len(self.sessions) + 1
-        if (per_ip and n > 4 * self.max_connections_per_ip) or (
-            total > self.max_connections + 100
-        ):
-            return "drop", None
-        self._per_ip[ip] = n
-        self.sessions.add(session)
-        if total > self.max_connections:
-            return "refuse", R.TOO_MANY_CONNECTIONS
-        if per_ip and n > self.max_connections_per_ip:
-            return "refuse", R.TOO_MANY_FROM_IP
-        return "accept", None
+        are closed silently.
 
-    def rebind(self, session: Session, old_ip: str, new_ip: str) -> Reply | None:
+        Args:
+            session: the new session (kept in :attr:`sessions` while counted).
+            ip: the client address as the socket reports it.
+            per_ip: False skips the per-IP limit and the per-IP drop (a trusted PROXY
+                sender: the real client is judged by :meth:`rebind`).
+            exempt: a client in ``server.limit_exceptions`` (Postfix
+                ``smtpd_client_event_limit_exceptions``): no per-IP limit and no flood
+                escalation; it is never closed silently, and at the total limit it
+                gets 421 like anyone.
+
+        Returns:
+            An :class:`~smtpgate.policy.limits.Admission`; unless its kind is
+            ``DROP`` the connection is counted and must be released with
+            :meth:`release`.
+        """
+        key = client_key(ip)
+        n = self._per_ip.get(key, 0) + 1
+        total = len(self.sessions) + 1
+        if self._closing:
+            return self._count(session, key, n, AdmissionKind.REFUSE, R.SHUTDOWN, total)
+        check_ip = per_ip and not exempt
+        if not exempt and (
+            (check_ip and n > 4 * self.max_connections_per_ip)
+            or total > self.max_connections + 100
+        ):
+            return Admission(AdmissionKind.DROP, None, total - 1, n - 1)
+        if total > self.max_connections:
+            return self._count(
+                session, key, n, AdmissionKind.REFUSE, R.TOO_MANY_CONNECTIONS, total
+            )
+        if check_ip and n > self.max_connections_per_ip:
+            return self._count(session, key, n, AdmissionKind.REFUSE, R.TOO_MANY_FROM_IP, total)
+        return self._count(session, key, n, AdmissionKind.ACCEPT, None, total)
+
+    def _count(
+        self, session: Session, key: str, n: int, kind: AdmissionKind, reply: Reply | None,
+        total: int,
+    ) -> Admission:
+        self._per_ip[key] = n
+        self.sessions.add(session)
+        return Admission(kind, reply, total, n)
+
+    def rebind(
+        self, session: Session, old_ip: str, new_ip: str, *, exempt: bool = False
+    ) -> Reply | None:
         """Move a connection's per-IP count to the client address a PROXY header reported.
 
-        Returns the 421 reply when the real client is over its per-IP limit (the
-        connection's count is then kept under ``old_ip`` until it is released).
+        Args:
+            exempt: the real client is in ``server.limit_exceptions`` (no per-IP limit).
+
+        Returns:
+            The 421 reply when the real client is over its per-IP limit (the
+            connection's count is then kept under ``old_ip`` until it is released),
+            else None.
         """
-        if old_ip == new_ip:
+        old_key, new_key = client_key(old_ip), client_key(new_ip)
+        if old_key == new_key:
             return None
-        n = self._per_ip.get(new_ip, 0)
-        if n >= self.max_connections_per_ip:
+        n = self._per_ip.get(new_key, 0)
+        if not exempt and n >= self.max_connections_per_ip:
             return R.TOO_MANY_FROM_IP
-        self._per_ip[new_ip] = n + 1
-        left = self._per_ip.get(old_ip, 0) - 1
+        self._per_ip[new_key] = n + 1
+        left = self._per_ip.get(old_key, 0) - 1
         if left > 0:
-            self._per_ip[old_ip] = left
+            self._per_ip[old_key] = left
         else:
-            self._per_ip.pop(old_ip, None)
+            self._per_ip.pop(old_key, None)
         return None
 
     def release(self, session: Session, ip: str) -> None:
-        """Forget a connection admitted by :meth:`admit`."""
+        """Forget a connection counted by :meth:`admit` (under ``ip``, after any rebind)."""
         self.sessions.discard(session)
-        n = self._per_ip.get(ip, 0) - 1
+        key = client_key(ip)
+        n = self._per_ip.get(key, 0) - 1
         if n > 0:
-            self._per_ip[ip] = n
+            self._per_ip[key] = n
         else:
-            self._per_ip.pop(ip, None)
+            self._per_ip.pop(key, None)
 
     async def _close_listeners(self) -> None:
         for server in self._servers:

@@ -20,6 +20,7 @@ from ..delivery.received import build_received
 from ..envelope import Envelope, Recipient, SessionInfo
 from ..errors import AuthError, DeliveryError
 from ..hooks import HookResult, Stage, Transaction, Verdict, default_reply
+from ..policy.limits import AdmissionKind
 from ..protocol import (
     NEED_DATA,
     AuthCredentials,
@@ -129,8 +130,17 @@ class Session(asyncio.Protocol):
         self._write_paused = False
         self._shutdown = False
         self._idle = False
+        # Deadlines (Postfix smtpd_per_request_deadline / smtpd_min_data_rate): see
+        # _wait_data. _fresh: an event was taken since the last wait, so the next wait
+        # starts a new request and a new deadline.
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._fresh = True
+        self._data_phase = False
+        self._data_rate = float(ctx.min_data_rate)
+        self._tls = ctx.implicit_tls  # TLS on (or being set up): see eof_received
+        self._tls_wait = False  # implicit TLS: raw bytes go to _tls_leftover
         self._admitted = False
         self._tx_count = 0
         self._messages = 0
@@ -157,15 +167,17 @@ class Session(asyncio.Protocol):
             ip = self.ctx.forced_peer_ip
         self._ip = ip
         behind_proxy = self._proxy_buf is not None and _trusted(ip, self.ctx.trusted_proxies)
-        kind, refusal = self.server.admit(self, ip, per_ip=not behind_proxy)
-        if kind == "drop":
+        exempt = not behind_proxy and _trusted(ip, self.ctx.limit_exceptions)
+        admission = self.server.admit(self, ip, per_ip=not behind_proxy, exempt=exempt)
+        if admission.kind is AdmissionKind.DROP:
             self.transport.close()  # far over the limit: close without a word (ZMailer)
             return
         self._admitted = True  # counted: released in connection_lost
+        refusal = admission.reply
         if refusal is not None:
             self.transport.write(refusal.to_bytes())
             log.info("refused client=%s reason=%r", ip, refusal.text)
-            if refusal is R.SHUTDOWN:
+            if refusal is R.SHUTDOWN or exempt:
                 self.transport.close()
                 return
             # Like a ZMailer child that prints 421 and exits, the refused connection holds
@@ -189,7 +201,11 @@ class Session(asyncio.Protocol):
                 return
             self._proxy_done = self._loop.create_future()
         elif self.ctx.implicit_tls:
-            # Nothing may reach the SMTP core before the TLS layer is in place.
+            # Nothing may reach the SMTP core before the TLS layer is in place. uvloop
+            # starts reading only after connection_made returns (this pause is then a
+            # no-op), so bytes that still come in (the ClientHello) are kept by
+            # data_received for the TLS layer (see _implicit_tls).
+            self._tls_wait = True
             self.transport.pause_reading()
         self._task = self._loop.create_task(self._run())
 
@@ -198,7 +214,20 @@ class Session(asyncio.Protocol):
         if self._proxy_buf is not None:
             self._proxy_data(data)
             return
+        if self._tls_wait:  # implicit TLS not started yet: these bytes belong to TLS
+            self._tls_leftover += data
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         conn = self.conn
+        if self._data_phase and self._data_rate > 0:
+            # Postfix smtpd_min_data_rate: each read extends the DATA/BDAT deadline by
+            # N / rate seconds, never past data_timeout from now.
+            now = self._loop.time()
+            self._deadline = min(self._deadline + len(data) / self._data_rate,
+                                 now + self.ctx.data_timeout)
+        elif self._data_phase:
+            self._deadline = self._loop.time() + self.ctx.data_timeout  # idle timeout
         conn.receive_data(data)
         if conn.buffered > _PAUSE_AT and not self._paused and self.transport is not None:
             self._paused = True
@@ -228,7 +257,9 @@ class Session(asyncio.Protocol):
         self._proxy_buf = None
         if info_p.command == "PROXY" and info_p.source is not None:
             real_ip = _normalise_ip(info_p.source[0])
-            over = self.server.rebind(self, self._ip, real_ip)
+            over = self.server.rebind(
+                self, self._ip, real_ip, exempt=_trusted(real_ip, self.ctx.limit_exceptions)
+            )
             if over is not None:
                 log.info("refused client=%s (behind proxy %s): %s", real_ip, self._ip, over.text)
                 if self.transport is not None and not self.ctx.implicit_tls:
@@ -244,6 +275,7 @@ class Session(asyncio.Protocol):
         if self.ctx.implicit_tls:
             if self.transport is not None:
                 self.transport.pause_reading()
+            self._tls_wait = True
             self._tls_leftover = rest
         elif rest:
             self.conn.receive_data(rest)
@@ -259,12 +291,17 @@ class Session(asyncio.Protocol):
             self.transport.close()
 
     def eof_received(self) -> bool | None:
-        """asyncio callback: the client half-closed its side."""
-        # The client half-closed (e.g. after pipelining QUIT): keep the transport open
-        # so the replies still reach it; the session closes it when it ends.
+        """asyncio callback: the client half-closed its side.
+
+        Returns:
+            True on a plain connection (keep the transport open so that the replies
+            to pipelined commands still reach the client; the session closes it when
+            it ends); None once TLS is on, where asyncio and uvloop close the TLS
+            transport anyway and log a warning when True is returned.
+        """
         self.conn.receive_data(b"")
         self._wake()
-        return True
+        return None if self._tls else True
 
     def connection_lost(self, exc: Exception | None) -> None:
         """asyncio callback: wake the session task and release the connection slot."""
@@ -316,24 +353,47 @@ class Session(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        now = self._loop.time()
-        if now < self._deadline:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        if self._loop.time() < self._deadline:  # moved on by data (min_data_rate)
+            self._arm_timer()
             return
         w = self._waiter
         if w is not None and not w.done():
             w.set_exception(_Timeout())
 
-    async def _wait_data(self, timeout: float) -> None:
-        """Wait for bytes from the client; raises _Timeout or _PeerGone."""
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer_at <= self._deadline:
+                return  # fires first; _on_timer re-arms for the later deadline
+            self._timer.cancel()
+        self._timer_at = self._deadline
+        self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    async def _wait_data(self, data_phase: bool) -> None:
+        """Wait for bytes from the client within the current request's deadline.
+
+        A request is a command line (``command_timeout`` for the whole line, counted
+        from when the wait for it starts; bytes of a partial line do not extend it) or
+        the message text of one DATA or BDAT (``data_timeout``, extended by N /
+        ``min_data_rate`` seconds per read of N bytes in :meth:`data_received`, never
+        past ``data_timeout`` from that read; ``min_data_rate = 0``: ``data_timeout``
+        of silence). Postfix ``smtpd_per_request_deadline`` and ``smtpd_min_data_rate``.
+
+        Raises:
+            _Timeout: the deadline passed (the caller answers 421 4.4.2 and closes).
+            _PeerGone: the client closed the connection.
+        """
         if self._lost or self.conn.peer_closed:
             raise _PeerGone()
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        self._deadline = self._loop.time() + timeout
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        if self._fresh or data_phase != self._data_phase:
+            self._fresh = False
+            self._data_phase = data_phase
+            self._deadline = self._loop.time() + (
+                self.ctx.data_timeout if data_phase else self.ctx.command_timeout
+            )
+        self._arm_timer()
         self._waiter = self._loop.create_future()
         try:
             await self._waiter
@@ -391,12 +451,11 @@ class Session(asyncio.Protocol):
                         break
                     self._idle = not conn.in_transaction
                     try:
-                        await self._wait_data(
-                            ctx.data_timeout if conn.in_data else ctx.command_timeout
-                        )
+                        await self._wait_data(conn.in_data)
                     finally:
                         self._idle = False
                     continue
+                self._fresh = True  # the next wait is for a new request
                 t = type(ev)
                 if t is AutoReply:
                     assert isinstance(ev, AutoReply)
@@ -465,6 +524,11 @@ class Session(asyncio.Protocol):
             if conn.closed and reason == "quit" and not isinstance(ev, Quit):
                 reason = "closed"
         except _Timeout:
+            phase = "data" if self._data_phase else "command"
+            log.info("session %s: %s deadline exceeded client=%s (%s_timeout=%gs%s)",
+                     info.session_id, phase, info.peer_ip, phase,
+                     ctx.data_timeout if self._data_phase else ctx.command_timeout,
+                     f", min_data_rate={self._data_rate:g}B/s" if self._data_phase else "")
             self._out.append(conn.close_reply(R.TIMEOUT))
             reason = "timeout"
         except _PeerGone:
@@ -510,16 +574,19 @@ class Session(asyncio.Protocol):
         ctx = self.ctx
         assert ctx.tls_context is not None and self.transport is not None
         raw = self.transport
-        leftover = self._tls_leftover
-        self._tls_leftover = b""
         try:
             handshake = self._loop.create_task(self._loop.start_tls(
                 raw, self, ctx.tls_context, server_side=True,
                 ssl_handshake_timeout=ctx.tls_handshake_timeout,
             ))
+            # start_tls pauses reading and puts the TLS protocol in place before its
+            # first await; the bytes received before that (the ClientHello under
+            # uvloop, which reads right after connection_made; bytes after the PROXY
+            # header) go to it before reading resumes (scheduled after this step).
+            await asyncio.sleep(0)
+            self._tls_wait = False
+            leftover, self._tls_leftover = self._tls_leftover, b""
             if leftover:
-                # Bytes that came in the same segment as the PROXY header belong to TLS.
-                await asyncio.sleep(0)
                 _feed_protocol(raw.get_protocol(), leftover)
             new_transport = await handshake
         except Exception as exc:
@@ -710,6 +777,7 @@ class Session(asyncio.Protocol):
             return
         self._out.append(conn.send(R.STARTTLS_GO))
         self._flush()
+        self._tls = True  # from here on the client's EOF reaches us through the TLS layer
         try:
             new_transport = await self._loop.start_tls(
                 self.transport,
