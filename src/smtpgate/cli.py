@@ -552,9 +552,9 @@ def _report(exc: BaseException, debug: bool) -> None:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, ConfigError):
         lines = [_one_line(p) for p in exc.problems] or ["invalid configuration"]
-    elif isinstance(exc, OSError) and exc.strerror:
+    elif isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
-        lines = [f"{where}{exc.strerror}"]
+        lines = [f"{where}{exc.strerror}" if exc.strerror else _one_line(str(exc)) or "OSError"]
     elif isinstance(exc, SmtpgateError):
         lines = [_one_line(str(exc)) or type(exc).__name__]
     else:

@@ -36,12 +36,13 @@ def check_writable_dir(path: str, subdirs: tuple[str, ...] = ()) -> str | None:
     virtual file systems such as ``/proc``.
 
     Args:
-        path: absolute directory path.
+        path: directory path (a relative one is taken from the current directory).
         subdirs: sub-directories that will be written too (``tmp``, ``new``, ...).
 
     Returns:
         ``None``, or the reason, e.g. ``"cannot create /proc/x: No such file or directory"``.
     """
+    path = os.path.abspath(path)
     if os.path.lexists(path):
         if not os.path.isdir(path):
             return f"{path} exists and is not a directory"
@@ -76,6 +77,7 @@ def check_writable_dir(path: str, subdirs: tuple[str, ...] = ()) -> str | None:
 
 def _check_file_dir(path: str) -> str | None:
     """Say why the file ``path`` (pid file) cannot be written and removed (None: it can)."""
+    path = os.path.abspath(path)
     if os.path.isdir(path):
         return f"{path} is a directory"
     parent = os.path.dirname(path) or "."
