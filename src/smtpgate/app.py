@@ -27,6 +27,7 @@ from .queue.store import DELIVERY_LOCK, QueueStore, SpoolOwnership
 from .reply import Reply
 from .scanners.stage import ScannerSet
 from .server import ServerContext, SmtpServer, server_tls_context
+from .server.stdio import StdioOutcome
 
 log = logging.getLogger("smtpgate")
 
@@ -491,13 +492,22 @@ class Smtpgate:
 
     async def run_stdio(
         self, *, inetd: bool = False, client_ip: str | None = None, protocol: str = "smtp"
-    ) -> None:
+    ) -> StdioOutcome:
         """Run one session on stdin/stdout (ZMailer -i BSMTP, -n inetd, -T policy test).
+
+        In queue mode this process commits into the spool without owning it: a running
+        server (the owner) delivers what it commits (see docs/queue.md).
 
         Args:
             inetd: stdin is a connected socket.
             client_ip: behave as if the client had this address (policy test).
             protocol: ``"smtp"`` or ``"lmtp"``.
+
+        Returns:
+            How the session ended: refused commands, input cut off inside a transaction.
+
+        Raises:
+            OSError: ``inetd`` and stdin is not a socket.
         """
         from .server.stdio import run_stdio_session
 
@@ -511,7 +521,7 @@ class Smtpgate:
         if client_ip is None and not inetd:
             client_ip = "127.0.0.1"  # a batch on stdin comes from this host: local submission
         try:
-            await run_stdio_session(ctx, inetd=inetd, client_ip=client_ip)
+            return await run_stdio_session(ctx, inetd=inetd, client_ip=client_ip)
         finally:
             if self.delivery is not None:
                 await self.delivery.aclose()

@@ -233,8 +233,6 @@ def cmd_stdio(args: argparse.Namespace) -> int:
     Raises:
         UsageError: ``inetd`` with a standard input that is not a socket.
     """
-    from .server.stdio import OUTCOME, StdioOutcome
-
     if args.command == "inetd" and not _stdin_is_socket():
         raise UsageError("inetd: standard input is not a socket (inetd mode is started by "
                          "inetd or systemd with Accept=yes; use 'smtpgate bsmtp' for a batch)")
@@ -248,9 +246,7 @@ def cmd_stdio(args: argparse.Namespace) -> int:
     if args.command == "policy-test":
         print(f"policy test: session as if from [{client_ip}]; policy decisions on stderr",
               file=sys.stderr, flush=True)
-    outcome = StdioOutcome()
-    OUTCOME.set(outcome)  # asyncio.run copies this context: the session fills `outcome`
-    asyncio.run(app.run_stdio(inetd=args.command == "inetd", client_ip=client_ip,
+    outcome = asyncio.run(app.run_stdio(inetd=args.command == "inetd", client_ip=client_ip,
                               protocol=getattr(args, "protocol", "smtp")))
     if args.command == "bsmtp" and outcome.problem:
         print(f"smtpgate: bsmtp: {outcome.problem}", file=sys.stderr, flush=True)

@@ -13,14 +13,13 @@ listeners run (same core, hooks, policy, delivery); only the transport differs:
   half-closing its connection.
 
 What the session ended with — refused commands, a batch cut off inside a transaction — is
-returned as a :class:`StdioOutcome` (and recorded in :data:`OUTCOME` when set), so that
-``smtpgate bsmtp`` can exit non-zero and say why.
+returned as a :class:`StdioOutcome`, so that ``smtpgate bsmtp`` can exit non-zero and say
+why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import os
 import socket
@@ -36,7 +35,7 @@ from .session import Session
 
 log = logging.getLogger("smtpgate.stdio")
 
-__all__ = ["OUTCOME", "StdioOutcome", "run_stdio_session"]
+__all__ = ["StdioOutcome", "run_stdio_session"]
 
 _CHUNK = 65536
 _MAX_PENDING = 1 << 20  # bytes without LF held back for the LF -> CRLF conversion
@@ -71,13 +70,6 @@ class StdioOutcome:
         return "; ".join(parts)
 
 
-#: When set (e.g. by the CLI before ``asyncio.run``), :func:`run_stdio_session` fills this
-#: outcome object in place, so a caller above code that drops the return value sees it.
-OUTCOME: contextvars.ContextVar[StdioOutcome | None] = contextvars.ContextVar(
-    "smtpgate_stdio_outcome", default=None
-)
-
-
 async def run_stdio_session(
     ctx: ServerContext,
     *,
@@ -98,15 +90,13 @@ async def run_stdio_session(
             file written with LF); BSMTP batches with CRLF pass unchanged.
 
     Returns:
-        The :class:`StdioOutcome` (also written into :data:`OUTCOME`'s object when set).
+        The :class:`StdioOutcome`.
 
     Raises:
         OSError: in inetd mode, stdin is not a socket (``ENOTSOCK``).
     """
     loop = asyncio.get_running_loop()
-    outcome = OUTCOME.get()
-    if outcome is None:
-        outcome = StdioOutcome()
+    outcome = StdioOutcome()
     server = SmtpServer([], max_connections=1, max_connections_per_ip=1)
     if client_ip:
         ctx.forced_peer_ip = client_ip
