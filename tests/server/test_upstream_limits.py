@@ -80,19 +80,21 @@ def test_relay_to_upstream_byte_exact(run_app, upstream) -> None:
     assert Capture.strip_received(content) == MSG
 
 
-def test_upstream_refuses_one_recipient_nothing_delivered(run_app, upstream) -> None:
+def test_upstream_refuses_one_recipient_only_that_one_refused(run_app, upstream) -> None:
+    """Proxy mode forwards each RCPT (issue 8 finding 15): the upstream's refusal is the
+    client's reply to that RCPT; the message goes to the accepted recipient."""
     handler, port = upstream
     handler.reject_rcpt.add("nobody@example.com")
     app = run_app(relay_cfg(port))
     with smtplib.SMTP("127.0.0.1", app.port) as s:
         s.ehlo()
         s.mail("a@example.org")
-        s.rcpt("b@example.com")
-        s.rcpt("nobody@example.com")
+        assert s.rcpt("b@example.com")[0] == 250
+        code, text = s.rcpt("nobody@example.com")
+        assert (code, text) == (550, b"5.1.1 No such mailbox")
         code, text = s.data(MSG)
-    assert code == 550
-    assert text.startswith(b"5.1.1")
-    assert handler.messages == []
+    assert code == 250
+    assert [m[1] for m in handler.messages] == [["b@example.com"]]
 
 
 def test_upstream_data_5xx_and_4xx_passed_back(run_app, upstream) -> None:
@@ -117,12 +119,9 @@ def test_upstream_down_is_4xx(run_app, raw, tmp_path: Path) -> None:
     app = run_app(relay_cfg(free_port()))
     c = raw(app.port)
     c.cmd("EHLO c.test")
-    c.cmd("MAIL FROM:<a@example.org>")
-    c.cmd("RCPT TO:<b@example.com>")
-    c.cmd("DATA")
-    c.send(MSG + b".\r\n")
-    reply = c.read_reply()
-    assert reply.startswith(b"451 4.4.1"), reply
+    reply = c.cmd("MAIL FROM:<a@example.org>")  # proxy mode: the upstream is tried at MAIL
+    assert reply.startswith(b"451 4.4.1 Connection to 127.0.0.1:"), reply
+    assert reply.endswith(b"failed: connection refused"), reply
     # nothing stored as sent: no Maildir fallback
     assert not (tmp_path / "mail" / "new").exists() or not list((tmp_path / "mail" / "new").iterdir())
 
@@ -132,11 +131,7 @@ def test_plain_relay_url_credentials_never_in_replies(run_app, raw, caplog) -> N
                              "timeout": 2}, "delivery": {"mode": "proxy"}})
     c = raw(app.port)
     c.cmd("EHLO c.test")
-    c.cmd("MAIL FROM:<a@example.org>")
-    c.cmd("RCPT TO:<b@example.com>")
-    c.cmd("DATA")
-    c.send(MSG + b".\r\n")
-    reply = c.read_reply()
+    reply = c.cmd("MAIL FROM:<a@example.org>")  # proxy mode: the upstream is tried at MAIL
     assert reply.startswith(b"451")
     assert b"TopSecret" not in reply
     assert "TopSecret" not in caplog.text

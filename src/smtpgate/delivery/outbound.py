@@ -48,6 +48,8 @@ __all__ = [
     "remote_reply",
     "reset",
     "send_envelope",
+    "send_mail",
+    "send_rcpt",
     "split_enhanced",
 ]
 
@@ -642,7 +644,7 @@ def _param(key: str, value: str | None) -> str | None:
 
 
 def mail_options(
-    conn: OutboundConnection, envelope: Envelope, message: bytes
+    conn: OutboundConnection, envelope: Envelope, message: bytes | None
 ) -> tuple[list[str], bool]:
     """MAIL FROM parameters for this server, and whether the transaction uses SMTPUTF8.
 
@@ -656,7 +658,10 @@ def mail_options(
     Args:
         conn: the connection (its EHLO extensions, TLS and AUTH state).
         envelope: the transaction.
-        message: the message bytes (for SIZE and the header check).
+        message: the message bytes (for SIZE and the header check), or ``None``
+            when MAIL is sent before the data exists (proxy mode): SIZE is then the
+            client's own SIZE parameter, the header and binary checks are left to
+            the caller at end of data (call again with the message).
 
     Returns:
         ``(parameters, use_smtputf8)``.
@@ -669,7 +674,7 @@ def mail_options(
     params = envelope.mail_params
     addresses = [envelope.mail_from, *envelope.recipients]
     needs_utf8 = not all(a.isascii() for a in addresses)
-    if not needs_utf8 and envelope.smtputf8:
+    if not needs_utf8 and envelope.smtputf8 and message is not None:
         head = message.split(b"\r\n\r\n", 1)[0]
         needs_utf8 = not head.isascii()
     if needs_utf8 and "smtputf8" not in ext:
@@ -677,10 +682,13 @@ def mail_options(
     use_utf8 = needs_utf8 or (envelope.smtputf8 and "smtputf8" in ext)
     opts: list[str] = []
     if "size" in ext:
-        opts.append(f"SIZE={len(message)}")
+        if message is not None:
+            opts.append(f"SIZE={len(message)}")
+        elif (params.get("SIZE") or "").isdigit():
+            opts.append(f"SIZE={params['SIZE']}")
     body = envelope.body_type
     if body == "BINARYMIME":
-        if _NOT_DATA_SAFE.search(message):
+        if message is not None and _NOT_DATA_SAFE.search(message):
             raise PermanentDeliveryError(BINARY_UNSUPPORTED)
         body = "8BITMIME"
     if "BODY" in params and "8bitmime" in ext and body in ("7BIT", "8BITMIME"):
@@ -778,12 +786,50 @@ async def send_envelope(
             connection failed at MAIL.
     """
     smtp = conn.smtp
+    resp, use_utf8 = await send_mail(conn, envelope, message, reused=reused)
+    result = EnvelopeReplies(resp)
+    if not result.mail_ok:
+        return result
+    for rcpt in envelope.rcpt_to:
+        try:
+            resp = await send_rcpt(conn, rcpt, use_utf8)
+        except NETWORK_ERRORS as exc:
+            result.failure = exc
+            break
+        result.rcpts.append((rcpt, resp))
+        if resp.code == 421 or not smtp.is_connected:
+            break
+    return result
+
+
+async def send_mail(
+    conn: OutboundConnection, envelope: Envelope, message: bytes | None, *, reused: bool = False
+) -> tuple[aiosmtplib.SMTPResponse, bool]:
+    """Send MAIL FROM with the parameters this server takes (RFC 5321 §4.1.1.2).
+
+    ``conn.clean`` is false afterwards (a transaction may be open).
+
+    Args:
+        conn: a ready connection.
+        envelope: the transaction (its recipients are used only for the SMTPUTF8 check).
+        message: the message, or ``None`` before the data exists (see :func:`mail_options`).
+        reused: the connection came from a pool; a disconnect raises :class:`StaleConnection`.
+
+    Returns:
+        ``(reply, use_smtputf8)``: the server's reply and whether SMTPUTF8 was sent
+        (addresses are then sent as UTF-8).
+
+    Raises:
+        PermanentDeliveryError: see :func:`mail_options` (nothing was sent).
+        StaleConnection: see ``reused``.
+        aiosmtplib.SMTPException / OSError / asyncio.TimeoutError: the connection failed.
+    """
     opts, use_utf8 = mail_options(conn, envelope, message)
     enc = "utf-8" if use_utf8 else "ascii"
     conn.uses += 1
     conn.clean = False
     try:
-        resp = await smtp.execute_command(
+        resp = await conn.smtp.execute_command(
             b"MAIL",
             b"FROM:<" + envelope.mail_from.encode(enc) + b">",
             *(o.encode(enc) for o in opts),
@@ -792,23 +838,33 @@ async def send_envelope(
         if reused:
             raise StaleConnection() from exc
         raise
-    result = EnvelopeReplies(resp)
-    if not result.mail_ok:
-        return result
-    for rcpt in envelope.rcpt_to:
-        try:
-            resp = await smtp.execute_command(
-                b"RCPT",
-                b"TO:<" + rcpt.address.encode(enc) + b">",
-                *(o.encode(enc) for o in rcpt_options(conn, rcpt)),
-            )
-        except NETWORK_ERRORS as exc:
-            result.failure = exc
-            break
-        result.rcpts.append((rcpt, resp))
-        if resp.code == 421 or not smtp.is_connected:
-            break
-    return result
+    return resp, use_utf8
+
+
+async def send_rcpt(
+    conn: OutboundConnection, rcpt: Recipient, use_smtputf8: bool
+) -> aiosmtplib.SMTPResponse:
+    """Send one RCPT TO with the parameters this server takes (RFC 5321 §4.1.1.3).
+
+    Args:
+        conn: the connection, after a 2xx to MAIL.
+        rcpt: the recipient (address already checked for CR/LF/<>, ASCII unless
+            ``use_smtputf8``).
+        use_smtputf8: SMTPUTF8 was given at MAIL (addresses are sent as UTF-8).
+
+    Returns:
+        The server's reply.
+
+    Raises:
+        UnicodeEncodeError: a non-ASCII address without SMTPUTF8.
+        aiosmtplib.SMTPException / OSError / asyncio.TimeoutError: the connection failed.
+    """
+    enc = "utf-8" if use_smtputf8 else "ascii"
+    return await conn.smtp.execute_command(
+        b"RCPT",
+        b"TO:<" + rcpt.address.encode(enc) + b">",
+        *(o.encode(enc) for o in rcpt_options(conn, rcpt)),
+    )
 
 
 async def deliver_per_recipient(

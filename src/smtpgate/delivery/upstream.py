@@ -14,7 +14,7 @@ import time
 
 import aiosmtplib
 
-from ..envelope import Envelope, SessionInfo
+from ..envelope import Envelope, Recipient, SessionInfo
 from ..errors import (
     ConfigError,
     DeliveryError,
@@ -40,8 +40,12 @@ from .outbound import (
     connection_failure,
     deliver_per_recipient,
     describe_error,
+    mail_options,
+    remote_reply,
     reset,
     send_envelope,
+    send_mail,
+    send_rcpt,
     split_enhanced,
 )
 from .url import RelayUrl, parse_relay_url
@@ -52,6 +56,8 @@ __all__ = [
     "SMTPUTF8_UNSUPPORTED",
     "RecipientResults",
     "UpstreamDelivery",
+    "UpstreamTransaction",
+    "client_reply",
     "upstream_reply",
 ]
 
@@ -92,6 +98,31 @@ def upstream_reply(code: int, message: str, what: str) -> Reply:
     if enhanced is None or enhanced[0] != cls:
         enhanced = f"{cls}.0.0"
     return Reply(out_code, enhanced, f"{what}: {shown.strip()}")
+
+
+def client_reply(code: int, message: str) -> Reply:
+    """The upstream's reply, passed to our client as it is (proxy mode, RFC 5321 §4.2).
+
+    The code and the RFC 3463 enhanced code are the upstream's (``X.0.0`` of the same
+    class when it gave none). A 421 becomes 451 (the upstream is closing, not our
+    session with the client); a code outside 2xx/4xx/5xx becomes ``451 4.0.0``.
+
+    Args:
+        code: the upstream reply code.
+        message: the upstream reply text (lines joined with ``\\n``).
+
+    Returns:
+        The :class:`Reply` for the client.
+    """
+    reply = remote_reply(code, message)
+    if reply.code == 421:
+        return Reply(451, reply.enhanced, reply.text)
+    return reply
+
+
+def _error(reply: Reply, detail: str = "") -> DeliveryError:
+    cls = TemporaryDeliveryError if reply.is_transient else PermanentDeliveryError
+    return cls(reply, detail) if detail else cls(reply)
 
 
 def _raise_upstream(code: int, message: str, what: str) -> DeliveryError:
@@ -509,8 +540,304 @@ class UpstreamDelivery:
         )
         return results
 
+    async def open_transaction(
+        self, envelope: Envelope, session: SessionInfo | None = None
+    ) -> UpstreamTransaction:
+        """Open an upstream transaction at the client's MAIL (proxy mode, per recipient).
+
+        Like Postfix's ``smtpd_proxy_filter``: MAIL is sent now, each RCPT is sent by
+        :meth:`UpstreamTransaction.rcpt` as the client gives it, so the upstream's
+        verdict on each recipient is the client's reply; :meth:`UpstreamTransaction.data`
+        sends the message and returns the upstream's end-of-data reply;
+        :meth:`UpstreamTransaction.abort` ends it (RSET) on RSET, a new MAIL or the end
+        of the session. The connection is held until then.
+
+        Args:
+            envelope: reverse-path and MAIL parameters (recipients, if any, are ignored).
+                SIZE passed upstream is the client's SIZE parameter.
+            session: the client's session (its id is logged).
+
+        Returns:
+            The open :class:`UpstreamTransaction` (the upstream said 2xx to MAIL).
+
+        Raises:
+            TemporaryDeliveryError: the upstream cannot be reached (``451 4.4.1``
+                saying what failed), does not satisfy the URL's TLS requirement
+                (``451 4.7.4``/``4.7.5``), refused our AUTH (``451 4.7.0``), answered
+                MAIL with 4xx (its reply; 421 as 451), or after :meth:`aclose`.
+            PermanentDeliveryError: the upstream refused MAIL with 5xx (its reply),
+                or lacks SMTPUTF8/REQUIRETLS the transaction needs (553 5.6.7,
+                550 5.7.30), or the reverse-path is malformed (501 5.1.7).
+        """
+        if self._closed:
+            raise TemporaryDeliveryError(SHUTTING_DOWN)
+        if BAD_ADDRESS.search(envelope.mail_from):
+            raise PermanentDeliveryError(BAD_SENDER)
+        sid = session.session_id if session else "-"
+        head = Envelope(envelope.mail_from, dict(envelope.mail_params))
+        fresh = False
+        while True:
+            conn, reused = await self._acquire(fresh=fresh)
+            self._busy.add(conn)
+            try:
+                resp, use_utf8 = await send_mail(conn, head, None, reused=reused)
+            except StaleConnection:
+                log.info(
+                    "upstream %s: pooled connection was closed; reconnecting", self.url.host_port
+                )
+                conn.clean = False
+                self._busy.discard(conn)
+                self._release(conn)
+                fresh = True
+                continue
+            except PermanentDeliveryError:
+                conn.clean = True  # nothing was sent
+                self._busy.discard(conn)
+                self._release(conn)
+                raise
+            except (*_NETWORK_ERRORS, UnicodeEncodeError, ValueError) as exc:
+                conn.clean = False
+                self._busy.discard(conn)
+                self._release(conn)
+                reply = connection_failure(self.url.host_port, describe_error(exc))
+                log.warning("session=%s upstream %s: MAIL failed: %s", sid, self.url.host_port,
+                            reply.text)
+                raise TemporaryDeliveryError(reply, "upstream connection failed") from None
+            except BaseException:
+                conn.clean = False
+                self._busy.discard(conn)
+                self._release(conn)
+                raise
+            if not 200 <= resp.code < 300:
+                if resp.code == 421 or not conn.smtp.is_connected:
+                    conn.clean = False
+                else:
+                    await self._rset(conn)
+                self._busy.discard(conn)
+                self._release(conn)
+                reply = client_reply(resp.code, resp.message)
+                log.info("session=%s upstream %s: MAIL from=<%s> refused: %s", sid,
+                         self.url.host_port, envelope.mail_from, reply)
+                raise _error(reply, "upstream refused MAIL")
+            return UpstreamTransaction(self, conn, head, use_utf8, client_reply(
+                resp.code, resp.message), sid)
+
+    def _finish_transaction(self, conn: _Conn) -> None:
+        self._busy.discard(conn)
+        self._release(conn)
+
     async def __aenter__(self) -> UpstreamDelivery:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class UpstreamTransaction:
+    """One upstream transaction driven by a client's session (proxy mode, per recipient).
+
+    Made by :meth:`UpstreamDelivery.open_transaction` after the upstream accepted MAIL.
+    The session forwards each RCPT with :meth:`rcpt` (the reply is the client's
+    reply), then the message with :meth:`data`, or ends the transaction with
+    :meth:`abort`. Only recipients the upstream accepted are in the upstream
+    transaction. Not safe for concurrent use (one session drives it).
+
+    Attributes:
+        mail_reply: the upstream's reply to MAIL (2xx), for the client.
+        accepted: recipients the upstream accepted, in order.
+        done: :meth:`data` finished or :meth:`abort` was called; the connection
+            went back to the pool (or was closed).
+    """
+
+    def __init__(
+        self,
+        owner: UpstreamDelivery,
+        conn: OutboundConnection,
+        envelope: Envelope,
+        use_smtputf8: bool,
+        mail_reply: Reply,
+        session_id: str,
+    ) -> None:
+        self._owner = owner
+        self._conn = conn
+        self._envelope = envelope  # reverse-path and parameters as sent at MAIL
+        self._utf8 = use_smtputf8
+        self._sid = session_id
+        self._broken: Reply | None = None
+        self.mail_reply = mail_reply
+        self.accepted: list[Recipient] = []
+        self.done = False
+
+    def __repr__(self) -> str:
+        return (f"UpstreamTransaction({self._label}, from=<{self._envelope.mail_from}>, "
+                f"accepted={len(self.accepted)}, done={self.done})")
+
+    @property
+    def _label(self) -> str:
+        return self._owner.url.host_port
+
+    def _lost(self, exc: BaseException) -> Reply:
+        self._conn.clean = False
+        self._broken = connection_failure(self._label, describe_error(exc))
+        log.warning("session=%s upstream %s: %s", self._sid, self._label, self._broken.text)
+        return self._broken
+
+    async def rcpt(self, rcpt: Recipient) -> Reply:
+        """Forward one RCPT; the upstream's reply is the client's (RFC 5321 §4.1.1.3).
+
+        NOTIFY/ORCPT (RFC 3461) and RRVS are passed only when the upstream offers them.
+
+        Args:
+            rcpt: the recipient as the client gave it (after relay control and hooks).
+
+        Returns:
+            The upstream's reply with its enhanced code (2xx: the recipient is now in
+            the upstream transaction); ``451 4.4.1`` saying what failed when the
+            connection was lost (then also for every later RCPT); ``553 5.6.7`` for a
+            non-ASCII address when the upstream lacks SMTPUTF8; ``501 5.1.3`` for a
+            malformed address. Never raises for network errors.
+        """
+        if self.done:
+            return Reply(451, "4.3.0", "Upstream transaction already ended")
+        if self._broken is not None:
+            return self._broken
+        if not rcpt.address or BAD_ADDRESS.search(rcpt.address):
+            return BAD_RECIPIENT
+        if not self._utf8 and not rcpt.address.isascii():
+            return SMTPUTF8_UNSUPPORTED
+        try:
+            resp = await send_rcpt(self._conn, rcpt, self._utf8)
+        except _NETWORK_ERRORS as exc:
+            return self._lost(exc)
+        reply = client_reply(resp.code, resp.message)
+        if resp.code == 421 or not self._conn.smtp.is_connected:
+            self._conn.clean = False
+            self._broken = Reply(451, "4.4.1", f"Upstream {self._label} closed the transaction: "
+                                 f"{resp.code} {split_enhanced(resp.message)[1]}".strip())
+            return self._broken
+        if reply.is_positive:
+            self.accepted.append(rcpt)
+        return reply
+
+    async def _replay(self, envelope: Envelope, message: bytes) -> None:
+        """RSET and send the envelope again (a data hook removed recipients or changed
+        the sender). Raises DeliveryError when anything is refused (after RSET)."""
+        conn = self._conn
+        await reset(conn, min(self._owner.timeout, 10.0))
+        if not conn.clean:
+            raise TemporaryDeliveryError(connection_failure(self._label, "RSET failed"))
+        self.accepted = []
+        try:
+            resp, self._utf8 = await send_mail(conn, envelope, message)
+        except PermanentDeliveryError:
+            conn.clean = True
+            raise
+        except _NETWORK_ERRORS as exc:
+            raise TemporaryDeliveryError(self._lost(exc)) from None
+        if not 200 <= resp.code < 300:
+            await reset(conn, min(self._owner.timeout, 10.0))
+            raise _error(upstream_reply(resp.code, resp.message,
+                                        f"Upstream refused sender <{envelope.mail_from}>"))
+        self._envelope = Envelope(envelope.mail_from, dict(envelope.mail_params))
+        await self._add(envelope.rcpt_to)
+
+    async def _add(self, rcpts: list[Recipient]) -> None:
+        """RCPT for recipients not yet in the upstream transaction; any refusal refuses the
+        message (after RSET): the client was told 250 for them, or a hook added them."""
+        for rcpt in rcpts:
+            reply = await self.rcpt(rcpt)
+            if reply.is_positive:
+                continue
+            if self._broken is None:
+                await reset(self._conn, min(self._owner.timeout, 10.0))
+            raise _error(reply.with_text(f"Upstream refused <{rcpt.address}>: {reply.text}"))
+
+    async def data(self, envelope: Envelope, message: bytes) -> Reply:
+        """Send the message; the upstream's end-of-data reply is the client's.
+
+        ``envelope`` is the transaction as it stands at end of data. When a data hook
+        changed it since RCPT: added recipients are sent as further RCPTs; removed
+        recipients (or a changed reverse-path/parameters) make the transaction start
+        again upstream (RSET, MAIL, RCPT for each remaining recipient), since an RCPT
+        cannot be withdrawn. A refusal at that point refuses the whole message with the
+        upstream's reply (nothing was accepted upstream). The transaction is
+        :attr:`done` afterwards, whatever the outcome.
+
+        Args:
+            envelope: the final envelope (at least one recipient).
+            message: the complete message: CRLF line endings, not dot-stuffed,
+                trace header already prepended.
+
+        Returns:
+            The upstream's 2xx reply to the data (its code, enhanced code and text).
+
+        Raises:
+            TemporaryDeliveryError: the upstream's 4xx (421 as 451), the connection
+                failed (``451 4.4.1`` saying what failed), or an RCPT refused earlier
+                left no recipient.
+            PermanentDeliveryError: the upstream's 5xx; the message needs SMTPUTF8
+                (553 5.6.7) or binary transport (554 5.6.3) the upstream lacks.
+        """
+        if self.done:
+            raise TemporaryDeliveryError(Reply(451, "4.3.0", "Upstream transaction already ended"))
+        conn = self._conn
+        try:
+            if self._broken is not None:
+                raise TemporaryDeliveryError(self._broken)
+            try:
+                _, use_utf8 = mail_options(conn, envelope, message)
+            except PermanentDeliveryError:
+                await reset(conn, min(self._owner.timeout, 10.0))
+                raise
+            keys = [(r.address, r.params) for r in envelope.rcpt_to]
+            sent = [(r.address, r.params) for r in self.accepted]
+            same_head = (envelope.mail_from == self._envelope.mail_from
+                         and envelope.mail_params == self._envelope.mail_params
+                         and use_utf8 == self._utf8)
+            if not same_head or any(k not in keys for k in sent):
+                log.info("session=%s upstream %s: envelope changed after RCPT; "
+                         "replaying it upstream", self._sid, self._label)
+                await self._replay(envelope, message)
+            else:
+                await self._add([r for r in envelope.rcpt_to
+                                 if (r.address, r.params) not in sent])
+            if not self.accepted:
+                await reset(conn, min(self._owner.timeout, 10.0))
+                raise PermanentDeliveryError(NO_RECIPIENTS)
+            try:
+                resp = await conn.smtp.data(message)
+            except aiosmtplib.SMTPDataError as exc:
+                if exc.code == 421 or not conn.smtp.is_connected:
+                    conn.clean = False
+                else:
+                    await reset(conn, min(self._owner.timeout, 10.0))
+                raise _error(client_reply(exc.code, exc.message)) from None
+            except (*_NETWORK_ERRORS, UnicodeEncodeError, ValueError) as exc:
+                raise TemporaryDeliveryError(self._lost(exc)) from None
+            conn.clean = True
+            reply = client_reply(resp.code, resp.message)
+            log.info("session=%s upstream %s: from=<%s> rcpts=%d size=%d accepted: %s",
+                     self._sid, self._label, envelope.mail_from, len(self.accepted),
+                     len(message), reply)
+            return reply
+        finally:
+            self.done = True
+            self._owner._finish_transaction(conn)
+
+    async def abort(self) -> None:
+        """End the transaction without sending data: RSET upstream (RFC 5321 §4.1.1.5),
+        then return the connection to the pool. Idempotent; never raises."""
+        if self.done:
+            return
+        self.done = True
+        conn = self._conn
+        try:
+            if self._broken is None and conn.smtp.is_connected:
+                await reset(conn, min(self._owner.timeout, 10.0))
+            else:
+                conn.clean = False
+        except BaseException:
+            conn.clean = False
+            raise
+        finally:
+            self._owner._finish_transaction(conn)

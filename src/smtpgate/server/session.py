@@ -489,6 +489,7 @@ class Session(asyncio.Protocol):
                     reply = await self._on_helo(ev)
                 elif t is Rset:
                     self.transaction = None
+                    await self._abort_upstream()
                     reply = R.RESET
                 elif t is Quit:
                     self._out.append(conn.send(R.BYE))
@@ -609,6 +610,7 @@ class Session(asyncio.Protocol):
             self._timer = None
         if self.transport is not None and not self._lost:
             self.transport.close()
+        await self._abort_upstream()
         if self.ctx.hooks.has(Stage.QUIT):
             try:
                 await self.ctx.hooks.run(Stage.QUIT, info)
@@ -671,6 +673,7 @@ class Session(asyncio.Protocol):
         info.helo_name = ev.name
         info.esmtp = ev.esmtp
         self.transaction = None
+        await self._abort_upstream()
         return self.conn.helo_reply(ev)
 
     def _on_etrn(self, ev: Etrn) -> Reply:
@@ -720,15 +723,46 @@ class Session(asyncio.Protocol):
             Envelope(ev.address, dict(ev.params)), f"{info.session_id}.{self._tx_count}"
         )
         hooks = self.ctx.hooks
+        hook_reply: Reply | None = None
         if hooks.has(Stage.MAIL):
             result = await hooks.run(Stage.MAIL, info, tx)
             if result.verdict.is_denial:
                 return self._denial(Stage.MAIL, result)
             if result.verdict is Verdict.OK and result.reply is not None:
-                self.transaction = tx
-                return result.reply
+                hook_reply = result.reply
+        await self._abort_upstream()
+        # Proxy mode (a delivery with open_transaction, like Postfix's smtpd_proxy_filter):
+        # the upstream transaction opens now; its refusal is the client's reply.
+        opener = getattr(self.ctx.delivery, "open_transaction", None)
+        if opener is not None:
+            try:
+                self._upstream = await opener(tx.envelope, info)
+            except DeliveryError as exc:
+                log.info("transaction %s: upstream refused MAIL from=<%s>: %s", tx.id,
+                         ev.address, exc.reply)
+                return exc.reply
+            except Exception:
+                log.exception("transaction %s: opening the upstream transaction raised", tx.id)
+                return R.TEMP_ERROR
         self.transaction = tx
+        if hook_reply is not None:
+            return hook_reply
+        if self._upstream is not None:
+            return cast(Reply, self._upstream.mail_reply)
         return R.SENDER_OK
+
+    #: The open upstream transaction in proxy mode (see ``_on_mail``), else ``None``.
+    _upstream: Any = None
+
+    async def _abort_upstream(self) -> None:
+        """End the open upstream transaction, if any (RSET upstream): at RSET, a new MAIL,
+        HELO/EHLO, STARTTLS and the end of the session. Never raises."""
+        utx, self._upstream = self._upstream, None
+        if utx is not None:
+            try:
+                await utx.abort()
+            except Exception:
+                log.exception("session: aborting the upstream transaction raised")
 
     async def _on_rcpt(self, ev: RcptTo) -> Reply:
         info = self.info
@@ -757,15 +791,23 @@ class Session(asyncio.Protocol):
             return _NULL_SENDER_RCPTS
         rcpt = Recipient(ev.address, dict(ev.params))
         hooks = self.ctx.hooks
-        reply = R.RCPT_OK
+        reply: Reply | None = None
         if hooks.has(Stage.RCPT):
             result = await hooks.run(Stage.RCPT, info, tx, rcpt)
             if result.verdict.is_denial:
                 return self._denial(Stage.RCPT, result)
             if result.verdict is Verdict.OK and result.reply is not None:
                 reply = result.reply
+        utx = self._upstream
+        if utx is not None:  # proxy mode: the upstream's verdict is the client's reply
+            upstream = cast(Reply, await utx.rcpt(rcpt))
+            if not upstream.is_positive:
+                log.info("transaction %s: upstream refused to=<%s>: %s", tx.id, ev.address,
+                         upstream)
+                return upstream
+            reply = reply or upstream
         tx.envelope.rcpt_to.append(rcpt)
-        return reply
+        return reply or R.RCPT_OK
 
     async def _on_starttls(self) -> None:
         ctx = self.ctx
@@ -799,6 +841,7 @@ class Session(asyncio.Protocol):
         self.transport = new_transport
         conn.tls_established()
         self.transaction = None
+        await self._abort_upstream()
         info.helo_name = None
         info.esmtp = False
         info.auth_user = None
@@ -856,6 +899,16 @@ class Session(asyncio.Protocol):
     # --------------------------------------------------------------- message
 
     async def _on_message(self, ev: DataComplete) -> Reply:
+        utx, self._upstream = self._upstream, None
+        try:
+            return await self._message(ev, utx)
+        finally:
+            if utx is not None and not utx.done:  # refused, quarantined, no recipients ...
+                await utx.abort()
+
+    async def _message(self, ev: DataComplete, utx: Any) -> Reply:
+        """End of data: scanners, data hook, then delivery (or the upstream transaction's
+        data in proxy mode, whose reply is the client's)."""
         info = self.info
         tx = self.transaction
         assert info is not None and tx is not None
@@ -899,7 +952,10 @@ class Session(asyncio.Protocol):
         if decision is not None:  # quarantine: stored durably, then 250 or 5xx as configured
             return await self._quarantine(tx, decision, received + message, started)
         try:
-            reply = await self.ctx.delivery.deliver(envelope, received + message, info)
+            if utx is not None:
+                reply = await utx.data(envelope, received + message)
+            else:
+                reply = await self.ctx.delivery.deliver(envelope, received + message, info)
         except DeliveryError as exc:
             reply = exc.reply
             self._log_tx(tx, len(message), reply, started, "delivery failed")
