@@ -233,3 +233,28 @@ def test_overlong_command_line_is_answered_once_then_closed(run_app) -> None:
     assert replies[0].startswith(b"500 5.5.2"), replies
     assert replies[1].startswith(b"421 4."), replies
     assert sent < 100 << 20  # the server stopped reading long before the end
+
+
+def test_client_that_reads_no_replies_is_cut_off(run_app, caplog) -> None:
+    """Pipelined commands whose replies are never read (a write-side slowloris): once
+    the replies fill the buffers, the client has command_timeout to read, then the
+    connection is aborted."""
+    import select
+
+    caplog.set_level(logging.INFO, logger="smtpgate.session")
+    app = run_app({"server": {"command_timeout": 1}})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(15)
+    sock.connect(("127.0.0.1", app.port))
+    sock.sendall(b"HELP\r\n" * 50_000)  # ~600 KB in, megabytes of replies out
+    poller = select.poll()
+    poller.register(sock, select.POLLERR | select.POLLHUP)
+    events = []
+    for _ in range(100):  # wait up to 10 s for the reset, reading nothing
+        events = [ev for _, ev in poller.poll(100) if ev & (select.POLLERR | select.POLLHUP)]
+        if events:
+            break
+    sock.close()
+    assert events, "the server still holds the connection"
+    assert "read none of our replies for 1s: aborting" in caplog.text

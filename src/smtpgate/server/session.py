@@ -13,6 +13,8 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -346,10 +348,38 @@ class Session(asyncio.Protocol):
                 self.transport.write(data)
 
     async def _drain(self) -> None:
+        """Wait until the client has read enough of our replies (flow control).
+
+        A client that reads nothing for ``command_timeout`` seconds (a write-side
+        slowloris) is cut off: a 421 could not reach it, so the connection is aborted.
+
+        Raises:
+            _PeerGone: the client stopped reading (connection aborted).
+        """
         if self._write_paused and not self._lost:
             self._drain_waiter = self._loop.create_future()
-            await self._drain_waiter
-            self._drain_waiter = None
+            try:
+                async with asyncio.timeout(self.ctx.command_timeout):
+                    await self._drain_waiter
+            except TimeoutError:
+                assert self.info is not None
+                log.info("session %s: client=%s read none of our replies for %gs: aborting",
+                         self.info.session_id, self.info.peer_ip, self.ctx.command_timeout)
+                self._lost = True
+                if self.transport is not None:
+                    # Reset, not FIN: a FIN would wait behind the unread replies while the
+                    # kernel keeps the orphaned socket.
+                    sock = self.transport.get_extra_info("socket")
+                    if sock is not None:
+                        try:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                            struct.pack("ii", 1, 0))
+                        except OSError:
+                            pass
+                    self.transport.abort()
+                raise _PeerGone() from None
+            finally:
+                self._drain_waiter = None
 
     def _on_timer(self) -> None:
         self._timer = None
