@@ -24,7 +24,7 @@ def proxy_cfg(port: int) -> dict[str, Any]:
 
 
 def refusing(*addresses: str) -> CaptureHandler:
-    return CaptureHandler(refuse_rcpt={a: "550 5.1.1 <%s>: Recipient address rejected" % a
+    return CaptureHandler(refuse_rcpt={a: f"550 5.1.1 <{a}>: Recipient address rejected"
                                        for a in addresses})
 
 

@@ -15,7 +15,7 @@ from .local import CallableDelivery, DeliveryFunc, DiscardDelivery
 from .maildir import MaildirDelivery
 from .received import build_received, protocol_keyword
 from .send import send_message
-from .upstream import UpstreamDelivery
+from .upstream import UpstreamDelivery, UpstreamTransaction
 from .url import RelayUrl, parse_relay_url
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "RelayUrl",
     "TemporaryDeliveryError",
     "UpstreamDelivery",
+    "UpstreamTransaction",
     "build_received",
     "make_delivery",
     "parse_relay_url",
@@ -65,6 +66,11 @@ class Delivery(Protocol):
     async def aclose(self) -> None:
         """Release connections and other resources."""
         ...
+
+    # Optional (proxy mode): ``async def open_transaction(envelope, session) ->
+    # UpstreamTransaction``. When a delivery has it, the SMTP session opens the transaction
+    # at MAIL, forwards each RCPT (the reply is the client's) and ends it with ``data`` or
+    # ``abort`` instead of calling ``deliver`` (see :class:`UpstreamTransaction`).
 
 
 def make_delivery(

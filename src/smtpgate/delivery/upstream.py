@@ -1,7 +1,9 @@
 """Relay to one upstream SMTP server, with a pool of idle connections.
 
-Entry point: :class:`UpstreamDelivery`: ``deliver`` (atomic, proxy mode) and ``deliver_recipients``
-(per-recipient replies, queue mode), built on :mod:`.outbound`. RFC 5321 §3.3, RFC 3207, 8314,
+Entry point: :class:`UpstreamDelivery`: ``open_transaction`` (proxy mode: MAIL, each RCPT and
+the data forwarded as the client sends them, :class:`UpstreamTransaction`), ``deliver`` (one
+atomic transaction, e.g. ``smtpgate send``) and ``deliver_recipients`` (per-recipient replies,
+queue mode), built on :mod:`.outbound`. RFC 5321 §3.3, RFC 3207, 8314,
 4954/4616, 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8, 3461 DSN, 8689 REQUIRETLS.
 """
 
@@ -134,11 +136,13 @@ def _raise_upstream(code: int, message: str, what: str) -> DeliveryError:
 class UpstreamDelivery:
     """Relay each transaction to one upstream SMTP server.
 
-    ``deliver`` (the synchronous proxy path) returns only after the upstream
-    accepted the message (its 250 to DATA). If the upstream refuses any
-    recipient, the transaction is reset
-    (RSET) and nothing is sent to anyone. ESMTP parameters are passed on when
-    the upstream advertises the matching extension. An 8-bit body is sent as
+    ``open_transaction`` is the proxy-mode path used by the SMTP session: the
+    upstream transaction follows the client's (see :class:`UpstreamTransaction`).
+    ``deliver`` (one whole transaction at once) returns only after the upstream
+    accepted the message (its 250 to DATA); if the upstream refuses any
+    recipient, the transaction is reset (RSET) and nothing is sent to anyone.
+    ESMTP parameters are passed on when the upstream advertises the matching
+    extension. An 8-bit body is sent as
     is to an upstream without 8BITMIME (like Postfix). ``deliver_recipients``
     (the queue path) reports one reply per recipient instead.
 
