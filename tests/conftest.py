@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import trustme
 
 from smtpgate.app import Smtpgate
@@ -40,10 +41,11 @@ def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def pytest_asyncio_loop_factories(
+def _loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """pytest-asyncio hook: the loops an async test runs in.
+    """pytest-asyncio hook (``pytest_asyncio_loop_factories``, pytest-asyncio >= 1.4,
+    which deprecates overriding ``event_loop_policy``): the loops an async test runs in.
 
     Server-level tests (``tests/server``, ``tests/e2e``, ``tests/queue``) run under
     both loops (ids ``[asyncio]`` / ``[uvloop]``) unless they use :func:`run_app`,
@@ -59,6 +61,12 @@ def pytest_asyncio_loop_factories(
             and "run_app" not in getattr(item, "fixturenames", ())):
         loops["uvloop"] = uv
     return loops
+
+
+if hasattr(getattr(pytest_asyncio, "plugin", None), "PytestAsyncioSpecs"):
+    # Older pytest-asyncio has no such hook (pytest would refuse an unknown one):
+    # there, async tests run under the stdlib loop only.
+    pytest_asyncio_loop_factories = _loop_factories
 
 
 @pytest.fixture(params=LOOP_KINDS)

@@ -242,3 +242,125 @@ def test_plain_half_close_still_gets_pipelined_replies(run_app, capture: Capture
     assert f.readline() == b""
     sock.close()
     assert len(capture.messages) == 1
+
+
+async def test_server_in_the_test_loop_implicit_tls_and_starttls(
+    request: pytest.FixtureRequest, tmp_path, cert_files, client_tls, caplog
+) -> None:
+    """The app started inside pytest-asyncio's loop, which is the stdlib loop or uvloop
+    (``pytest_asyncio_loop_factories`` in tests/conftest.py): both TLS modes work and
+    a client's half-close logs no WARNING."""
+    import asyncio
+
+    caplog.set_level(logging.INFO)
+    loop = asyncio.get_running_loop()
+    expected = "uvloop" if request.node.name.endswith("[uvloop]") else "asyncio"
+    assert type(loop).__module__.split(".")[0] == expected
+    captured: list[bytes] = []
+    app = Smtpgate({
+        "server": {"hostname": "mx.test", "listen": ["127.0.0.1:0"]},
+        "maildir": {"path": str(tmp_path / "mail")},
+        "tls": {"certificate": cert_files["chain"], "key": cert_files["key"]},
+        "listener": [{"address": "127.0.0.1:0", "tls": "implicit"}],
+    }, deliver=lambda envelope, message: captured.append(message))
+    await app.start()
+    try:
+        plain_port, tls_port = app.addresses[0][1], app.addresses[1][1]
+
+        async def dialogue(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"EHLO c.test\r\n")
+            while not (await r.readline()).startswith(b"250 "):
+                pass
+            w.write(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+            assert [(await r.readline())[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+            w.write(MSG + b".\r\nQUIT\r\n")
+            assert (await r.readline()).startswith(b"250 2.0.0")
+            w.close()  # without waiting for the 221
+
+        r, w = await asyncio.open_connection("127.0.0.1", tls_port, ssl=client_tls,
+                                             server_hostname="mx.test")
+        assert (await r.readline()).startswith(b"220 mx.test")
+        await dialogue(r, w)
+        r, w = await asyncio.open_connection("127.0.0.1", plain_port)
+        assert (await r.readline()).startswith(b"220 mx.test")
+        w.write(b"EHLO c.test\r\n")
+        while not (await r.readline()).startswith(b"250 "):
+            pass
+        w.write(b"STARTTLS\r\n")
+        assert (await r.readline()).startswith(b"220 2.0.0")
+        await w.start_tls(client_tls, server_hostname="mx.test")
+        await dialogue(r, w)
+        for _ in range(500):
+            if _session_ended(caplog, 2):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await app.stop(1)
+    assert len(captured) == 2
+    assert _warnings(caplog) == []
+
+
+class _BioClient:
+    """A TLS client over memory BIOs: decides exactly which bytes go in one segment."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="mx.test")
+        self.buf = b""
+
+    def handshake_then(self, first: bytes) -> None:
+        """Complete the handshake, then send its last flight (the client's Finished in
+        TLS 1.3) and ``first`` in a single segment."""
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if self.out.pending:
+                    self.sock.sendall(self.out.read())
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed during the handshake") from None
+                self.inc.write(data)
+        self.obj.write(first)
+        self.sock.sendall(self.out.read())
+
+    def readline(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            try:
+                self.buf += self.obj.read(65536)
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"closed; buffered={self.buf!r}")
+            self.inc.write(data)
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line + b"\r\n"
+
+
+def test_starttls_first_command_in_the_segment_of_the_client_finished(
+    run_app, cert_files, client_tls
+) -> None:
+    """TLS 1.3: the client's Finished and its EHLO arrive together; the TLS layer hands
+    the EHLO over as soon as the handshake completes. It must be answered (it was taken
+    for plaintext sent before the handshake and dropped: the client waited for ever)."""
+    app = run_app({"tls": {"certificate": cert_files["chain"], "key": cert_files["key"]}})
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        client_tls.maximum_version = version
+        sock = socket.create_connection(("127.0.0.1", app.port), timeout=15)
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220")
+        sock.sendall(b"EHLO c.test\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        sock.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"220 2.0.0")
+        tls = _BioClient(sock, client_tls)
+        tls.handshake_then(b"EHLO c.test\r\n")
+        assert tls.readline().startswith(b"250-mx.test Hello c.test")
+        assert tls.obj.version() == version.name.replace("v1_", "v1.")
+        f.close()
+        sock.close()

@@ -143,6 +143,9 @@ class Session(asyncio.Protocol):
         self._data_rate = float(ctx.min_data_rate)
         self._tls = ctx.implicit_tls  # TLS on (or being set up): see eof_received
         self._tls_wait = False  # implicit TLS: raw bytes go to _tls_leftover
+        # STARTTLS: bytes decrypted before the session has seen the handshake complete
+        # (None while no STARTTLS handshake is under way); see _on_starttls.
+        self._tls_early: bytearray | None = None
         self._admitted = False
         self._tx_count = 0
         self._messages = 0
@@ -220,6 +223,9 @@ class Session(asyncio.Protocol):
             self._tls_leftover += data
             if self.transport is not None:
                 self.transport.pause_reading()
+            return
+        if self._tls_early is not None:  # STARTTLS: protected bytes, core not told yet
+            self._tls_early += data
             return
         conn = self.conn
         if self._data_phase and self._data_rate > 0:
@@ -850,6 +856,13 @@ class Session(asyncio.Protocol):
         self._out.append(conn.send(R.STARTTLS_GO))
         self._flush()
         self._tls = True  # from here on the client's EOF reaches us through the TLS layer
+        # start_tls puts the TLS layer in place before its first await: every byte that
+        # reaches data_received from then on was decrypted. With TLS 1.3 the client's
+        # first command may come with its Finished message, and the TLS layer hands it
+        # over before this task resumes: it is kept in _tls_early, not dropped as
+        # plaintext injected before the handshake (CVE-2011-0411; the core discards
+        # bytes received while the handshake is pending).
+        self._tls_early = bytearray()
         try:
             new_transport = await self._loop.start_tls(
                 self.transport,
@@ -859,17 +872,21 @@ class Session(asyncio.Protocol):
                 ssl_handshake_timeout=ctx.tls_handshake_timeout,
             )
         except (TimeoutError, OSError, ConnectionError, Exception) as exc:
+            self._tls_early = None
             log.info("session %s: TLS handshake failed: %s", info.session_id, exc)
             conn.close_reply(R.TLS_NOT_AVAILABLE)
             self._lost = True
             if self.transport is not None:
                 self.transport.abort()
             return
+        early, self._tls_early = self._tls_early, None
         if new_transport is None:
             conn.close_reply(R.TLS_NOT_AVAILABLE)
             return
         self.transport = new_transport
         conn.tls_established()
+        if early:
+            conn.receive_data(bytes(early))
         self.transaction = None
         await self._abort_upstream()
         info.helo_name = None
