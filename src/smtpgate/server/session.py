@@ -3,8 +3,12 @@
 Entry point: :class:`Session` (an ``asyncio.Protocol``), created by
 :class:`smtpgate.server.listener.SmtpServer`. It feeds received bytes to the sans-IO
 core, awaits hooks, policy and delivery for each event, and writes the replies,
-batched while the client pipelines (RFC 2920). Timeouts per RFC 5321 §4.5.3.2,
-STARTTLS per RFC 3207 (``loop.start_tls``), AUTH per RFC 4954. No protocol rules here.
+batched while the client pipelines (RFC 2920). Timeouts (RFC 5321 §4.5.3.2) are
+deadlines per request, as Postfix's ``smtpd_per_request_deadline`` and
+``smtpd_min_data_rate``: a whole command line within ``command_timeout``, message data
+at ``min_data_rate`` (see :meth:`Session._wait_data`); expiry gives ``421 4.4.2``.
+STARTTLS per RFC 3207 and implicit TLS per RFC 8314 (``loop.start_tls``, asyncio and
+uvloop alike), AUTH per RFC 4954. No protocol rules here.
 """
 
 from __future__ import annotations
