@@ -25,7 +25,7 @@ from .base import Scanner, ScanResult, SpamLearner
 log = logging.getLogger("smtpgate.scanners")
 
 SCAN_HEADER = "X-Smtpgate-Scan"
-_TEMPFAIL = Reply(451, "4.7.1", "Content scanner unavailable, try again later")
+_TEMPFAIL = Reply(451, "4.3.0", "Content scanner unavailable, try again later")
 _SOFT_REJECT = Reply(451, "4.7.1", "Message temporarily rejected by content filter, try later")
 _GREYLIST = Reply(451, "4.7.1", "Greylisted, try again later")
 
