@@ -265,7 +265,7 @@ async def test_data_reply_without_enhanced_code() -> None:
     [
         (550, "5.1.1 No such user\n5.1.1 really", Reply(550, "5.1.1", "No such user really")),
         (450, "5.1.1 class mismatch", Reply(450, "4.0.0", "class mismatch")),
-        (354, "go ahead", Reply(451, "4.0.0", "Unexpected reply from remote server: 354 go ahead")),
+        (354, "go ahead", Reply(451, "4.4.0", "Unexpected reply from remote server: 354 go ahead")),
         (250, "", Reply(250, "2.0.0", "(no text)")),
         (554, "bad\x00byte", Reply(554, "5.0.0", "bad?byte")),
     ],

@@ -131,7 +131,8 @@ def remote_reply(code: int, message: str) -> Reply:
     """
     enhanced, text = split_enhanced(message)
     if not (200 <= code < 300 or 400 <= code < 600):
-        return Reply(451, "4.0.0", f"Unexpected reply from remote server: {code} {text}".strip())
+        # X.4.0: the next hop misbehaved; not the client's error (not counted by max_errors)
+        return Reply(451, "4.4.0", f"Unexpected reply from remote server: {code} {text}".strip())
     cls = str(code)[0]
     if enhanced is None or enhanced[0] != cls:
         enhanced = f"{cls}.0.0"
