@@ -526,8 +526,11 @@ class ServerConfig:
         max_recipients: RCPTs per transaction; excess gets ``452 4.5.3``.
         max_line_length: octets incl. CRLF per message text line; 0 = unlimited.
         max_command_line: octets incl. CRLF per command line (RFC 5321 §4.5.3.1.4).
-        command_timeout: seconds to wait for a command (RFC 5321 §4.5.3.2).
-        data_timeout: seconds to wait for each chunk of message data.
+        command_timeout: seconds within which a whole command line must arrive (a
+            deadline, not extended by partial lines; RFC 5321 §4.5.3.2).
+        data_timeout: deadline in seconds for one DATA text or BDAT chunk, extended by
+            N / ``min_data_rate`` seconds per read of N bytes (at most ``data_timeout``
+            past the latest read).
         max_connections: simultaneous sessions; beyond gets ``421 4.7.0``.
         max_connections_per_ip: simultaneous sessions per client IP; beyond ``421 4.7.0``.
         max_errors: error replies per session before ``421`` and close.
