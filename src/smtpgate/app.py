@@ -20,6 +20,7 @@ from .delivery import CallableDelivery, Delivery, make_delivery
 from .envelope import SessionInfo
 from .errors import ConfigError
 from .hooks import HookRunner, Stage, load_callable
+from .plugins import load_plugins
 from .policy import RelayPolicy
 from .protocol import ProtocolConfig
 from .queue.delivery import QueueDelivery, QueueScheduler
@@ -75,19 +76,12 @@ class Smtpgate:
         elif isinstance(config, dict):
             config = config_from_mapping(config)
         self.config = config
-        hooks_cfg = config.hooks
-        self.hooks = HookRunner(timeout=hooks_cfg.timeout)
-        self.helo_rules: Any = None
-        if config.helo_rules:
-            from .policy.helo_rules import HeloRules
-
-            self.helo_rules = HeloRules.from_config(list(config.helo_rules))
-        self.address_checks = [load_callable(spec, "hooks.address_check")
-                               for spec in hooks_cfg.address_check]
-        for stage in Stage:
-            for spec in getattr(hooks_cfg, stage.value, ()):
-                self.hooks.register(stage, load_callable(spec, f"hooks.{stage.value}"), name=spec)
-        self.relay = RelayPolicy(config.relay.relay_domains, config.relay.local_networks)
+        self.hooks = HookRunner(timeout=config.hooks.timeout)
+        provided = load_plugins(config, self.hooks)
+        relay = provided.get("relay")
+        self.relay: RelayPolicy | None = relay if isinstance(relay, RelayPolicy) else None
+        scanners = provided.get("scanners")
+        self.scanners: ScannerSet | None = scanners if isinstance(scanners, ScannerSet) else None
         self._delivery_arg = deliver
         self._authenticator_arg = authenticator
         self.delivery: Delivery | None = None
@@ -104,9 +98,6 @@ class Smtpgate:
             if config.tls.certificate
             else None
         )
-        self.scanners = ScannerSet.from_config(config.scanners, config.server.hostname)
-        # 1-minute load average reader (ZMailer -L); replace it in tests to fake the load.
-        self.load_average: Any = None
         self.server: SmtpServer | None = None
         self.queue: QueueScheduler | None = None
         self._ownership: SpoolOwnership | None = None
@@ -182,45 +173,6 @@ class Smtpgate:
             if lock is not None:
                 lock.release()
         self._delivery_lock = self._ownership = None
-
-    def _current_load(self) -> float:
-        if self.load_average is None:
-            from .policy.loadavg import LoadAverage
-
-            self.load_average = LoadAverage()
-        return float(self.load_average.current())
-
-    async def _address_check(self, session: SessionInfo, address: str, kind: str) -> Reply | None:
-        """Run the ``[hooks] address_check`` callables (HELO-rule flags f/t, VRFY, EXPN).
-
-        Each gets ``(session, address, kind)`` with kind ``"mail"``, ``"rcpt"``, ``"vrfy"``
-        or ``"expn"`` and returns None/True (fine), False (550 5.1.1), a Reply or a
-        HookResult. An exception is logged and gives 451 4.3.0.
-        """
-        from .hooks import HookResult
-
-        for check in self.address_checks:
-            try:
-                result = check(session, address, kind)
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception:
-                log.exception("address_check failed for %r", address)
-                return Reply(451, "4.3.0", "Address verification failed, try again later")
-            if result is False:
-                return Reply(550, "5.1.1", f"<{address}>: address rejected")
-            if isinstance(result, Reply) and result.code >= 400:
-                return result
-            if isinstance(result, HookResult) and result.verdict.is_denial:
-                return result.reply or Reply(550, "5.1.1", f"<{address}>: address rejected")
-        return None
-
-    def _overloaded(self) -> Reply | None:
-        """421 4.3.2 while the 1-minute load average is above ``server.max_load_average``."""
-        limit = self.config.server.max_load_average
-        if self._current_load() > limit:
-            return Reply(421, "4.3.2", "System overloaded, try again later")
-        return None
 
     def _etrn(self, node: str, session: SessionInfo) -> Reply:
         from ipaddress import ip_address, ip_network
@@ -312,29 +264,18 @@ class Smtpgate:
         a = self.config.auth
         from ipaddress import ip_network
 
-        tarpit = None
-        if s.tarpit_initial > 0:
-            from .policy.tarpit import Tarpit
-
-            tarpit = Tarpit(s.tarpit_initial, s.tarpit_exponent, s.tarpit_max).delay
         return ServerContext(
             protocol=self.protocol_config(listener),
             implicit_tls=listener is not None and listener.tls == "implicit",
             proxy_protocol=listener is not None and listener.proxy_protocol,
             trusted_proxies=tuple(ip_network(n, strict=False)
                                   for n in (listener.trusted_proxies if listener else ())),
-            tarpit=tarpit,
-            overloaded=self._overloaded if s.max_load_average > 0 else None,
             multiline_replies=s.multiline_replies,
             received_tls_peer=s.received_tls_peer,
             vrfy_enabled=s.vrfy,
             expn_enabled=s.expn,
             max_error_recipients=s.max_error_recipients,
-            helo_rules=self.helo_rules,
-            address_check=self._address_check if self.address_checks else None,
-            load_average=self._current_load,
             hooks=self.hooks,
-            relay=self.relay,
             delivery=delivery,
             authenticator=self.authenticator,
             auth_limiter=FailureLimiter(a.max_failures, a.failure_window),
@@ -347,7 +288,6 @@ class Smtpgate:
                                    for n in self.config.limit_exception_networks),
             received_tls=s.received_tls,
             received_auth=s.received_auth,
-            scanners=self.scanners if self.scanners else None,
         )
 
     # ---------------------------------------------------------------- asyncio
@@ -466,8 +406,6 @@ class Smtpgate:
         # Nothing below can fail: the new parts were all built above.
         self.config = merged
         self.hooks = fresh.hooks
-        self.helo_rules = fresh.helo_rules
-        self.address_checks = fresh.address_checks
         self.relay = fresh.relay
         self.authenticator = fresh.authenticator
         self.tls_context = fresh.tls_context
@@ -486,7 +424,7 @@ class Smtpgate:
         if self.delivery_mode == "queue":
             queue_delivery = await self._start_queue(owner=owner)
             self.delivery = queue_delivery
-            return {"mail_check": queue_delivery.storage_reply, "etrn": self._etrn}
+            return {"etrn": self._etrn}
         self.delivery = self._make_delivery()
         return {}
 

@@ -254,6 +254,42 @@ def cmd_stdio(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """Print the plugin chain per stage: name, plugin, priority, timeout, on_error.
+
+    Built-ins the configuration implies (relay, HELO rules, scanners, ...) are listed
+    with the ``[[plugin]]`` tables' plugins, in the order they run.
+    """
+    import json
+
+    from .hooks import HookRunner, Stage
+    from .plugins import load_plugins
+
+    cfg = _load(args)
+    runner = HookRunner(timeout=cfg.hooks.timeout)
+    try:
+        load_plugins(cfg, runner)
+    except ConfigError as exc:
+        raise _in_file(exc, cfg.source) from None
+    chains = {stage.value: [{
+        "hook": h.name, "plugin": h.plugin or "-", "priority": h.priority,
+        "timeout": runner.timeout if h.timeout is None else h.timeout,
+        "on_error": h.on_error,
+    } for h in runner.hooks(stage)] for stage in Stage}
+    if args.json:
+        json.dump({k: v for k, v in chains.items() if v}, sys.stdout, indent=2)
+        print()
+        return 0
+    for stage, hooks in chains.items():
+        if not hooks:
+            continue
+        print(f"{stage}:")
+        for h in hooks:
+            print(f"  {h['priority']:>4}  {h['plugin']:<16} {h['hook']:<40} "
+                  f"timeout={h['timeout']:g}s on_error={h['on_error']}")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Check a configuration file exactly as ``serve`` does at start, without starting.
 
@@ -487,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = command(sub, "check-config", "check a configuration file as serve does at start")
     c.add_argument("-c", "--config", required=True)
     c.set_defaults(func=cmd_check_config)
+
+    pl = command(sub, "plugins", "show the plugin chain of every stage, in run order")
+    pl.add_argument("-c", "--config", help="TOML configuration file (default: embedded "
+                                           "defaults)")
+    pl.add_argument("--json", action="store_true", help="as JSON: {stage: [hook, ...]}")
+    pl.set_defaults(func=cmd_plugins)
 
     u = sub.add_parser("user", help="manage the AUTH users file")
     usub = u.add_subparsers(dest="user_command", required=True)

@@ -969,6 +969,7 @@ class Config:
     scanners: tuple[ScannerConfig, ...] = ()
     listeners: tuple[ListenerConfig, ...] = ()
     helo_rules: tuple[dict[str, Any], ...] = ()
+    plugins: tuple[PluginConfig, ...] = ()
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -1120,6 +1121,112 @@ def _load_listeners(
     return tuple(out)
 
 
+_PLUGIN_KEYS = ("module", "use", "name", "priority", "timeout", "on_error", "enabled")
+_PLUGIN_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class PluginConfig:
+    """One ``[[plugin]]`` table: a plugin on the chain and its options.
+
+    The plugin itself is imported and validates its own options when the application
+    is built (:func:`smtpgate.plugins.load_plugins`); here only the common keys are checked.
+
+    Attributes:
+        index: position among the ``[[plugin]]`` tables (error messages say ``plugin[N]``).
+        module: a module with ``register(registry, options)`` (``""`` with ``use``).
+        use: a plugin shipped with smtpgate, by short name (``""`` with ``module``).
+        name: display name (default: ``use`` or ``module``).
+        priority: -100..100, lower runs first; the plugin's hooks take it unless they
+            set their own.
+        timeout: seconds per hook call; ``None``: ``[hooks] timeout``.
+        on_error: ``"tempfail"`` (a timeout or exception gives ``451 4.3.0``) or
+            ``"accept"`` (the chain goes on).
+        enabled: False removes the plugin (and, with ``use``, the default one of that
+            name, e.g. the relay control built from ``[relay]``).
+        options: every other key of the table, for the plugin to validate.
+        priority_set: the table gave ``priority`` (it then overrides the plugin's own
+            default priority).
+    """
+
+    index: int
+    module: str = ""
+    use: str = ""
+    name: str = ""
+    priority: int = 0
+    timeout: float | None = None
+    on_error: str = "tempfail"
+    enabled: bool = True
+    options: Mapping[str, Any] = field(default_factory=dict)
+    priority_set: bool = False
+
+    @property
+    def display_name(self) -> str:
+        """:attr:`name`, else :attr:`use`, else :attr:`module`."""
+        return self.name or self.use or self.module
+
+
+def _load_plugins(raw: object, ctx: _Context, problems: list[str]) -> tuple[PluginConfig, ...]:
+    """``[[plugin]]`` tables, in order; each needs ``module`` or ``use``."""
+    if isinstance(raw, Mapping):
+        raw = [raw]
+    if not isinstance(raw, list):
+        problems.append(f"plugin: must be an array of tables ([[plugin]]), got {_show(raw)}")
+        return ()
+    out: list[PluginConfig] = []
+    for i, table in enumerate(raw):
+        where = f"plugin[{i}]"
+        if not isinstance(table, Mapping):
+            problems.append(f"{where}: must be a table, got {_show(table)}")
+            continue
+        before = len(problems)
+        values: dict[str, Any] = {}
+        checks: dict[str, _Check] = {
+            "module": _optional_hook_module, "use": _plugin_short_name, "name": _str,
+            "priority": _int_between(-100, 100), "timeout": _positive_seconds,
+            "on_error": _choice("tempfail", "accept"), "enabled": _bool,
+        }
+        for key in _PLUGIN_KEYS:
+            if key in table:
+                try:
+                    values[key] = checks[key](table[key], ctx)
+                except _Invalid as exc:
+                    problems.extend(f"{where}.{key}{sfx}: {msg}" for sfx, msg in exc.problems)
+        if bool(values.get("module")) == bool(values.get("use")) and len(problems) == before:
+            problems.append(f"{where}: exactly one of 'module' (your plugin) or 'use' "
+                            "(a shipped plugin) is required")
+        if len(problems) > before:
+            continue
+        options = {str(k): v for k, v in table.items() if k not in _PLUGIN_KEYS}
+        out.append(PluginConfig(index=i, options=options, priority_set="priority" in values,
+                                **values))
+    return tuple(out)
+
+
+def _optional_hook_module(value: object, ctx: _Context) -> str:
+    text = _str(value, ctx)
+    if not all(part.isidentifier() for part in text.split(".")):
+        raise _Invalid(f"not a Python module name: {_show(text)}")
+    return text
+
+
+def _plugin_short_name(value: object, ctx: _Context) -> str:
+    text = _str(value, ctx)
+    if not _PLUGIN_NAME_RE.match(text):
+        raise _Invalid(f"not a plugin name: {_show(text)} (lower case letters, digits, - or _)")
+    return text
+
+
+def _int_between(low: int, high: int) -> _Check:
+    def check(value: object, _ctx: _Context) -> int:
+        n = _int(value)
+        if not low <= n <= high:
+            raise _Invalid(f"must be between {low} and {high}, got {n}")
+        return n
+
+    return check
+
+
 def _cross_checks(sections: Mapping[str, Any], problems: list[str]) -> None:
     tls = sections.get("tls")
     if isinstance(tls, TlsConfig) and not tls.certificate:
@@ -1196,6 +1303,9 @@ def config_from_mapping(
         if name == "listener":
             sections["listeners"] = _load_listeners(raw, ctx, problems)
             continue
+        if name == "plugin":
+            sections["plugins"] = _load_plugins(raw, ctx, problems)
+            continue
         if name == "helo_rule":
             from .policy.helo_rules import HeloRules
 
@@ -1209,7 +1319,7 @@ def config_from_mapping(
             continue
         cls = _SECTIONS.get(name)
         if cls is None:
-            known = [*_SECTIONS, "scanner", "listener", "helo_rule"]
+            known = [*_SECTIONS, "scanner", "listener", "helo_rule", "plugin"]
             problems.append(_unknown("section", str(name), str(name), known))
             continue
         section = _load_section(name, cls, raw, ctx, problems)

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .results import Results
+
 
 @dataclass(slots=True)
 class Recipient:
@@ -85,6 +87,12 @@ class SessionInfo:
         auth_user: the authenticated identity (RFC 4954), ``None`` if none.
         start_time: session start, seconds since the epoch.
         notes: free-form per-session state for hooks.
+        results: connection-level findings of the plugins (see :class:`Results`).
+        errors: error replies the client caused so far (what ``max_errors`` counts);
+            kept up to date by the server before each ``error`` stage.
+        allow_sloppy_paths: accept MAIL FROM paths without angle brackets or with
+            spaces (ZMailer's sloppy mode); a plugin sets it at ``helo`` (HELO rule flag
+            ``s``), the protocol core applies it from then on.
     """
 
     session_id: str
@@ -101,6 +109,9 @@ class SessionInfo:
     auth_user: str | None = None
     start_time: float = field(default_factory=time.time)
     notes: dict[str, Any] = field(default_factory=dict)
+    results: Results = field(default_factory=Results)
+    errors: int = 0
+    allow_sloppy_paths: bool = False
 
     @property
     def tls(self) -> bool:

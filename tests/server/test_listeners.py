@@ -6,6 +6,7 @@ import shutil
 import smtplib
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -114,18 +115,18 @@ def test_no_multiline_replies(run_app, raw) -> None:
     assert c.cmd("EHLO c.test").startswith(b"250-mx.test")  # EHLO stays multi-line
 
 
+async def vrfy_check(session, address, kind):
+    """An ``[hooks] address_check`` callable (the address_check plugin runs it)."""
+    from smtpgate.reply import Reply
+
+    if address.startswith("nobody"):
+        return Reply(550, "5.1.1", "No such user")
+    return None
+
+
 def test_noehlo_and_vrfy_expn_switches(run_app, raw) -> None:
-    app = run_app({"server": {"disable_extensions": ["EHLO"], "vrfy": True, "expn": True}})
-
-    async def check(session, address, kind):
-        from smtpgate.reply import Reply
-
-        if address.startswith("nobody"):
-            return Reply(550, "5.1.1", "No such user")
-        return None
-
-    for ctx_holder in app.server.listeners:
-        ctx_holder[2].address_check = check
+    app = run_app({"server": {"disable_extensions": ["EHLO"], "vrfy": True, "expn": True},
+                   "hooks": {"address_check": ["tests.server.test_listeners:vrfy_check"]}})
     c = raw(app.port)
     assert c.cmd("EHLO c.test").startswith(b"500")
     assert c.cmd("HELO c.test").startswith(b"250")
@@ -159,19 +160,17 @@ def test_bdat_end_to_end_byte_exact(run_app, raw, capture) -> None:
     assert Capture.strip_received(capture.messages[0][1]) == part1 + part2
 
 
-def test_load_average_limit(run_app, raw) -> None:
-    app = run_app({"server": {"max_load_average": 4.0}})
-
-    class FakeLoad:
-        value = 9.0
-
-        def current(self) -> float:
-            return self.value
-
-    app.load_average = FakeLoad()
+def test_load_average_limit(run_app, raw, tmp_path) -> None:
+    """[server] max_load_average adds the load_average plugin; its loadavg_file option
+    (a file in /proc/loadavg format) stands in for the kernel's figure."""
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("9.00 1.00 1.00 1/100 12345\n")
+    app = run_app({"server": {"max_load_average": 4.0},
+                   "plugin": [{"use": "load_average", "loadavg_file": str(loadavg)}]})
     c = raw(app.port)
     assert c.greeting == b"421 4.3.2 System overloaded, try again later"
-    app.load_average.value = 1.0
+    loadavg.write_text("1.00 1.00 1.00 1/100 12345\n")
+    time.sleep(1.1)  # the reading is cached for a second
     assert raw(app.port).greeting.startswith(b"220")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from ..reply import R, Reply
 from .verdict import (
     CONT_RESULT,
+    NOTIFY_STAGES,
     HookResult,
     HookVerdictException,
     Stage,
@@ -33,7 +34,6 @@ log = logging.getLogger("smtpgate.hooks")
 HOOK_TIMEOUT_REPLY = Reply(451, "4.3.0", "Hook timeout")
 """Sent (as DENYSOFT) when a hook does not finish within the runner's timeout."""
 
-_NOTIFY_STAGES = frozenset({Stage.QUIT, Stage.ERROR})
 _SLOW_SYNC_SECONDS = 0.25
 _PRIORITY_MIN, _PRIORITY_MAX = -100, 100
 
@@ -48,6 +48,10 @@ class RegisteredHook:
         func: the callable (``def`` or ``async def``).
         priority: -100..100; lower runs first.
         blocking: a sync hook run in a worker thread (``asyncio.to_thread``).
+        timeout: seconds per call; ``None`` takes the runner's timeout.
+        on_error: ``"tempfail"`` (a timeout or an exception gives DENYSOFT
+            ``451 4.3.0``) or ``"accept"`` (it gives CONT: the chain goes on).
+        plugin: the plugin that registered it (``""``: registered in code).
     """
 
     stage: Stage
@@ -56,6 +60,9 @@ class RegisteredHook:
     priority: int = 0
     blocking: bool = False
     seq: int = field(default=0, repr=False, compare=False)
+    timeout: float | None = None
+    on_error: str = "tempfail"
+    plugin: str = ""
 
 
 class _BadReturn(TypeError):
@@ -155,6 +162,9 @@ class HookRunner:
         priority: int = 0,
         name: str | None = None,
         blocking: bool = False,
+        timeout: float | None = None,
+        on_error: str = "tempfail",
+        plugin: str = "",
     ) -> None:
         """Add ``func`` to the chain of ``stage``.
 
@@ -165,11 +175,19 @@ class HookRunner:
             priority: lower runs first; clamped to -100..100.
             name: display name for logs and listings (default ``module:qualname``).
             blocking: run a sync hook in a worker thread (for hooks that do I/O).
+            timeout: seconds per call (> 0); ``None``: the runner's timeout.
+            on_error: ``"tempfail"`` or ``"accept"`` (see :class:`RegisteredHook`).
+            plugin: name of the plugin registering it (for listings and logs).
 
         Raises:
-            ValueError: unknown stage, or ``blocking=True`` for an ``async def``.
+            ValueError: unknown stage, ``blocking=True`` for an ``async def``, a
+                timeout that is not positive or an unknown ``on_error``.
             TypeError: ``func`` is not callable.
         """
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"hook timeout must be positive, got {timeout!r}")
+        if on_error not in ("tempfail", "accept"):
+            raise ValueError(f"on_error must be 'tempfail' or 'accept', got {on_error!r}")
         st = Stage(stage)
         if not callable(func):
             raise TypeError(f"hook for {st.value} is not callable: {func!r}")
@@ -184,6 +202,9 @@ class HookRunner:
             priority=prio,
             blocking=blocking,
             seq=self._seq,
+            timeout=None if timeout is None else float(timeout),
+            on_error=on_error,
+            plugin=plugin,
         )
         chain = [*self._chains.get(st, ()), hook]
         chain.sort(key=lambda h: (h.priority, h.seq))
@@ -233,7 +254,7 @@ class HookRunner:
         if not chain:
             return CONT_RESULT
         st = Stage(stage)
-        if st in _NOTIFY_STAGES:
+        if st in NOTIFY_STAGES:
             for hook in chain:
                 await self._call(st, hook, args)
             return CONT_RESULT
@@ -244,7 +265,7 @@ class HookRunner:
         return CONT_RESULT
 
     async def _invoke(self, hook: RegisteredHook, args: tuple[Any, ...]) -> object:
-        timeout_cm = asyncio.timeout(self.timeout)
+        timeout_cm = asyncio.timeout(self.timeout if hook.timeout is None else hook.timeout)
         try:
             async with timeout_cm:
                 if hook.blocking:
@@ -280,21 +301,26 @@ class HookRunner:
                 "hook %s at %s timed out after %.1f s (session %s)",
                 hook.name,
                 stage.value,
-                self.timeout,
+                self.timeout if hook.timeout is None else hook.timeout,
                 session_id,
             )
             result = HookResult(Verdict.DENYSOFT, HOOK_TIMEOUT_REPLY)
+            if hook.on_error == "accept":
+                result = CONT_RESULT
         except _BadReturn as exc:
             log.error("hook %s at %s: %s (session %s)", hook.name, stage.value, exc, session_id)
-            result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
+            result = CONT_RESULT if hook.on_error == "accept" else HookResult(
+                Verdict.DENYSOFT, R.HOOK_ERROR)
         except Exception:
             log.exception(
-                "hook %s at %s raised an exception (session %s)",
+                "hook %s at %s raised an exception (session %s)%s",
                 hook.name,
                 stage.value,
                 session_id,
+                "; on_error = accept: going on" if hook.on_error == "accept" else "",
             )
-            result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
+            result = CONT_RESULT if hook.on_error == "accept" else HookResult(
+                Verdict.DENYSOFT, R.HOOK_ERROR)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "hook decision stage=%s hook=%s verdict=%s reply=%s session=%s",

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..envelope import Envelope, Recipient
 from ..reply import Reply
+from ..results import Results
 
 __all__ = ["Transaction"]
 
@@ -140,6 +141,7 @@ class Transaction:
         envelope: the :class:`~smtpgate.envelope.Envelope`.
         id: the transaction id.
         notes: free-form per-transaction state for hooks.
+        results: the plugins' findings for this transaction (:class:`~smtpgate.results.Results`).
         reply: the final reply a hook chose for the end of data (nssmtpd setreply),
             ``None`` for the server's usual reply.
         sender_data: free-form data attached to the sender (nssmtpd setfromdata).
@@ -155,6 +157,7 @@ class Transaction:
         "envelope",
         "id",
         "notes",
+        "results",
         "reply",
         "sender_data",
         "scan_results",
@@ -170,6 +173,7 @@ class Transaction:
         self.envelope = envelope
         self.id = transaction_id
         self.notes: dict[str, Any] = {}
+        self.results = Results()
         self.reply: Reply | None = None
         self.sender_data: Any = None
         # Filled by the scanner stage before the data hooks run (see smtpgate.scanners.stage):

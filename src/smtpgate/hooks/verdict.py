@@ -15,6 +15,7 @@ from ..errors import SmtpgateError
 from ..reply import Reply
 
 __all__ = [
+    "NOTIFY_STAGES",
     "Disconnect",
     "HookResult",
     "HookVerdictException",
@@ -41,6 +42,9 @@ class Verdict(Enum):
         DENYSOFT: temporary rejection (4xx); the chain stops.
         DENY_DISCONNECT: 5xx, then the server closes the connection.
         DENYSOFT_DISCONNECT: 4xx (normally 421), then the server closes the connection.
+        QUARANTINE: data stage only: the message is stored in the quarantine Maildir
+            named by :attr:`HookResult.quarantine` instead of being delivered, and the
+            result's reply (2xx: pretend delivery; 5xx: refuse) is sent.
     """
 
     CONT = "CONT"
@@ -49,11 +53,12 @@ class Verdict(Enum):
     DENYSOFT = "DENYSOFT"
     DENY_DISCONNECT = "DENY_DISCONNECT"
     DENYSOFT_DISCONNECT = "DENYSOFT_DISCONNECT"
+    QUARANTINE = "QUARANTINE"
 
     @property
     def is_denial(self) -> bool:
         """True for the four rejecting verdicts."""
-        return self not in (Verdict.CONT, Verdict.OK)
+        return self not in (Verdict.CONT, Verdict.OK, Verdict.QUARANTINE)
 
     @property
     def is_permanent(self) -> bool:
@@ -74,21 +79,30 @@ class HookResult:
         verdict: the decision.
         reply: the reply to send; ``None`` means the default for the stage and
             verdict (see :func:`default_reply`) or, for OK, the server's usual reply.
+        quarantine: QUARANTINE only: the Maildir directory the message is stored in.
+        reason: a short text for the transaction log line (``"spamassassin spam"``).
 
     Raises:
         ValueError: when the reply class does not fit the verdict: CONT carries no
             reply, OK needs 2xx/3xx, DENY/DENY_DISCONNECT need 5xx,
-            DENYSOFT/DENYSOFT_DISCONNECT need 4xx.
+            DENYSOFT/DENYSOFT_DISCONNECT need 4xx; QUARANTINE needs a directory and a
+            2xx or 5xx reply.
     """
 
     verdict: Verdict
     reply: Reply | None = None
+    quarantine: str | None = None
+    reason: str = ""
 
     def __post_init__(self) -> None:
         reply = self.reply
+        verdict = self.verdict
+        if verdict is Verdict.QUARANTINE:
+            if not self.quarantine or reply is None or reply.is_transient:
+                raise ValueError("a QUARANTINE result needs a directory and a 2xx/5xx reply")
+            return
         if reply is None:
             return
-        verdict = self.verdict
         if verdict is Verdict.CONT:
             raise ValueError("a CONT result carries no reply")
         if verdict is Verdict.OK and not reply.is_positive:
@@ -118,7 +132,18 @@ class Stage(StrEnum):
         RCPT: after each RCPT TO was parsed.
         DATA: after the message was received completely (end of data).
         QUIT: when the session ends (QUIT or a dropped connection); verdicts ignored.
-        ERROR: after an error reply was sent; verdicts ignored (nssmtpd ``errorproc``).
+        ERROR: an error reply is about to be sent; verdicts ignored (nssmtpd
+            ``errorproc``; the tarpit delays it here).
+        AUTH: after an AUTH exchange, successful or not; a denial refuses it.
+        DATA_START: at DATA or the first BDAT of a transaction, before ``354``.
+        HEADERS: at the end of the header block, with the parsed headers.
+        RSET: after RSET; verdicts ignored.
+        UNKNOWN: an unrecognised command; an OK with a reply answers it.
+        VRFY: VRFY or EXPN (when enabled), with the address; a denial refuses it.
+        QUEUE: the message is accepted, before it is handed to delivery; an OK with a
+            reply means the plugin took the message (delivery is skipped).
+        DELIVERED: notification per recipient with the outcome of delivery (queue
+            mode: in the delivery process); verdicts ignored.
     """
 
     CONNECT = "connect"
@@ -128,6 +153,18 @@ class Stage(StrEnum):
     DATA = "data"
     QUIT = "quit"
     ERROR = "error"
+    AUTH = "auth"
+    DATA_START = "data_start"
+    HEADERS = "headers"
+    RSET = "rset"
+    UNKNOWN = "unknown"
+    VRFY = "vrfy"
+    QUEUE = "queue"
+    DELIVERED = "delivered"
+
+
+NOTIFY_STAGES = frozenset({Stage.QUIT, Stage.ERROR, Stage.RSET, Stage.DELIVERED})
+"""Stages whose hooks all run and whose verdicts are ignored."""
 
 
 # What is being refused at each stage, for the default texts.
@@ -137,6 +174,12 @@ _DENY: dict[Stage, Reply] = {
     Stage.MAIL: Reply(550, "5.7.1", "Sender rejected"),
     Stage.RCPT: Reply(550, "5.7.1", "Recipient rejected"),
     Stage.DATA: Reply(550, "5.7.1", "Message rejected"),
+    Stage.AUTH: Reply(535, "5.7.8", "Authentication credentials invalid"),
+    Stage.DATA_START: Reply(554, "5.7.1", "Transaction rejected"),
+    Stage.HEADERS: Reply(550, "5.7.1", "Message rejected"),
+    Stage.UNKNOWN: Reply(500, "5.5.1", "Command unrecognized"),
+    Stage.VRFY: Reply(550, "5.1.1", "Address rejected"),
+    Stage.QUEUE: Reply(550, "5.7.1", "Message rejected"),
 }
 _DENYSOFT: dict[Stage, Reply] = {
     # RFC 5321 §3.1: the only 4xx greeting is 421, which closes the channel (§3.8).
@@ -145,6 +188,12 @@ _DENYSOFT: dict[Stage, Reply] = {
     Stage.MAIL: Reply(450, "4.7.1", "Sender temporarily rejected"),
     Stage.RCPT: Reply(450, "4.7.1", "Recipient temporarily rejected"),
     Stage.DATA: Reply(451, "4.7.1", "Message temporarily rejected"),
+    Stage.AUTH: Reply(454, "4.7.0", "Temporary authentication failure"),
+    Stage.DATA_START: Reply(451, "4.7.1", "Transaction temporarily rejected"),
+    Stage.HEADERS: Reply(451, "4.7.1", "Message temporarily rejected"),
+    Stage.UNKNOWN: Reply(451, "4.7.1", "Command temporarily refused"),
+    Stage.VRFY: Reply(450, "4.7.1", "Address temporarily rejected"),
+    Stage.QUEUE: Reply(451, "4.3.0", "Message not queued, try again later"),
 }
 _DEFAULTS: dict[tuple[Stage, Verdict], Reply] = {}
 for _stage, _reply in _DENY.items():

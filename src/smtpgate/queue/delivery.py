@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Protocol
 
 from ..envelope import Envelope, SessionInfo
@@ -39,6 +41,42 @@ NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 _QUEUE_FAILED = Reply(451, "4.3.0", "Cannot queue the message, try again later")
 
 
+class FreeSpace:
+    """Free space in a spool's file system against a floor, read at most once a second.
+
+    Args:
+        path: a directory on the file system (the spool; it need not exist yet: its
+            nearest existing parent is measured).
+        min_free_space: bytes that must stay free.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], min_free_space: int) -> None:
+        self.path = Path(path)
+        self.min_free_space = min_free_space
+        self._free = 0
+        self._free_at = -2.0
+
+    def reply(self, size: int = 0) -> Reply | None:
+        """``452 4.3.1`` (RFC 3463 X.3.1) when storing ``size`` more bytes would go below
+        the floor; ``None`` otherwise. An unreadable file system counts as full."""
+        if self.min_free_space <= 0:
+            return None
+        now = time.monotonic()
+        if now - self._free_at > 1.0:
+            where = self.path
+            while not where.exists() and where.parent != where:
+                where = where.parent
+            try:
+                st = os.statvfs(where)
+                self._free = st.f_bavail * st.f_frsize
+            except OSError:
+                self._free = 0
+            self._free_at = now
+        if self._free - size < self.min_free_space:
+            return NO_STORAGE
+        return None
+
+
 class QueueDelivery:
     """Accept messages into the spool for later delivery by a :class:`QueueManager`.
 
@@ -54,28 +92,15 @@ class QueueDelivery:
         self.store = store
         self.manager = manager
         self.min_free_space = min_free_space
-        self._free = 0
-        self._free_at = 0.0
+        self._space = FreeSpace(store.path, min_free_space)
         # Group commit: messages arriving while a commit runs are committed together.
         self._waiting: list[tuple[Envelope, bytes, SessionInfo | None,
                                   asyncio.Future[QueueEntry]]] = []
         self._committer: asyncio.Task[None] | None = None
 
     def storage_reply(self, size: int = 0) -> Reply | None:
-        """``452 4.3.1`` when storing ``size`` more bytes would go below the free-space floor.
-
-        The free-space reading is cached for one second.
-        """
-        now = time.monotonic()
-        if now - self._free_at > 1.0:
-            try:
-                self._free = self.store.free_bytes()
-            except OSError:
-                self._free = 0
-            self._free_at = now
-        if self._free - size < self.min_free_space:
-            return NO_STORAGE
-        return None
+        """``452 4.3.1`` when storing ``size`` more bytes would go below the free-space floor."""
+        return self._space.reply(size)
 
     async def deliver(
         self, envelope: Envelope, message: bytes, session: SessionInfo | None = None

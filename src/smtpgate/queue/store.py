@@ -587,11 +587,6 @@ class QueueStore:
         except OSError:
             pass
 
-    def free_bytes(self) -> int:
-        """Free space available to unprivileged users in the spool's file system (bytes)."""
-        st = os.statvfs(self.path)
-        return st.f_bavail * st.f_frsize
-
     # -------------------------------------------------------------- recovery
 
     def recover(self, clean: bool = True) -> list[QueueEntry]:

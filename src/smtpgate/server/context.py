@@ -8,19 +8,16 @@ the app, and sessions see the change at their next command).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any
 
 from ..auth import Authenticator, FailureLimiter
 from ..delivery import Delivery
 from ..envelope import SessionInfo
 from ..hooks import HookRunner
-from ..policy import RelayPolicy
 from ..protocol import ProtocolConfig
 from ..reply import Reply
-from ..scanners.stage import ScannerSet
 
 
 @dataclass(slots=True)
@@ -29,8 +26,8 @@ class ServerContext:
 
     Attributes:
         protocol: settings of the sans-IO core.
-        hooks: the hook runner (connect, helo, mail, rcpt, data, quit, error).
-        relay: relay control (relay domains, local networks).
+        hooks: the plugin pipeline: one chain of hooks per stage (every check, built-in
+            or the site's, is a plugin on it; the driver knows none of them).
         delivery: where accepted messages go (upstream relay, Maildir, callable).
         authenticator: SASL credential check, ``None`` when AUTH is off.
         auth_limiter: failed-AUTH rate limit per client IP.
@@ -48,33 +45,22 @@ class ServerContext:
         limit_exceptions: client networks exempt from the per-IP connection limit and
             the flood escalation (``server.limit_exceptions``, default the local networks).
         received_tls / received_auth: what the Received header includes.
-        vrfy_reply: reply to VRFY.
         tls_handshake_timeout: seconds allowed for the STARTTLS handshake.
-        scanners: the content scanners run in the data phase (``None``: none).
-        mail_check: called at each MAIL; a reply refuses the transaction (the queue's
-            ``452 4.3.1`` when free disk space is low).
         etrn: answers ETRN (RFC 1985) for a node and client; ``None``: 458 4.0.0.
         implicit_tls: TLS from the first byte (RFC 8314), after the PROXY header if any.
         proxy_protocol: expect a HAProxy PROXY v1/v2 header before anything else.
         trusted_proxies: networks allowed to send that header (others are disconnected).
         proxy_timeout: seconds to wait for the PROXY header.
-        tarpit: seconds to wait before an error reply, given the session's error count.
-        overloaded: when it returns a reply, new sessions get it (421) and are closed
-            (load-average limit, ZMailer -L).
         multiline_replies: False sends only the first line of multi-line replies.
         received_tls_peer: put the client certificate's subject into Received.
-        helo_rules: per-HELO policy (ZMailer HELO-glob table), ``None``: none.
-        address_check: async ``(session, address, kind) -> Reply | None`` used by the
-            HELO-rule flags f/t and by VRFY/EXPN when enabled.
-        vrfy_enabled / expn_enabled: answer VRFY / EXPN through the address check.
+        vrfy_enabled / expn_enabled: answer VRFY / EXPN (through the ``vrfy`` stage);
+            off: ``252 2.5.0`` / ``502 5.5.1``.
         max_error_recipients: recipients allowed on a message from ``<>``.
         forced_peer_ip: treat every client as coming from this address (policy test).
-        load_average: returns the 1-minute load average (for per-HELO-rule limits).
     """
 
     protocol: ProtocolConfig
     hooks: HookRunner
-    relay: RelayPolicy
     delivery: Delivery
     authenticator: Authenticator | None = None
     auth_limiter: FailureLimiter = field(default_factory=FailureLimiter)
@@ -87,21 +73,14 @@ class ServerContext:
     received_tls: bool = True
     received_auth: bool = False
     tls_handshake_timeout: float = 60.0
-    scanners: ScannerSet | None = None
-    mail_check: Callable[[], Reply | None] | None = None
     etrn: Callable[[str, SessionInfo], Reply] | None = None
     implicit_tls: bool = False
     proxy_protocol: bool = False
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     proxy_timeout: float = 30.0
-    tarpit: Callable[[int], float] | None = None
-    overloaded: Callable[[], Reply | None] | None = None
     multiline_replies: bool = True
     received_tls_peer: bool = False
-    helo_rules: Any = None
-    address_check: Callable[[SessionInfo, str, str], Awaitable[Reply | None]] | None = None
     vrfy_enabled: bool = False
     expn_enabled: bool = False
     max_error_recipients: int = 0
     forced_peer_ip: str | None = None
-    load_average: Callable[[], float] | None = None

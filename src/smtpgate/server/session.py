@@ -45,7 +45,6 @@ from ..protocol import (
     Vrfy,
 )
 from ..reply import R, Reply
-from ..scanners.stage import ScanDecision, summary_text
 
 if TYPE_CHECKING:
     from .context import ServerContext
@@ -157,7 +156,6 @@ class Session(asyncio.Protocol):
         self._proxy_buf: bytearray | None = bytearray() if ctx.proxy_protocol else None
         self._proxy_done: asyncio.Future[None] | None = None
         self._tls_leftover = b""
-        self._helo_policy: Any = None
 
     # ----------------------------------------------------------- asyncio glue
 
@@ -461,12 +459,6 @@ class Session(asyncio.Protocol):
                 if not await self._implicit_tls():
                     reason = "TLS handshake failed"
                     return
-            if ctx.overloaded is not None:
-                busy = ctx.overloaded()
-                if busy is not None:
-                    self._out.append(conn.close_reply(busy))
-                    reason = "overloaded"
-                    return
             greeting = Reply(220, None, _expand_greeting(ctx.greeting, ctx.protocol.hostname))
             if hooks.has(Stage.CONNECT):
                 result = await hooks.run(Stage.CONNECT, info)
@@ -501,10 +493,8 @@ class Session(asyncio.Protocol):
                     assert isinstance(ev, AutoReply)
                     reply = ev.reply
                     if reply.code >= 400:
-                        await self._tarpit()
+                        await self._error_stage(reply, ev.command)
                     self._out.append(self._render(conn.send(reply), reply))
-                    if reply.code >= 400:
-                        await self._error_hook(reply, ev.command)
                     continue
                 if t is DataComplete:
                     assert isinstance(ev, DataComplete)
@@ -513,7 +503,7 @@ class Session(asyncio.Protocol):
                     if conn.config.lmtp:
                         # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
                         if reply.code >= 400:
-                            await self._tarpit()
+                            await self._error_stage(reply, "DATA")
                         self._out.append(conn.send_lmtp([reply] * conn.lmtp_reply_count))
                         continue
                 elif t is RcptTo:
@@ -523,13 +513,15 @@ class Session(asyncio.Protocol):
                     assert isinstance(ev, MailFrom)
                     reply = await self._on_mail(ev)
                 elif t is Data:
-                    reply = R.DATA_GO
+                    reply = await self._on_data_start()
                 elif t is Helo:
                     assert isinstance(ev, Helo)
                     reply = await self._on_helo(ev)
                 elif t is Rset:
                     self.transaction = None
                     await self._abort_upstream()
+                    if hooks.has(Stage.RSET):
+                        await hooks.run(Stage.RSET, info)
                     reply = R.RESET
                 elif t is Quit:
                     self._out.append(conn.send(R.BYE))
@@ -555,10 +547,8 @@ class Session(asyncio.Protocol):
                 disconnect = self._disconnect_after
                 self._disconnect_after = False
                 if reply.code >= 400:
-                    await self._tarpit()
+                    await self._error_stage(reply, type(ev).__name__)
                 self._out.append(self._render(conn.send(reply), reply))
-                if reply.code >= 400:
-                    await self._error_hook(reply, type(ev).__name__)
                 if disconnect and not conn.closed:
                     conn.close_reply(reply)  # state only: the reply is already queued
                     reason = "dropped by hook"
@@ -601,14 +591,6 @@ class Session(asyncio.Protocol):
         if not wire.startswith(full):
             return wire
         return reply.to_bytes(enh, multiline=False) + wire[len(full) :]
-
-    async def _tarpit(self) -> None:
-        """Delay before an error reply (ZMailer tarpit), growing with the error count."""
-        if self.ctx.tarpit is not None:
-            delay = self.ctx.tarpit(self.conn.errors + 1)
-            if delay > 0:
-                self._flush()
-                await asyncio.sleep(delay)
 
     async def _implicit_tls(self) -> bool:
         """TLS from the first byte (RFC 8314); after the PROXY header when there is one."""
@@ -678,38 +660,27 @@ class Session(asyncio.Protocol):
             self._disconnect_after = True
         return reply
 
-    async def _error_hook(self, reply: Reply, command: str) -> None:
+    async def _error_stage(self, reply: Reply, command: str) -> None:
+        """The ``error`` stage, before an error reply is sent (nssmtpd ``errorproc``; the
+        tarpit plugin waits here). Replies queued so far go out first."""
         if self.ctx.hooks.has(Stage.ERROR):
-            assert self.info is not None
-            await self.ctx.hooks.run(Stage.ERROR, self.info, reply, command)
+            info = self.info
+            assert info is not None
+            info.errors = self.conn.errors
+            self._flush()
+            await self.ctx.hooks.run(Stage.ERROR, info, reply, command)
 
     # -------------------------------------------------------------- commands
 
     async def _on_helo(self, ev: Helo) -> Reply:
         info = self.info
         assert info is not None
-        rules = self.ctx.helo_rules
-        if rules is not None:
-            from ..policy.helo_rules import BAD_HELO, check_helo_syntax
-
-            policy = rules.match(ev.name, info.peer_ip)
-            if policy.refused:
-                log.info("HELO %r refused by rule %r client=%s", ev.name, policy.pattern,
-                         info.peer_ip)
-                return policy.refuse_reply or R.ACCESS_DENIED
-            if policy.check_helo and not check_helo_syntax(ev.name):
-                return BAD_HELO
-            limit = policy.max_load_average
-            if limit and self.ctx.load_average is not None and self.ctx.load_average() > limit:
-                self._disconnect_after = True
-                return Reply(421, "4.3.2", "System overloaded, try again later")
-            self._helo_policy = policy
-            self.conn.allow_sloppy_paths = bool(policy.sloppy_mail_from)
         hooks = self.ctx.hooks
         if hooks.has(Stage.HELO):
             result = await hooks.run(Stage.HELO, info, ev.name)
             if result.verdict.is_denial:
                 return self._denial(Stage.HELO, result)
+        self.conn.allow_sloppy_paths = info.allow_sloppy_paths
         info.helo_name = ev.name
         info.esmtp = ev.esmtp
         self.transaction = None
@@ -723,41 +694,35 @@ class Session(asyncio.Protocol):
         return self.ctx.etrn(ev.node, self.info)
 
     async def _on_vrfy(self, argument: str, kind: str) -> Reply:
-        """VRFY/EXPN: 252 (or 502 for EXPN) unless enabled; then the address check decides."""
+        """VRFY/EXPN: 252 (or 502 for EXPN) unless enabled; then the ``vrfy`` stage decides
+        (no opinion: ``252 2.5.0``, RFC 5321 §3.5.3)."""
         enabled = self.ctx.vrfy_enabled if kind == "vrfy" else self.ctx.expn_enabled
-        policy = self._helo_policy
-        if policy is not None:
-            enabled = enabled and (policy.verify_vrfy if kind == "vrfy" else policy.verify_expn)
         if not enabled:
             return R.VRFY if kind == "vrfy" else R.NOT_IMPLEMENTED
-        check = self.ctx.address_check
-        address = argument.strip("<> ")
-        if check is None:
-            return R.VRFY
-        assert self.info is not None
-        refusal = await check(self.info, address, kind)
-        if refusal is not None:
-            return refusal
-        return Reply(250, "2.1.5", f"<{address}>")
+        info = self.info
+        assert info is not None
+        hooks = self.ctx.hooks
+        if hooks.has(Stage.VRFY):
+            result = await hooks.run(Stage.VRFY, info, argument.strip("<> "), kind)
+            if result.verdict.is_denial:
+                return self._denial(Stage.VRFY, result)
+            if result.verdict is Verdict.OK and result.reply is not None:
+                return result.reply
+        return R.VRFY
+
+    async def _on_data_start(self) -> Reply:
+        """DATA: the ``data_start`` stage, then ``354`` (RFC 5321 §4.1.1.4)."""
+        hooks = self.ctx.hooks
+        if hooks.has(Stage.DATA_START):
+            assert self.info is not None and self.transaction is not None
+            result = await hooks.run(Stage.DATA_START, self.info, self.transaction)
+            if result.verdict.is_denial:
+                return self._denial(Stage.DATA_START, result)
+        return R.DATA_GO
 
     async def _on_mail(self, ev: MailFrom) -> Reply:
         info = self.info
         assert info is not None
-        check = self.ctx.mail_check
-        if check is not None:
-            refusal = check()
-            if refusal is not None:
-                return refusal
-        policy = self._helo_policy
-        if policy is not None:
-            from ..policy.helo_rules import strict_address_ok
-
-            if policy.strict_addresses and not strict_address_ok(ev.address, recipient=False):
-                return R.BAD_SENDER_SYNTAX
-            if policy.verify_sender and self.ctx.address_check is not None and ev.address:
-                refusal = await self.ctx.address_check(info, ev.address, "mail")
-                if refusal is not None:
-                    return refusal
         self._tx_count += 1
         tx = Transaction(
             Envelope(ev.address, dict(ev.params)), f"{info.session_id}.{self._tx_count}"
@@ -808,24 +773,6 @@ class Session(asyncio.Protocol):
         info = self.info
         tx = self.transaction
         assert info is not None and tx is not None
-        if not self.ctx.relay.may_relay(info.peer_ip, info.auth_user, ev.address):
-            log.info(
-                "relay denied id=%s client=%s from=<%s> to=<%s>",
-                tx.id, info.peer_ip, tx.envelope.mail_from, ev.address,
-            )
-            return R.RELAY_DENIED
-        log.debug("relay allowed id=%s client=%s auth=%s to=<%s>", tx.id, info.peer_ip,
-                  info.auth_user or "-", ev.address)
-        policy = self._helo_policy
-        if policy is not None:
-            from ..policy.helo_rules import strict_address_ok
-
-            if policy.strict_addresses and not strict_address_ok(ev.address, recipient=True):
-                return R.BAD_RCPT_SYNTAX
-            if policy.verify_recipient and self.ctx.address_check is not None:
-                refusal = await self.ctx.address_check(info, ev.address, "rcpt")
-                if refusal is not None:
-                    return refusal
         limit = self.ctx.max_error_recipients
         if limit and tx.envelope.mail_from == "" and len(tx.envelope.rcpt_to) >= limit:
             return _NULL_SENDER_RCPTS
@@ -936,6 +883,13 @@ class Session(asyncio.Protocol):
             except Exception:
                 log.exception("auth back end raised client=%s", info.peer_ip)
                 return R.AUTH_TEMP
+        hooks = ctx.hooks
+        if hooks.has(Stage.AUTH):
+            result = await hooks.run(Stage.AUTH, info, ev.mechanism, ev.username, ok)
+            if result.verdict.is_denial:
+                log.info("auth refused by plugin id=%s client=%s user=%r mechanism=%s",
+                         info.session_id, info.peer_ip, ev.username[:64], ev.mechanism)
+                return self._denial(Stage.AUTH, result)
         if ok:
             limiter.record_success(info.peer_ip)
             info.auth_user = ev.username
@@ -970,23 +924,22 @@ class Session(asyncio.Protocol):
             self._log_tx(tx, len(ev.data), ev.problem, started, "refused by core")
             return ev.problem
         tx.message = ev.data
-        scanners = self.ctx.scanners
-        if scanners:
-            await scanners.run(tx, info)
         hooks = self.ctx.hooks
-        if hooks.has(Stage.DATA):
-            result = await hooks.run(Stage.DATA, info, tx)
+        quarantine: HookResult | None = None
+        for stage in (Stage.HEADERS, Stage.DATA):
+            if not hooks.has(stage):
+                continue
+            result = await hooks.run(stage, info, tx)
+            if result.verdict is Verdict.QUARANTINE:
+                quarantine = result
+                break
             if result.verdict.is_denial:
-                reply = self._denial(Stage.DATA, result)
-                self._log_tx(tx, len(ev.data), reply, started, "data hook")
+                reply = self._denial(stage, result)
+                self._log_tx(tx, len(ev.data), reply, started,
+                             result.reason or f"{stage.value} hook")
                 return reply
-            if result.verdict is Verdict.OK:
-                tx.scan_decision = None  # an explicit accept overrides the scanners
+            # OK skips the rest of that stage's chain (at data: the scanners' verdict)
         message = tx.raw if tx.modified else ev.data
-        decision: ScanDecision | None = tx.scan_decision
-        if decision is not None and decision.action != "quarantine":
-            self._log_tx(tx, len(message), decision.reply, started, f"scanner {decision.reason}")
-            return decision.reply
         if not envelope.rcpt_to:
             reply = tx.reply or R.OK.with_text("Message accepted; no recipients left")
             self._log_tx(tx, len(message), reply, started, "no recipients after data hook")
@@ -1000,8 +953,18 @@ class Session(asyncio.Protocol):
             lmtp=self.conn.config.lmtp,
             tls_peer=info.notes.get("tls_peer") if self.ctx.received_tls_peer else None,
         )
-        if decision is not None:  # quarantine: stored durably, then 250 or 5xx as configured
-            return await self._quarantine(tx, decision, received + message, started)
+        if quarantine is not None:  # stored durably, then 250 or 5xx as configured
+            return await self._quarantine(tx, quarantine, received + message, started)
+        if hooks.has(Stage.QUEUE):
+            result = await hooks.run(Stage.QUEUE, info, tx)
+            if result.verdict.is_denial:
+                reply = self._denial(Stage.QUEUE, result)
+                self._log_tx(tx, len(message), reply, started, "queue hook")
+                return reply
+            if result.verdict is Verdict.OK and result.reply is not None:
+                self._messages += 1
+                self._log_tx(tx, len(message), result.reply, started, "taken by queue hook")
+                return result.reply
         try:
             if utx is not None:
                 reply = await utx.data(envelope, received + message)
@@ -1020,25 +983,31 @@ class Session(asyncio.Protocol):
             self._log_tx(tx, len(message), reply, started, "delivery refused")
             return reply
         self._messages += 1
+        if hooks.has(Stage.DELIVERED):
+            for rcpt in envelope.rcpt_to:
+                await hooks.run(Stage.DELIVERED, info, tx, rcpt, reply)
         if tx.reply is not None and tx.reply.code < 300:
             reply = tx.reply
         self._log_tx(tx, len(message), reply, started, "delivered")
         return reply
 
     async def _quarantine(
-        self, tx: Transaction, decision: ScanDecision, message: bytes, started: float
+        self, tx: Transaction, result: HookResult, message: bytes, started: float
     ) -> Reply:
+        """Store the message in the QUARANTINE result's Maildir; answer its reply."""
         from ..delivery.maildir import MaildirDelivery
 
+        path, reply = result.quarantine, result.reply
+        assert path is not None and reply is not None
         try:
-            await MaildirDelivery(decision.quarantine_path).deliver(tx.envelope, message, self.info)
+            await MaildirDelivery(path).deliver(tx.envelope, message, self.info)
         except DeliveryError as exc:
             log.error("transaction %s: quarantine failed: %s", tx.id, exc)
             self._log_tx(tx, len(message), exc.reply, started, "quarantine failed")
             return exc.reply
-        self._log_tx(tx, len(message), decision.reply, started,
-                     f"quarantined ({decision.reason}) in {decision.quarantine_path}")
-        return decision.reply
+        self._log_tx(tx, len(message), reply, started,
+                     f"quarantined ({result.reason or 'plugin'}) in {path}")
+        return reply
 
     def _log_tx(self, tx: Transaction, size: int, reply: Reply, started: float, what: str) -> None:
         info = self.info
@@ -1046,7 +1015,7 @@ class Session(asyncio.Protocol):
         env = tx.envelope
         log.info(
             "transaction id=%s client=%s helo=%s from=<%s> to=%s size=%d result=%r "
-            "outcome=%s scan=%s time=%.3fs",
+            "outcome=%s results=%s time=%.3fs",
             tx.id,
             info.peer_ip,
             info.helo_name or "-",
@@ -1055,7 +1024,7 @@ class Session(asyncio.Protocol):
             size,
             f"{reply.code} {reply.enhanced or ''} {reply.text}".replace("  ", " ")[:300],
             what,
-            summary_text(tx.scan_results) if tx.scan_results else "-",
+            repr(tx.results.summary()) if tx.results else "-",
             time.monotonic() - started,
         )
 
