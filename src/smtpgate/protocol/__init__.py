@@ -1,10 +1,12 @@
 """The sans-IO SMTP protocol core: no sockets, no asyncio, no logging.
 
 Entry points: :class:`ServerConnection`, :class:`ProtocolConfig`, the events in
-:mod:`smtpgate.protocol.events` and :data:`NEED_DATA`. RFC 5321 and its extensions.
+:mod:`smtpgate.protocol.events`, :data:`NEED_DATA`, and the state table
+(:class:`State`, :data:`TRANSITIONS`) in :mod:`smtpgate.protocol.states`.
+RFC 5321 and its extensions.
 """
 
-from .connection import ProtocolConfig, ServerConnection, State
+from .connection import ProtocolConfig, ServerConnection
 from .events import (
     NEED_DATA,
     AuthCredentials,
@@ -20,8 +22,10 @@ from .events import (
     RcptTo,
     Rset,
     StartTls,
+    UnknownCommand,
     Vrfy,
 )
+from .states import TRANSITIONS, Rule, State
 
 __all__ = [
     "NEED_DATA",
@@ -38,8 +42,11 @@ __all__ = [
     "Quit",
     "RcptTo",
     "Rset",
+    "Rule",
     "ServerConnection",
     "StartTls",
     "State",
+    "TRANSITIONS",
+    "UnknownCommand",
     "Vrfy",
 ]

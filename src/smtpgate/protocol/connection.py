@@ -31,10 +31,28 @@ from .events import (
     RcptTo,
     Rset,
     StartTls,
+    UnknownCommand,
     Vrfy,
     _Sentinel,
 )
-from .grammar import PathSyntaxError, parse_params, parse_path, valid_helo_argument
+from .grammar import (
+    PathSyntaxError,
+    parse_params,
+    parse_path,
+    sloppy_path,
+    valid_helo_argument,
+)
+from .states import (
+    CREDENTIALS,
+    END_OF_DATA,
+    GREETING,
+    SASL,
+    TLS_HANDSHAKE,
+    TRANSITIONS,
+    UNKNOWN,
+    State,
+    rule,
+)
 
 MAX_AUTH_LINE = 12288  # octets, RFC 4954 §4 (AUTH command line and SASL responses)
 MAX_PATH_COMMAND = 2048  # MAIL/RCPT with ESMTP parameters (RFC 1869 §4.1.2 lets extensions grow it)
@@ -66,8 +84,8 @@ _AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too l
 _LINE_NEVER_ENDS = Reply(421, "4.5.0", "Line too long and not ended; closing connection")
 _TOO_MANY_UNKNOWN = Reply(421, "4.7.0", "Too many unrecognized commands, closing connection")
 _HTTP = Reply(421, "4.7.0", "This is an SMTP server, not a web proxy; closing connection")
-_NO_RCPT_YET = Reply(503, "5.5.1", "Need RCPT command first")
-_DATA_TX = Reply(503, "5.5.1", "Command not permitted during a mail transaction")
+# RFC 5321 §4.5.3.1.10 allows 452 for too many recipients; ZMailer's max-error-recipients.
+_NULL_SENDER_RCPTS = Reply(452, "4.5.3", "Too many recipients for a message from <>")
 _PARAM_UNKNOWN = Reply(555, "5.5.4", "MAIL or RCPT parameter not recognized or not implemented")
 _BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
 _BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter")
@@ -84,8 +102,6 @@ _AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 _AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "AUTH not available")
 _TLS_NOT_ADVERTISED = Reply(502, "5.5.1", "STARTTLS not available")
 _LMTP_USE_LHLO = Reply(500, "5.5.1", "This is an LMTP server: use LHLO")
-_DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not permitted after BDAT in one transaction")
-_RCPT_AFTER_BDAT = Reply(503, "5.5.1", "RCPT not permitted after BDAT")
 _BINARY_NEEDS_BDAT = Reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")
 _BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
 _BDAT_AFTER_FAILURE = Reply(503, "5.5.1", "Earlier BDAT failed; send RSET")
@@ -100,7 +116,10 @@ _ETRN_NODE = re.compile(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*"
 )
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
-_REJECTED_SESSION = Reply(503, "5.5.1", "Session rejected; only QUIT is allowed")
+# Commands whose handlers look at their arguments or at a disabled extension before
+# they consult the state table (DATA with an argument is 501 in every state); every
+# other verb is checked against the table before its handler runs.
+_ARGUMENTS_FIRST = frozenset({"DATA", "BDAT", "ETRN", "STARTTLS", "AUTH"})
 
 _HELP_DEFAULT = (
     "smtpgate: an ESMTP server\n"
@@ -109,22 +128,6 @@ _HELP_DEFAULT = (
 )
 
 _BARE_RE = re.compile(rb"\r\n|\r|\n")
-
-
-class State(enum.Enum):
-    """Session states (RFC 5321 §3, §4.1.4)."""
-
-    GREETING = "GREETING"  # nothing sent yet; the driver must send the greeting
-    REJECTED = "REJECTED"  # greeting was 554: only QUIT (and NOOP/HELP) are allowed
-    INIT = "INIT"  # greeted, waiting for HELO/EHLO
-    READY = "READY"  # HELO/EHLO done, no transaction
-    MAIL = "MAIL"  # MAIL accepted, no recipient yet
-    RCPT = "RCPT"  # at least one recipient accepted
-    DATA = "DATA"  # reading message text
-    BDAT = "BDAT"  # at least one BDAT chunk accepted, more to come (RFC 3030)
-    AUTH = "AUTH"  # SASL exchange in progress
-    TLS_PENDING = "TLS_PENDING"  # 220 sent to STARTTLS, handshake not yet done
-    CLOSED = "CLOSED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +158,15 @@ class ProtocolConfig:
             not count toward ``max_errors`` (Postfix ``smtpd_recipient_overshoot_limit``);
             each further one counts.
         max_unknown_commands: unrecognized commands per session before ``421``.
+        unknown_events: hand unrecognized commands to the driver as
+            :class:`UnknownCommand` events (the driver may let a plugin answer
+            them) instead of answering ``500 5.5.1`` itself. They then count
+            toward ``max_unknown_commands`` only when the reply sent is a 5xx.
+        max_error_recipients: recipients accepted on a transaction whose
+            reverse-path is ``<>`` (ZMailer ``max-error-recipients``); each further
+            RCPT gets ``452 4.5.3 Too many recipients for a message from <>``,
+            counted like any ``452 4.5.3`` (see ``recipient_overshoot_limit``).
+            0: no limit besides ``max_recipients``.
         normalize_bare_line_endings: rewrite bare CR/LF in message data to CRLF
             instead of rejecting the message with 550 5.6.11.
         smtputf8 / eightbitmime / pipelining / enhanced_status_codes: advertise
@@ -185,6 +197,8 @@ class ProtocolConfig:
     max_errors: int = 10
     recipient_overshoot_limit: int = 1000
     max_unknown_commands: int = 5
+    unknown_events: bool = False
+    max_error_recipients: int = 0
     normalize_bare_line_endings: bool = False
     smtputf8: bool = True
     eightbitmime: bool = True
@@ -236,14 +250,16 @@ class ServerConnection:
 
     Exactly one ``send`` follows each event (PIPELINING: the driver may batch the
     returned bytes until ``next_event`` returns ``NEED_DATA``). The reply sent
-    decides the transition (e.g. 354 to ``Data`` enters the DATA state, 2xx to
-    ``MailFrom`` starts a transaction). Protocol errors never raise: they come
-    out as :class:`AutoReply` events carrying the reply to send.
+    decides the transition, as the table :data:`~smtpgate.protocol.states.TRANSITIONS`
+    says (e.g. 354 to ``Data`` enters the DATA state, 2xx to ``MailFrom`` starts
+    a transaction). Protocol errors never raise: they come out as
+    :class:`AutoReply` events carrying the reply to send.
 
     Attributes (read-only for the driver):
         errors: replies counted as the client's errors so far (see
             ``ProtocolConfig.max_errors``).
-        unknown_commands: unrecognized commands so far.
+        unknown_commands: unrecognized commands so far (with ``unknown_events``:
+            those answered with a 5xx).
         state: the :class:`State`; ``helo_name``, ``esmtp``, ``tls_active``,
             ``authenticated`` describe the session.
     """
@@ -261,7 +277,9 @@ class ServerConnection:
         # ZMailer "S" style (per HELO rule): accept MAIL FROM:user@domain without brackets.
         self.allow_sloppy_paths = False
         self._pending: Event | None = None
-        self._close_after = False
+        # The input (verb or pseudo-input of the state table) the pending event
+        # answers; its rule decides the state after the reply.
+        self._input: str | None = None
         self._buf = bytearray()
         self._pos = 0
         self._scanned = 0  # bytes after _pos searched for CRLF without finding one
@@ -276,6 +294,7 @@ class ServerConnection:
         self._rcpt_count = 0
         self._rcpt_attempts = 0
         self._rcpt_overshoot = 0  # 452 4.5.3 replies in this transaction
+        self._null_sender = False  # the transaction's reverse-path is <>
         # DATA reader
         self._dbuf = bytearray()
         self._dscan = 0
@@ -367,20 +386,21 @@ class ServerConnection:
         if state is State.CLOSED or state is State.TLS_PENDING or state is State.GREETING:
             return NEED_DATA
         if state is State.DATA:
+            self._input = END_OF_DATA
             return self._pend(self._next_data_event())
         if self._chunk_active:
             return self._pend(self._next_chunk_event())
         line = self._next_line()
         if line is None:
             return NEED_DATA
+        self._input = SASL if state is State.AUTH else None
         if line is _LINE_TOO_LONG:
             if state is State.AUTH:
-                # An overlong SASL response ends the exchange; otherwise the next
-                # command line would be taken as a SASL response.
-                self.state = State.READY
+                # An overlong SASL response ends the exchange (the SASL rule's
+                # ``otherwise``); else the next command would be taken as SASL data.
                 self._sasl_user = None
             if self._discard_label == "AUTH":
-                return self._auto(_AUTH_LINE_TOO_LONG, "AUTH")
+                return self._auto(_AUTH_LINE_TOO_LONG, "AUTH", step=state is State.AUTH)
             return self._auto(R.LINE_TOO_LONG, self._discard_label)
         if line is _LINE_NEVER_ENDS_MARK:
             return self._auto(_LINE_NEVER_ENDS, self._discard_label)
@@ -394,7 +414,16 @@ class ServerConnection:
             self._pending = event
         return event
 
-    def _auto(self, reply: Reply, command: str) -> AutoReply:
+    def _auto(self, reply: Reply, command: str, *, step: bool = False) -> AutoReply:
+        """Answer the current line with ``reply`` decided by the core.
+
+        ``step``: the reply takes the command a step further (a BDAT chunk accepted,
+        a SASL challenge, the end of a SASL exchange), so the state table's rule for
+        the input applies when it is sent. Otherwise it is a refusal or an answer
+        (NOOP, HELP) that changes no state whatever the driver sends.
+        """
+        if not step:
+            self._input = None
         # ``command`` is for logs: escape control characters (CR, ESC, ...) so a
         # client cannot forge or garble log lines through it.
         ev = AutoReply(reply, _loggable(command))
@@ -549,15 +578,47 @@ class ServerConnection:
         if handler is None:
             if verb_u in ("GET", "POST", "CONNECT", "HEAD", "PUT") or verb_u.startswith("HTTP/"):
                 return self._auto(_HTTP, _printable(body))
-            self.unknown_commands += 1
-            if not verb.isascii():
-                return self._auto(R.BAD_BYTES, _printable(body))
-            return self._auto(R.UNKNOWN_COMMAND, _printable(body))
-        if self.state is State.REJECTED and verb_u not in ("QUIT", "NOOP", "HELP"):
-            return self._auto(_REJECTED_SESSION, verb_u)
+            return self._unknown(verb, text, body)
+        self._input = verb_u
+        r = TRANSITIONS[(self.state, verb_u)]
+        if r.first and r.refusal is not None:
+            return self._auto(r.refusal, verb_u)
         if utf8 and verb_u not in ("MAIL", "RCPT"):
             return self._auto(_NOT_UTF8 if verb.isascii() else R.BAD_BYTES, _printable(body))
+        if verb_u not in _ARGUMENTS_FIRST:
+            problem = self._refusal(verb_u)
+            if problem is not None:
+                label = f"{verb_u} {arg[:200]}" if verb_u in ("MAIL", "RCPT") else verb_u
+                return self._auto(problem, label)
         return handler(arg, utf8)
+
+    def _refusal(self, verb: str) -> Reply | None:
+        """The state table's refusal of ``verb`` in the current state, or None if allowed."""
+        r = TRANSITIONS[(self.state, verb)]
+        if r.refusal_after_refused_rcpt is not None and self._rcpt_attempts:
+            return r.refusal_after_refused_rcpt
+        return r.refusal
+
+    def _unknown(self, verb: str, text: str, body: bytes) -> Event:
+        """A command line whose verb is not known (RFC 5321 §4.2.4: 500).
+
+        A verb that is not ASCII is refused as invalid characters. Otherwise, with
+        ``unknown_events``, the driver gets an :class:`UnknownCommand` (counted in
+        :meth:`send` when answered with a 5xx); without it, the core answers
+        ``500 5.5.1`` and counts it at once.
+        """
+        self._input = UNKNOWN
+        refusal = self._refusal(UNKNOWN)
+        if refusal is not None:
+            return self._auto(refusal, _printable(body))
+        if verb.isascii() and self.config.unknown_events:
+            ev = UnknownCommand(verb.upper(), text, R.UNKNOWN_COMMAND, _loggable(_printable(body)))
+            self._pending = ev
+            return ev
+        self.unknown_commands += 1
+        if not verb.isascii():
+            return self._auto(R.BAD_BYTES, _printable(body))
+        return self._auto(R.UNKNOWN_COMMAND, _printable(body))
 
     def _cmd_helo(self, arg: str, utf8: bool) -> Event:
         if self.config.lmtp:
@@ -587,20 +648,14 @@ class ServerConnection:
 
     def _cmd_mail(self, arg: str, utf8: bool) -> Event:
         cmd = "MAIL " + arg[:200]
-        if self.state is State.INIT:
-            return self._auto(R.HELO_FIRST, cmd)
-        if self.state in (State.MAIL, State.RCPT, State.BDAT):
-            return self._auto(R.NESTED_MAIL, cmd)
         if arg[:5].upper() != "FROM:":
             return self._auto(_MAIL_SYNTAX, cmd)
         if self.config.require_auth and not self.authenticated:
             return self._auto(R.AUTH_REQUIRED, cmd)
         cfg = self.config
         path_arg = arg[5:]
-        if self.allow_sloppy_paths and not path_arg.lstrip(" ").startswith("<"):
-            token, _, rest = path_arg.lstrip(" ").partition(" ")
-            if token and "<" not in token and ">" not in token:
-                path_arg = f"<{token}> {rest}" if rest else f"<{token}>"
+        if self.allow_sloppy_paths:
+            path_arg = sloppy_path(path_arg) or path_arg
         try:
             address, ptext = parse_path(path_arg, reverse=True, smtputf8_allowed=cfg.smtputf8)
             params = parse_params(ptext, utf8=cfg.smtputf8)
@@ -685,15 +740,14 @@ class ServerConnection:
 
     def _cmd_rcpt(self, arg: str, utf8: bool) -> Event:
         cmd = "RCPT " + arg[:200]
-        if self.state is State.BDAT:
-            return self._auto(_RCPT_AFTER_BDAT, cmd)
-        if self.state not in (State.MAIL, State.RCPT):
-            return self._auto(R.NEED_MAIL, cmd)
         if arg[:3].upper() != "TO:":
             return self._auto(_RCPT_SYNTAX, cmd)
         self._rcpt_attempts += 1
         if self._rcpt_count >= self.config.max_recipients:
             return self._auto(R.TOO_MANY_RECIPIENTS, cmd)
+        limit = self.config.max_error_recipients
+        if limit and self._null_sender and self._rcpt_count >= limit:
+            return self._auto(_NULL_SENDER_RCPTS, cmd)
         try:
             address, ptext = parse_path(
                 arg[3:],
@@ -715,19 +769,12 @@ class ServerConnection:
     def _cmd_data(self, arg: str, utf8: bool) -> Event:
         if arg.strip(" "):
             return self._auto(_NO_ARGS, "DATA")
-        if self.state is State.BDAT:
-            return self._auto(_DATA_AFTER_BDAT, "DATA")
-        if self.state is State.RCPT:
-            if self._body_binary:
-                return self._auto(_BINARY_NEEDS_BDAT, "DATA")
-            return Data()
-        if self.state is State.MAIL:
-            if self._rcpt_attempts:
-                return self._auto(R.NO_VALID_RECIPIENTS, "DATA")
-            return self._auto(_NO_RCPT_YET, "DATA")
-        if self.state is State.INIT:
-            return self._auto(R.HELO_FIRST, "DATA")
-        return self._auto(R.NEED_MAIL, "DATA")
+        refusal = self._refusal("DATA")
+        if refusal is not None:
+            return self._auto(refusal, "DATA")
+        if self._body_binary:
+            return self._auto(_BINARY_NEEDS_BDAT, "DATA")
+        return Data()
 
     def _cmd_rset(self, arg: str, utf8: bool) -> Event:
         if arg.strip(" "):
@@ -780,12 +827,8 @@ class ServerConnection:
         cfg = self.config
         if not cfg.chunking:
             err = R.NOT_IMPLEMENTED
-        elif self.state is State.INIT:
-            err = R.HELO_FIRST
-        elif self.state is State.MAIL:
-            err = R.NO_VALID_RECIPIENTS if self._rcpt_attempts else _NO_RCPT_YET
-        elif self.state not in (State.RCPT, State.BDAT):
-            err = R.NEED_MAIL
+        elif (refusal := self._refusal("BDAT")) is not None:
+            err = refusal
         elif self._bdat_failed:
             err = _BDAT_AFTER_FAILURE
         elif len(self._bdat_buf) + size > cfg.max_message_size:
@@ -816,11 +859,12 @@ class ServerConnection:
         if err is not None:
             return self._auto(err, f"BDAT {size}")
         if not self._chunk_last:
-            self.state = State.BDAT
-            return self._auto(Reply(250, "2.0.0", f"{size} octets received"), f"BDAT {size}")
+            # The 250 enters (or keeps) the BDAT state: the table's BDAT rule.
+            accepted = Reply(250, "2.0.0", f"{size} octets received")
+            return self._auto(accepted, f"BDAT {size}", step=True)
         data = bytes(self._bdat_buf)
         self._bdat_buf = bytearray()
-        self.state = State.BDAT
+        self._input = END_OF_DATA
         return self._check_message(data, binary=self._body_binary)
 
     # ------------------------------------------------------------------- ETRN
@@ -829,10 +873,9 @@ class ServerConnection:
         """ETRN node (RFC 1985): ``domain``, ``@domain`` (subdomains too) or ``#queue``."""
         if not self.config.etrn:
             return self._auto(R.NOT_IMPLEMENTED, "ETRN")
-        if self.state is State.INIT:
-            return self._auto(R.HELO_FIRST, "ETRN")
-        if self.state is not State.READY:
-            return self._auto(_DATA_TX, "ETRN")
+        refusal = self._refusal("ETRN")
+        if refusal is not None:
+            return self._auto(refusal, "ETRN")
         node = arg.strip(" ")
         if not node or not _ETRN_NODE.fullmatch(node):
             return self._auto(_ETRN_SYNTAX, "ETRN " + node[:64])
@@ -845,10 +888,9 @@ class ServerConnection:
             return self._auto(R.ALREADY_TLS, "STARTTLS")
         if not self.config.tls_available:
             return self._auto(_TLS_NOT_ADVERTISED, "STARTTLS")
-        if self.state is State.INIT:
-            return self._auto(R.HELO_FIRST, "STARTTLS")
-        if self.state is not State.READY:
-            return self._auto(_DATA_TX, "STARTTLS")
+        refusal = self._refusal("STARTTLS")
+        if refusal is not None:
+            return self._auto(refusal, "STARTTLS")
         return StartTls()
 
     # ------------------------------------------------------------------- AUTH
@@ -861,14 +903,15 @@ class ServerConnection:
         cfg = self.config
         if not cfg.auth_mechanisms:
             return self._auto(_AUTH_NOT_AVAILABLE, "AUTH")
-        if self.state is State.INIT:
-            return self._auto(R.HELO_FIRST, "AUTH")
-        if not self.esmtp:
+        # Before HELO/EHLO (state INIT) neither of these holds, so the table's
+        # "Send HELO/EHLO first" still comes first there.
+        if self.helo_name is not None and not self.esmtp:
             return self._auto(R.BAD_SEQUENCE, "AUTH")
         if self.authenticated:
             return self._auto(R.ALREADY_AUTH, "AUTH")
-        if self.state is not State.READY:
-            return self._auto(R.AUTH_IN_TRANSACTION, "AUTH")
+        refusal = self._refusal("AUTH")
+        if refusal is not None:
+            return self._auto(refusal, "AUTH")
         if not self._auth_offered():
             return self._auto(R.AUTH_ENCRYPTION_REQUIRED, "AUTH")
         parts = arg.split()
@@ -881,51 +924,54 @@ class ServerConnection:
         self._sasl_mech = mech
         self._sasl_user = None
         if initial is None:
-            self.state = State.AUTH
+            # The 334 enters the AUTH state (the table's AUTH rule).
             challenge = _CHALLENGE_EMPTY if mech == _AUTH_PLAIN else _CHALLENGE_USERNAME
-            return self._auto(challenge, "AUTH " + mech)
+            return self._auto(challenge, "AUTH " + mech, step=True)
         return self._sasl_step(initial.encode("ascii"), "AUTH " + mech)
 
     def _sasl_response(self, raw: bytes) -> Event:
         """One SASL response line (RFC 4954 §4); a bare CR/LF in it ends the exchange."""
         body = raw[:-2]
         if b"\n" in body or b"\r" in body:
-            self.state = State.READY
             self._sasl_user = None
-            return self._auto(_BARE_SASL, "AUTH " + self._sasl_mech)
+            return self._auto(_BARE_SASL, "AUTH " + self._sasl_mech, step=True)
         return self._sasl_step(body, "AUTH " + self._sasl_mech)
 
     def _sasl_step(self, response: bytes, cmd: str) -> Event:
-        """One client SASL response (RFC 4954 §4): ``*`` cancels, else base64."""
-        self.state = State.READY
+        """One client SASL response (RFC 4954 §4): ``*`` cancels, else base64.
+
+        A 334 reply (the LOGIN password challenge) keeps or enters the AUTH
+        state; any other reply ends the exchange (the table's AUTH and SASL rules).
+        """
         if response == b"*":
-            return self._auto(R.AUTH_CANCELLED, cmd)
+            return self._auto(R.AUTH_CANCELLED, cmd, step=True)
         if response == b"=":
             decoded = b""
         else:
             try:
                 decoded = binascii.a2b_base64(response, strict_mode=True)
             except (binascii.Error, ValueError):
-                return self._auto(R.AUTH_BAD_BASE64, cmd)
+                return self._auto(R.AUTH_BAD_BASE64, cmd, step=True)
         try:
             text = decoded.decode("utf-8")
         except UnicodeDecodeError:
-            return self._auto(R.AUTH_BAD_BASE64, cmd)
+            return self._auto(R.AUTH_BAD_BASE64, cmd, step=True)
         if self._sasl_mech == _AUTH_PLAIN:
             # RFC 4616: [authzid] NUL authcid NUL passwd
             fields = text.split("\x00")
             if len(fields) != 3 or not fields[1]:
-                return self._auto(R.AUTH_BAD_BASE64, cmd)
+                return self._auto(R.AUTH_BAD_BASE64, cmd, step=True)
+            self._input = CREDENTIALS
             return AuthCredentials(_AUTH_PLAIN, fields[1], fields[2], fields[0])
         # LOGIN: username, then password
         if self._sasl_user is None:
             if not text or "\x00" in text:
-                return self._auto(R.AUTH_BAD_BASE64, cmd)
+                return self._auto(R.AUTH_BAD_BASE64, cmd, step=True)
             self._sasl_user = text
-            self.state = State.AUTH
-            return self._auto(_CHALLENGE_PASSWORD, cmd)
+            return self._auto(_CHALLENGE_PASSWORD, cmd, step=True)
         user = self._sasl_user
         self._sasl_user = None
+        self._input = CREDENTIALS
         return AuthCredentials(_AUTH_LOGIN, user, text)
 
     # ------------------------------------------------------------------- DATA
@@ -1031,56 +1077,47 @@ class ServerConnection:
                 :meth:`close_reply` for an unsolicited 421).
         """
         enh = self.config.enhanced_status_codes
+        code = reply.code
+        out = reply.to_bytes(enh)
         if self.state is State.GREETING:
-            if reply.code == 220:
-                self.state = State.INIT
-            elif reply.code == 421:
-                self.state = State.CLOSED
-            else:
-                self.state = State.REJECTED
-            return reply.to_bytes(enh)
+            self._transition(GREETING, code)
+            return out
         ev = self._pending
         if ev is None:
             raise LocalProtocolError(R.TEMP_ERROR, "no event awaiting a reply")
         self._pending = None
-        code = reply.code
-        out = reply.to_bytes(enh)
+        inp, self._input = self._input, None
+        succeeded = self._transition(inp, code)
+        # What a reply does besides the state change (the state is the table's).
         t = type(ev)
         if t is RcptTo:
-            if code < 300:
-                self.state = State.RCPT
+            if succeeded:
                 self._rcpt_count += 1
         elif t is MailFrom:
-            if code < 300:
+            if succeeded:
                 assert isinstance(ev, MailFrom)
-                self.state = State.MAIL
                 self._mail_utf8 = "SMTPUTF8" in ev.params
                 self._body_binary = ev.params.get("BODY") == "BINARYMIME"
+                self._null_sender = ev.address == ""
                 self._rcpt_count = 0
                 self._rcpt_attempts = 0
                 self._rcpt_overshoot = 0
         elif t is DataComplete:
             self._reset_transaction()
         elif t is Data:
-            if code == 354:
-                self.state = State.DATA
+            if succeeded:
                 self._start_data()
         elif t is Helo:
-            if code < 300:
+            if succeeded:
                 assert isinstance(ev, Helo)
                 self.helo_name = ev.name
                 self.esmtp = ev.esmtp
-                if self.state is not State.REJECTED:
-                    self.state = State.READY
                 self._reset_transaction()
         elif t is Rset:
-            if code < 300:
+            if succeeded:
                 self._reset_transaction()
-        elif t is Quit:
-            self.state = State.CLOSED
         elif t is StartTls:
-            if code == 220:
-                self.state = State.TLS_PENDING
+            if succeeded:
                 del self._buf[:]  # CVE-2011-0411: drop anything pipelined in plaintext
                 self._pos = 0
                 self._scanned = 0
@@ -1093,6 +1130,14 @@ class ServerConnection:
                 if self.unknown_commands > self.config.max_unknown_commands:
                     self.state = State.CLOSED
                     return out + _TOO_MANY_UNKNOWN.to_bytes(enh)
+        elif t is UnknownCommand:
+            # Counted only when refused: a plugin that answers it with 2xx (or a
+            # transient 4xx) implements it, the client did nothing unknown.
+            if code >= 500:
+                self.unknown_commands += 1
+                if self.unknown_commands > self.config.max_unknown_commands:
+                    self.state = State.CLOSED
+                    return out + _TOO_MANY_UNKNOWN.to_bytes(enh)
         if code == 421:
             self.state = State.CLOSED
             return out
@@ -1102,6 +1147,28 @@ class ServerConnection:
                 self.state = State.CLOSED
                 out += R.TOO_MANY_ERRORS.to_bytes(enh)
         return out
+
+    def _transition(self, inp: str | None, code: int) -> bool:
+        """Apply the state table's rule for ``inp`` answered with ``code``.
+
+        A ``421`` closes the session whatever the input (RFC 5321 §3.8). Returns
+        True when the rule counts ``code`` as success (its ``then`` state applies).
+        """
+        if code == 421:
+            self.state = State.CLOSED
+            return False
+        return self._apply(inp, code)
+
+    def _apply(self, inp: str | None, code: int) -> bool:
+        """The table part of :meth:`_transition` (no 421 rule: LMTP per-recipient replies)."""
+        r = rule(self.state, inp) if inp is not None else None
+        if r is None or not r.allowed:
+            return False
+        succeeded = r.on.matches(code)
+        nxt = r.then if succeeded else r.otherwise
+        if nxt is not None:
+            self.state = nxt
+        return succeeded
 
     def _counts_as_error(self, reply: Reply) -> bool:
         """Whether ``reply`` counts toward ``max_errors`` (Postfix ``smtpd_hard_error_limit``).
@@ -1148,21 +1215,25 @@ class ServerConnection:
         enh = self.config.enhanced_status_codes
         out = b"".join(r.to_bytes(enh) for r in replies)
         self._pending = None
+        self._input = None
+        self._apply(END_OF_DATA, replies[0].code if replies else 250)
         self._reset_transaction()
         return out
 
     def close_reply(self, reply: Reply) -> bytes:
         """Render an unsolicited reply (a 421 on timeout or shutdown) and close the session."""
         self._pending = None
+        self._input = None
         self.state = State.CLOSED
         return reply.to_bytes(self.config.enhanced_status_codes)
 
     def tls_established(self) -> None:
         """Call after the STARTTLS handshake: state resets to before HELO (RFC 3207 §4.2)."""
-        if self.state is not State.TLS_PENDING:
+        r = rule(self.state, TLS_HANDSHAKE)
+        if r is None or r.then is None:
             raise LocalProtocolError(R.TEMP_ERROR, "no STARTTLS handshake pending")
         self.tls_active = True
-        self.state = State.INIT
+        self.state = r.then
         self.helo_name = None
         self.esmtp = False
         self.authenticated = False
@@ -1170,18 +1241,17 @@ class ServerConnection:
         self._pos = 0
         self._scanned = 0
         self._reset_transaction()
-        self.state = State.INIT
 
     def _reset_transaction(self) -> None:
+        """Forget the transaction's data (the state is the table's business)."""
         self._rcpt_count = 0
         self._rcpt_attempts = 0
         self._rcpt_overshoot = 0
+        self._null_sender = False
         self._mail_utf8 = False
         self._body_binary = False
         self._bdat_buf = bytearray()
         self._bdat_failed = False
-        if self.state not in (State.INIT, State.REJECTED, State.CLOSED, State.TLS_PENDING):
-            self.state = State.READY if self.helo_name is not None else State.INIT
 
     # ---------------------------------------------------------------- replies
 

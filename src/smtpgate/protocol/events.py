@@ -135,7 +135,30 @@ class AutoReply:
     command: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class UnknownCommand:
+    """A command whose verb the core does not know (only with ``ProtocolConfig.unknown_events``).
+
+    The driver may let a plugin answer it; otherwise it sends ``reply``. The core
+    counts it toward ``max_unknown_commands`` only when the reply sent is a 5xx
+    (RFC 5321 §4.2.4: 500 for an unrecognised command).
+
+    Attributes:
+        verb: the first word of the line, upper-cased (``"XCLIENT"``).
+        line: the whole command line without its CRLF, as received (ASCII, or
+            UTF-8 when not ASCII), not escaped: never log it as it is.
+        reply: what the core would answer (``500 5.5.1 Command unrecognized``).
+        command: a log-safe rendering of the line (control characters escaped, at
+            most 200 octets), like :attr:`AutoReply.command`.
+    """
+
+    verb: str
+    line: str
+    reply: Reply
+    command: str = ""
+
+
 Event = (
     Helo | MailFrom | RcptTo | Data | DataComplete | Rset | Quit | StartTls | AuthCredentials
-    | Vrfy | Expn | Etrn | AutoReply
+    | Vrfy | Expn | Etrn | AutoReply | UnknownCommand
 )

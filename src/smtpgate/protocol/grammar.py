@@ -1,8 +1,9 @@
 """RFC 5321 / RFC 6531 grammar for MAIL and RCPT arguments, as commented regexes.
 
-Entry points: :func:`parse_path` (reverse-path / forward-path with ESMTP parameters)
-and :func:`parse_params`. Pure functions; errors are raised as :class:`PathSyntaxError`
-carrying the reply to send. RFC 5321 §4.1.2 (ABNF), §4.5.3.1 (size limits),
+Entry points: :func:`parse_path` (reverse-path / forward-path with ESMTP parameters),
+:func:`parse_params` and :func:`sloppy_path` (ZMailer's bracket-less MAIL FROM).
+Pure functions; errors are raised as :class:`PathSyntaxError` carrying the reply
+to send. RFC 5321 §4.1.2 (ABNF), §4.5.3.1 (size limits),
 RFC 6531 §3.3 (UTF-8 in addresses), RFC 1869 §6 (esmtp-param).
 """
 
@@ -172,6 +173,49 @@ def _find_close(arg: str) -> int:
         elif ch == ">" and not in_quote:
             return i
     return -1
+
+
+def _token_end(text: str) -> int:
+    """Index just past a blank-delimited token; a quoted string may hold blanks."""
+    in_quote = False
+    escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and in_quote:
+            escaped = True
+        elif ch == '"':
+            in_quote = not in_quote
+        elif ch in " \t" and not in_quote:
+            return i
+    return len(text)
+
+
+def sloppy_path(argument: str) -> str | None:
+    """Bracket a bare ``user@domain`` reverse-path (ZMailer's ``S`` HELO-rule flag).
+
+    ZMailer accepts ``MAIL FROM:user@domain`` from clients that cannot follow
+    RFC 821 (its example: Windows CE). This rewrites the argument so that
+    :func:`parse_path` can take it: ``"user@domain SIZE=10"`` becomes
+    ``"<user@domain> SIZE=10"``; a quoted local part may hold blanks
+    (``"john doe"@example.com``). The mailbox itself is not judged here.
+
+    Args:
+        argument: the text after ``MAIL FROM:`` (leading blanks are skipped).
+
+    Returns:
+        The rewritten argument, or None when there is nothing to rewrite: the
+        argument is empty, already starts with ``<``, or the bare token holds
+        ``<`` or ``>`` (left for :func:`parse_path` to reject).
+    """
+    text = argument.lstrip(" \t")
+    if not text or text.startswith("<"):
+        return None
+    end = _token_end(text)
+    token, rest = text[:end], text[end:].strip(" \t")
+    if not token or "<" in token or ">" in token:
+        return None
+    return f"<{token}> {rest}" if rest else f"<{token}>"
 
 
 def parse_params(text: str, *, utf8: bool = False) -> dict[str, str | None]:
