@@ -8,6 +8,7 @@ event loop, or ``app.start_thread()`` / ``app.stop_thread()`` from synchronous c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import threading
@@ -157,7 +158,7 @@ class Smtpgate:
                 else:
                     self._delivery_lock = await asyncio.to_thread(
                         SpoolOwnership.wait, store.path / DELIVERY_LOCK, 60.0)
-                    manager = build_manager(cfg)
+                    manager = build_manager(cfg, self.hooks)
                     scheduler = manager
                     await manager.start()
             except BaseException:
@@ -227,7 +228,7 @@ class Smtpgate:
             mechanisms = ()
         tls_mode = listener.tls if listener else "starttls"
         queue = self.delivery_mode == "queue"
-        return ProtocolConfig(
+        config = ProtocolConfig(
             hostname=s.hostname,
             max_message_size=s.max_message_size,
             max_recipients=s.max_recipients,
@@ -256,8 +257,10 @@ class Smtpgate:
             lmtp=listener is not None and listener.protocol == "lmtp",
             require_auth=listener is not None and listener.require_auth,
             expn=s.expn,
-            **({"help_text": s.help_text} if s.help_text else {}),
         )
+        if s.help_text:
+            config = dataclasses.replace(config, help_text=s.help_text)
+        return config
 
     def _context(self, delivery: Delivery, listener: ListenerConfig | None = None) -> ServerContext:
         s = self.config.server

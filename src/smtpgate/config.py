@@ -612,11 +612,6 @@ class ServerConfig:
     min_data_rate: int = _opt(500, _nonnegative_int)
     recipient_overshoot_limit: int = _opt(1000, _nonnegative_int)
 
-    @property
-    def banner(self) -> str:
-        """The 220 greeting text with ``%H`` replaced by :attr:`hostname`."""
-        return self.greeting.replace("%H", self.hostname)
-
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
@@ -1307,13 +1302,13 @@ def config_from_mapping(
             sections["plugins"] = _load_plugins(raw, ctx, problems)
             continue
         if name == "helo_rule":
-            from .policy.helo_rules import HeloRules
-
+            # The helo_rules plugin validates the tables (patterns, flags, limits) when
+            # the chain is built: check-config and serve report its problems.
             tables = [raw] if isinstance(raw, Mapping) else raw
-            try:
-                HeloRules.from_config(tables)
-            except ConfigError as exc:
-                problems.extend(exc.problems)
+            if not isinstance(tables, list) or not all(isinstance(t, Mapping)
+                                                       for t in tables):
+                problems.append(f"helo_rule: must be an array of tables ([[helo_rule]]), "
+                                f"got {_show(raw)}")
             else:
                 sections["helo_rules"] = tuple(dict(t) for t in tables)
             continue

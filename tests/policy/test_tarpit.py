@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 import pytest
@@ -106,79 +105,3 @@ def test_first_delay_is_initial_capped(settings: tuple[float, float, float]) -> 
     cap = top or DEFAULT_TOPLIMIT
     assert tarpit.toplimit == cap
     assert tarpit.delay(1) == (min(initial, cap) if initial > 0 else 0.0)
-
-
-def test_counter_follows_the_formula() -> None:
-    counter = Tarpit(20, 2, 300).session()
-    assert [counter.next_delay() for _ in range(5)] == [20.0, 60.0, 180.0, 300.0, 300.0]
-    assert counter.errors == 5
-    assert counter.total_delay == 860.0
-    fresh = Tarpit(20, 2, 300).session()  # every session starts again from initial
-    assert fresh.next_delay() == 20.0
-
-
-async def test_sleep_really_waits() -> None:
-    loop = asyncio.get_running_loop()
-    tarpit = Tarpit(0.05, 1, 0.08)
-    counter = tarpit.session()
-    start = loop.time()
-    assert await counter.before_error_reply() == 0.05
-    assert await counter.before_error_reply() == 0.08  # 0.1 capped at 0.08
-    elapsed = loop.time() - start
-    assert 0.12 <= elapsed < 1.0
-    start = loop.time()
-    assert await tarpit.sleep(1) == 0.05
-    assert loop.time() - start >= 0.045
-
-
-async def test_disabled_tarpit_does_not_sleep() -> None:
-    loop = asyncio.get_running_loop()
-    counter = Tarpit().session()
-    start = loop.time()
-    for _ in range(100):
-        assert await counter.before_error_reply() == 0.0
-    assert await Tarpit().sleep(3) == 0.0
-    assert loop.time() - start < 0.5
-    assert counter.errors == 100 and counter.total_delay == 0.0
-
-
-async def test_tarpit_delays_replies_on_a_real_socket() -> None:
-    """A loopback server that tarpits its 5xx replies: the client sees them late."""
-    tarpit = Tarpit(0.1, 1, 1)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        counter = tarpit.session()
-        writer.write(b"220 test ready\r\n")
-        while line := await reader.readline():
-            if line.strip().upper() == b"QUIT":
-                writer.write(b"221 2.0.0 Bye\r\n")
-                break
-            await counter.before_error_reply()
-            writer.write(b"500 5.5.1 Command unrecognized\r\n")
-            await writer.drain()
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    loop = asyncio.get_running_loop()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        assert await reader.readline() == b"220 test ready\r\n"
-        waits = []
-        for _ in range(3):
-            t0 = loop.time()
-            writer.write(b"BOGUS\r\n")
-            assert await reader.readline() == b"500 5.5.1 Command unrecognized\r\n"
-            waits.append(loop.time() - t0)
-        t0 = loop.time()
-        writer.write(b"QUIT\r\n")
-        assert await reader.readline() == b"221 2.0.0 Bye\r\n"
-        assert loop.time() - t0 < 0.09  # good replies are not delayed
-        writer.close()
-        # 0.1, 0.2, 0.4 seconds: each error waits longer than the one before
-        assert waits[0] >= 0.095 and waits[1] >= 0.195 and waits[2] >= 0.395
-        assert waits[0] < waits[1] < waits[2]
-    finally:
-        server.close()
-        await server.wait_closed()

@@ -103,7 +103,7 @@ class _Dummy:
 
 
 def test_admission_is_typed_and_rebind_honours_exemptions() -> None:
-    from smtpgate.policy.limits import AdmissionKind
+    from smtpgate.server.admission import AdmissionKind
 
     server = SmtpServer([], max_connections=100, max_connections_per_ip=1)
     proxy = _Dummy()

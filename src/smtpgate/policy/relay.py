@@ -13,12 +13,13 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
+from ..net import parse_client_ip
+
 __all__ = ["RelayPolicy", "normalize_domain"]
 
 logger = logging.getLogger("smtpgate.policy.relay")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Label separators IDNA treats as '.' (RFC 3490 §3.1): ideographic, full-width, half-width.
 _DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
@@ -124,24 +125,6 @@ def _network_entry(entry: str) -> IPNetwork:
 def _net_text(net: IPNetwork) -> str:
     """Entry text: a bare address for a host network, CIDR otherwise."""
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
-
-
-def _parse_client(ip: str) -> IPAddress | None:
-    text = ip.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    if text[:5].lower() == "ipv6:":
-        text = text[5:]
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return addr.ipv4_mapped
-        if addr.scope_id is not None:
-            addr = ipaddress.IPv6Address(int(addr))  # fe80::1%eth0 → fe80::1
-    return addr
 
 
 class RelayPolicy:
@@ -369,7 +352,7 @@ class RelayPolicy:
             ip: the client address (``"192.0.2.7"``, ``"::ffff:127.0.0.1"``,
                 ``"[::1]"``, ``"fe80::1%eth0"``); anything unparsable is not local.
         """
-        addr = _parse_client(ip)
+        addr = parse_client_ip(ip)
         if addr is None:
             return False
         value = int(addr)

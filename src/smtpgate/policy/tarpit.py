@@ -1,8 +1,8 @@
 """ZMailer-style tarpit: a growing pause before each error reply of a session.
 
-Entry points: :class:`Tarpit` (``delay``, ``sleep``, ``session``) and
-:class:`TarpitCounter` (one per SMTP session). RFC 5321 §4.5.3.2 (client timeouts
-of at least 5 minutes per command make pauses of this size safe for real clients).
+Entry point: :class:`Tarpit` (``delay``, ``sleep``), used by the ``tarpit`` plugin.
+RFC 5321 §4.5.3.2 (client timeouts of at least 5 minutes per command make pauses of this
+size safe for real clients).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["DEFAULT_TOPLIMIT", "Tarpit", "TarpitCounter"]
+__all__ = ["DEFAULT_TOPLIMIT", "Tarpit"]
 
 logger = logging.getLogger("smtpgate.policy.tarpit")
 
@@ -128,49 +128,5 @@ class Tarpit:
         seconds = self.delay(error_count)
         if seconds > 0:
             logger.debug("tarpit: error #%d, pausing %.1f s", error_count, seconds)
-            await asyncio.sleep(seconds)
-        return seconds
-
-    def session(self) -> TarpitCounter:
-        """A fresh per-session counter (ZMailer resets the delay for each connection)."""
-        return TarpitCounter(self)
-
-
-class TarpitCounter:
-    """Counts one session's error replies and hands out their delays.
-
-    Args:
-        tarpit: the server-wide settings.
-    """
-
-    __slots__ = ("_errors", "_tarpit", "_total")
-
-    def __init__(self, tarpit: Tarpit) -> None:
-        self._tarpit = tarpit
-        self._errors = 0
-        self._total = 0.0
-
-    @property
-    def errors(self) -> int:
-        """Error replies counted so far."""
-        return self._errors
-
-    @property
-    def total_delay(self) -> float:
-        """Seconds handed out so far (ZMailer logs this as ``tar_pit with delay``)."""
-        return self._total
-
-    def next_delay(self) -> float:
-        """Count one more error reply and return the seconds to wait before sending it."""
-        self._errors += 1
-        seconds = self._tarpit.delay(self._errors)
-        self._total += seconds
-        return seconds
-
-    async def before_error_reply(self) -> float:
-        """Count one more error reply and sleep its delay; returns the seconds slept."""
-        seconds = self.next_delay()
-        if seconds > 0:
-            logger.debug("tarpit: error #%d, pausing %.1f s", self._errors, seconds)
             await asyncio.sleep(seconds)
         return seconds

@@ -14,7 +14,7 @@ import heapq
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -92,6 +92,10 @@ def request_flush(spool: str | os.PathLike[str]) -> None:
     os.utime(p)
 
 
+OutcomeHook = Callable[[QueueEntry, QueuedRecipient, Reply, bytes], Awaitable[None]]
+"""``(entry, recipient, reply, message)``: told the outcome of each delivery attempt."""
+
+
 class QueueManager:
     """Runs delivery for a :class:`~smtpgate.queue.store.QueueStore`.
 
@@ -104,6 +108,9 @@ class QueueManager:
         scan_interval: seconds between checks for due messages and flush requests.
         delay_warning: seconds after arrival for a delay DSN (0 = never).
         make_dsn: builds DSN messages; ``None`` disables bounces (not recommended).
+        on_outcome: awaited after each delivery attempt of a destination with
+            ``(entry, recipient, reply, message)`` per recipient (the plugins'
+            ``delivered`` stage); its errors are logged, never fatal.
         clock: time source (epoch seconds), injectable for tests.
     """
 
@@ -119,6 +126,7 @@ class QueueManager:
         delay_warning: float = 0.0,
         make_dsn: DsnFactory | None = None,
         clock: Callable[[], float] = time.time,
+        on_outcome: OutcomeHook | None = None,
     ) -> None:
         self.store = store
         self.outbound = outbound
@@ -128,6 +136,7 @@ class QueueManager:
         self.scan_interval = scan_interval
         self.delay_warning = delay_warning
         self.make_dsn = make_dsn
+        self.on_outcome = on_outcome
         self.clock = clock
         self._due: dict[str, float] = {}
         # (due time, id) min-heap over _due; entries whose time no longer matches are stale
@@ -424,6 +433,11 @@ class QueueManager:
                 failed.append(r)
             log.info("queue id=%s to=<%s> dest=%s remote=%s reply=%r", entry.id, r.address,
                      dest, remote or "-", r.last_reply[:200])
+            if self.on_outcome is not None:
+                try:
+                    await self.on_outcome(entry, r, reply, message)
+                except Exception:
+                    log.exception("queue id=%s: delivered notification failed", entry.id)
 
     async def _notify(
         self, entry: QueueEntry, message: bytes, failed: list[QueuedRecipient],

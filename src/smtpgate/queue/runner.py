@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from .manager import Outbound, QueueManager, request_flush
+from ..envelope import Recipient, SessionInfo
+from ..hooks import HookRunner, Stage, Transaction
+from ..reply import Reply
+from .manager import Outbound, OutcomeHook, QueueManager, request_flush
 from .schedule import RetrySchedule
-from .store import DELIVERY_LOCK, QueueEntry, QueueStore, SpoolOwnership
+from .store import DELIVERY_LOCK, QueuedRecipient, QueueEntry, QueueStore, SpoolOwnership
 
 log = logging.getLogger("smtpgate.queue")
 
@@ -33,8 +36,18 @@ _RESTART_RESET = 60.0  # a process that ran this long restarts after _RESTART_MI
 _DELIVERY_LOCK_WAIT = 60.0  # seconds a new delivery process waits for its predecessor
 
 
-def build_manager(cfg: Config) -> QueueManager:
-    """The :class:`QueueManager` for a configuration: spool, outbound (relay or MX), DSNs."""
+def build_manager(cfg: Config, hooks: HookRunner | None = None) -> QueueManager:
+    """The :class:`QueueManager` for a configuration: spool, outbound (relay or MX), DSNs,
+    and the plugins' ``delivered`` stage told every delivery outcome.
+
+    Args:
+        cfg: the configuration.
+        hooks: the plugin chain (the server's, when delivery runs in process); ``None``
+            builds it from ``cfg`` (the delivery process).
+
+    Raises:
+        ConfigError: the plugin chain cannot be built.
+    """
     from ..delivery.mx import MxDelivery
     from ..delivery.upstream import UpstreamDelivery
     from .outbound import MxOutbound, RelayOutbound, dsn_factory
@@ -52,12 +65,38 @@ def build_manager(cfg: Config) -> QueueManager:
             cfg.relay.url, timeout=cfg.relay.timeout, helo_name=cfg.server.hostname,
             cafile=cfg.relay.cafile or None,
         ))
+    if hooks is None:
+        from ..plugins import load_plugins
+
+        hooks = HookRunner(timeout=cfg.hooks.timeout)
+        load_plugins(cfg, hooks)
     schedule = RetrySchedule(q.min_backoff, q.max_backoff, q.max_lifetime)
     return QueueManager(
         store, outbound, schedule=schedule, workers=q.workers,
         per_destination=q.per_destination, scan_interval=q.scan_interval,
         delay_warning=q.delay_warning, make_dsn=dsn_factory(cfg.server.hostname, schedule),
+        on_outcome=_delivered_stage(hooks) if hooks.has(Stage.DELIVERED) else None,
     )
+
+
+def _delivered_stage(hooks: HookRunner) -> OutcomeHook:
+    """Run the ``delivered`` chain for one recipient's outcome, with the session and
+    transaction rebuilt from the queue entry (client facts, envelope, message)."""
+
+    async def run(entry: QueueEntry, rcpt: QueuedRecipient, reply: Reply,
+                  message: bytes) -> None:
+        client = entry.client
+        session = SessionInfo(
+            session_id=client.get("session", ""), peer_ip=client.get("ip", ""), peer_port=0,
+            helo_name=client.get("helo") or None, auth_user=client.get("auth") or None,
+            tls_version=client.get("tls") or None,
+        )
+        tx = Transaction(entry.to_envelope(pending_only=False), entry.id)
+        tx.message = message
+        await hooks.run(Stage.DELIVERED, session, tx, Recipient(rcpt.address,
+                                                                 dict(rcpt.params)), reply)
+
+    return run
 
 
 def _child_main(cfg: Config, commands: Connection, events: Connection, clean: bool) -> None:

@@ -14,8 +14,9 @@ import logging
 import socket
 from collections.abc import Sequence
 
-from ..policy.limits import Admission, AdmissionKind, client_key
+from ..net import client_key
 from ..reply import R, Reply
+from .admission import Admission, AdmissionKind
 from .context import ServerContext
 from .session import Session
 
@@ -130,7 +131,7 @@ class SmtpServer:
                 gets 421 like anyone.
 
         Returns:
-            An :class:`~smtpgate.policy.limits.Admission`; unless its kind is
+            An :class:`~smtpgate.server.admission.Admission`; unless its kind is
             ``DROP`` the connection is counted and must be released with
             :meth:`release`.
         """

@@ -26,7 +26,7 @@ from ..delivery.received import build_received
 from ..envelope import Envelope, Recipient, SessionInfo
 from ..errors import AuthError, DeliveryError
 from ..hooks import HookResult, Stage, Transaction, Verdict, default_reply
-from ..policy.limits import AdmissionKind
+from ..net import client_key
 from ..protocol import (
     NEED_DATA,
     AuthCredentials,
@@ -45,6 +45,7 @@ from ..protocol import (
     Vrfy,
 )
 from ..reply import R, Reply
+from .admission import AdmissionKind
 
 if TYPE_CHECKING:
     from .context import ServerContext
@@ -94,12 +95,6 @@ def _feed_protocol(proto: Any, data: bytes) -> None:
             data = data[n:]
     else:
         proto.data_received(data)
-
-
-def _normalise_ip(ip: str) -> str:
-    if ip.startswith("::ffff:") and "." in ip:
-        return ip[7:]
-    return ip
 
 
 class _Timeout(Exception):
@@ -169,7 +164,7 @@ class Session(asyncio.Protocol):
             peer = ("", 0)
         if not isinstance(sock, tuple):
             sock = ("", 0)
-        ip = _normalise_ip(str(peer[0])) if peer and isinstance(peer, tuple) else ""
+        ip = client_key(str(peer[0])) if peer and isinstance(peer, tuple) else ""
         if self.ctx.forced_peer_ip:
             ip = self.ctx.forced_peer_ip
         self._ip = ip
@@ -197,7 +192,7 @@ class Session(asyncio.Protocol):
             session_id=_new_session_id(),
             peer_ip=ip,
             peer_port=int(peer[1]) if len(peer) > 1 else 0,
-            local_ip=_normalise_ip(str(sock[0])) if sock else "",
+            local_ip=client_key(str(sock[0])) if sock else "",
             local_port=int(sock[1]) if len(sock) > 1 else 0,
             hostname=self.ctx.protocol.hostname,
         )
@@ -266,7 +261,7 @@ class Session(asyncio.Protocol):
         rest = bytes(buf[used:])
         self._proxy_buf = None
         if info_p.command == "PROXY" and info_p.source is not None:
-            real_ip = _normalise_ip(info_p.source[0])
+            real_ip = client_key(info_p.source[0])
             over = self.server.rebind(
                 self, self._ip, real_ip, exempt=_trusted(real_ip, self.ctx.limit_exceptions)
             )
@@ -280,7 +275,7 @@ class Session(asyncio.Protocol):
             self.info.peer_ip = real_ip
             self.info.peer_port = info_p.source[1]
             if info_p.destination is not None:
-                self.info.local_ip = _normalise_ip(info_p.destination[0])
+                self.info.local_ip = client_key(info_p.destination[0])
                 self.info.local_port = info_p.destination[1]
         if self.ctx.implicit_tls:
             if self.transport is not None:
