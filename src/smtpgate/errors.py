@@ -26,15 +26,15 @@ class ConfigError(SmtpgateError):
 
 
 class ProtocolError(SmtpgateError):
-    """A protocol violation; carries the reply to send (h11's error_status_hint)."""
+    """A protocol violation; carries the reply to send (h11's error_status_hint).
+
+    The peer's violations are never raised: the protocol core answers them with an
+    ``AutoReply`` event. Only :class:`LocalProtocolError` (the driver's misuse) is.
+    """
 
     def __init__(self, reply: Reply, detail: str = "") -> None:
         self.reply = reply
         super().__init__(detail or str(reply))
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer broke the protocol."""
 
 
 class LocalProtocolError(ProtocolError):

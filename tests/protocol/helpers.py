@@ -19,7 +19,9 @@ from smtpgate.protocol import (
     AutoReply,
     Data,
     DataComplete,
+    Etrn,
     Event,
+    Expn,
     Helo,
     MailFrom,
     ProtocolConfig,
@@ -29,6 +31,7 @@ from smtpgate.protocol import (
     ServerConnection,
     StartTls,
     State,
+    UnknownCommand,
     Vrfy,
 )
 from smtpgate.reply import Reply
@@ -69,6 +72,12 @@ def default_reply(conn: ServerConnection, ev: Event) -> Reply:
         return Reply(535, "5.7.8", "Bad credentials")
     if isinstance(ev, Vrfy):
         return Reply(252, "2.5.0", "Cannot VRFY")
+    if isinstance(ev, Expn):
+        return Reply(250, "2.1.5", f"<{ev.argument}@example.org>")
+    if isinstance(ev, Etrn):
+        return Reply(250, "2.0.0", "Queue run started")
+    if isinstance(ev, UnknownCommand):
+        return ev.reply
     assert isinstance(ev, AutoReply), ev
     return ev.reply
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from smtpgate.protocol import MailFrom, RcptTo
-from smtpgate.protocol.grammar import PathSyntaxError, parse_params, parse_path
+from smtpgate.protocol.grammar import PathSyntaxError, parse_params, parse_path, sloppy_path
 
 from .helpers import EHLO, Dialogue
 
@@ -166,3 +168,53 @@ def test_grammar_through_the_connection() -> None:
     assert out == ["250", "250 2.1.0", "250 2.1.5", "250 2.1.5", "501 5.1.3", "501 5.1.3"]
     assert d.of_type(MailFrom) == [MailFrom('"a > b"@example.org', {"SIZE": "10"})]
     assert d.of_type(RcptTo) == [RcptTo("u@[192.0.2.1]", {}), RcptTo("u@[IPv6:::1]", {})]
+
+
+# ------------------------------------------------- sloppy MAIL FROM (ZMailer "S" flag)
+
+
+@pytest.mark.parametrize(
+    ("argument", "rewritten"),
+    [
+        ("user@domain", "<user@domain>"),
+        ("user@domain SIZE=100 BODY=8BITMIME", "<user@domain> SIZE=100 BODY=8BITMIME"),
+        (" user@domain", "<user@domain>"),  # blanks after the colon (ZMailer skips them)
+        ("\tuser@domain\t SIZE=1", "<user@domain> SIZE=1"),
+        ('"john doe"@example.com SIZE=5', '<"john doe"@example.com> SIZE=5'),
+        ('"a\\" b"@example.com', '<"a\\" b"@example.com>'),
+        ("user", "<user>"),  # judged later by the parser
+        ("<user@domain>", None),
+        ("  <user@domain> SIZE=1", None),
+        ("", None),
+        ("   ", None),
+        ("user@domain>", None),
+        ("us<er@domain", None),
+    ],
+)
+def test_sloppy_path(argument: str, rewritten: str | None) -> None:
+    assert sloppy_path(argument) == rewritten
+
+
+@given(st.text(max_size=80))
+def test_sloppy_path_never_raises_and_brackets(argument: str) -> None:
+    out = sloppy_path(argument)
+    if out is not None:
+        assert out.startswith("<") and ">" in out
+        assert out.count("<") == 1
+
+
+def test_core_uses_sloppy_path_only_when_allowed() -> None:
+    line = b'MAIL FROM:"john doe"@example.com SIZE=5\r\n'
+    d = Dialogue()
+    assert d.codes(EHLO + line) == ["250", "501 5.1.7"]
+    d = Dialogue()
+    d.conn.allow_sloppy_paths = True
+    assert d.codes(EHLO + line + b"RSET\r\nMAIL FROM:\tu@example.com\r\n") == [
+        "250", "250 2.1.0", "250 2.0.0", "250 2.1.0",
+    ]
+    assert d.of_type(MailFrom) == [
+        MailFrom('"john doe"@example.com', {"SIZE": "5"}),
+        MailFrom("u@example.com", {}),
+    ]
+    # A bracket in the bare token is left for the parser to refuse.
+    assert d.codes(b"RSET\r\nMAIL FROM:u@example.com>\r\n") == ["250 2.0.0", "501 5.1.7"]
