@@ -94,12 +94,6 @@ class Rule:
         """True when the input is accepted in this state."""
         return self.refusal is None
 
-    def next_state(self, code: int) -> State | None:
-        """The state after reply ``code`` to this input, or ``None`` to stay."""
-        if self.refusal is not None:
-            return None
-        return self.then if self.on.matches(code) else self.otherwise
-
 
 # Pseudo-inputs (lower case, so they never collide with a command verb).
 GREETING = "greeting"
