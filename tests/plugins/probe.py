@@ -7,7 +7,8 @@ Options:
     stages: the stages to register a hook on.
     answers: stage → what to answer: ``"CODE X.Y.Z text"`` (a reply: 2xx/3xx OK,
         4xx DENYSOFT, 5xx DENY), ``"sleep"`` (sleep far past any timeout), ``"raise"``
-        (raise RuntimeError).
+        (raise RuntimeError), ``"quarantine"`` (QUARANTINE into ``quarantine_path`` with
+        ``250 2.0.0 Quarantined``).
     when: stage → a substring the call's subject must contain for the answer to apply
         (the subject: the sender, the recipient, the header block, the command line...).
     priorities: stage → the priority of that stage's hook (default: the plugin's).
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpgate.envelope import Recipient, SessionInfo
-from smtpgate.hooks import Stage, Transaction
+from smtpgate.hooks import HookResult, Stage, Transaction, Verdict
 from smtpgate.plugins import Option, PluginRegistry
 from smtpgate.reply import Reply
 
@@ -35,6 +36,7 @@ OPTIONS = {
     "when": Option(dict, default={}),
     "priorities": Option(dict, default={}),
     "fail_register": Option(bool, default=False),
+    "quarantine_path": Option(str, default=""),
 }
 
 
@@ -99,7 +101,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     priorities: dict[str, int] = options["priorities"]
 
     def make(stage: Stage) -> Any:
-        async def hook(*args: Any) -> Reply | None:
+        async def hook(*args: Any) -> HookResult | Reply | None:
             facts = _subject(stage, args)
             if record:
                 with open(record, "a") as fh:
@@ -112,6 +114,9 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
                 await asyncio.sleep(3600)
             if answer == "raise":
                 raise RuntimeError(f"probe raised at {stage.value}")
+            if answer == "quarantine":
+                return HookResult(Verdict.QUARANTINE, Reply(250, "2.0.0", "Quarantined"),
+                                  quarantine=options["quarantine_path"], reason="probe")
             return _parse(answer)
 
         hook.__name__ = stage.value

@@ -376,3 +376,44 @@ def test_delivered_queue_mode_not_told_at_acceptance(run_app, raw, records: Reco
                                          for r in recs))
     assert [(r["subject"], r["reply"]) for r in done if r["stage"] == "delivered"] == [
         ("x@example.net", "250 2.0.0 Ok: queued upstream")]
+
+
+# ---------------------------------------------------------------- quarantine
+
+
+@pytest.mark.parametrize("stage", ["headers", "data"])
+def test_quarantine_at_data(run_app, raw, capture: Capture, records: Records, tmp_path: Path,
+                            stage: str) -> None:
+    """QUARANTINE (data and headers): the message goes to the quarantine Maildir instead
+    of delivery, the result's reply is sent; the later hooks and delivered do not run."""
+    qdir = tmp_path / "quarantine"
+    app = run_app(plugins(probe(records, stages=[stage, "delivered"],
+                                answers={stage: "quarantine"}, quarantine_path=str(qdir))),
+                  deliver=capture)
+    c = raw(app.port)
+    start_tx(c)
+    assert data(c) == b"250 2.0.0 Quarantined"
+    assert capture.messages == []
+    [name] = os.listdir(qdir / "new")
+    stored = (qdir / "new" / name).read_bytes()
+    assert stored.startswith(b"Received: ") and stored.endswith(MSG)
+    assert records.all("delivered") == []
+
+
+def test_quarantine_outside_data_does_not_accept(run_app, raw, records: Records,
+                                                 tmp_path: Path) -> None:
+    """QUARANTINE is a data-stage verdict. At rcpt it must not act as an OK that skips
+    relay control.
+
+    Fails today: HookRunner.run stops at the first non-CONT result, QUARANTINE included,
+    and Session._on_rcpt treats anything that is not a denial as an acceptance, so the
+    recipient is accepted without the relay check.
+    """
+    app = run_app(plugins(probe(records, stages=["rcpt"], answers={"rcpt": "quarantine"},
+                                priorities={"rcpt": -100},
+                                quarantine_path=str(tmp_path / "q")),
+                          relay={"local_networks": [], "relay_domains": []}))
+    c = raw(app.port)
+    c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<a@example.org>").startswith(b"250")
+    assert not c.cmd("RCPT TO:<x@elsewhere.example>").startswith(b"250")
