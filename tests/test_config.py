@@ -155,7 +155,6 @@ def test_defaults_every_key() -> None:
             assert type(got) is type(value), f"{section}.{key}"
     assert not cfg.tls.enabled
     assert not cfg.auth.enabled
-    assert cfg.server.banner == f"{socket.gethostname()} ESMTP smtpgate"
     assert cfg.relay.networks == (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -216,7 +215,7 @@ def test_values_are_stored_normalised() -> None:
     assert cfg.server.shutdown_timeout == 0.0
     assert cfg.server.max_line_length == 0
     assert cfg.server.bare_line_endings == "normalize"
-    assert cfg.server.banner == "mx.example.org ready"
+    assert cfg.server.greeting == "%H ready"
     assert cfg.tls.min_version == "TLSv1.3"
     assert cfg.auth.mechanisms == ("LOGIN", "PLAIN")
     assert cfg.auth.enabled

@@ -257,6 +257,8 @@ class Smtpgate:
             lmtp=listener is not None and listener.protocol == "lmtp",
             require_auth=listener is not None and listener.require_auth,
             expn=s.expn,
+            unknown_events=True,  # the ``unknown`` stage: a plugin may answer it
+            max_error_recipients=s.max_error_recipients,
         )
         if s.help_text:
             config = dataclasses.replace(config, help_text=s.help_text)
@@ -277,7 +279,6 @@ class Smtpgate:
             received_tls_peer=s.received_tls_peer,
             vrfy_enabled=s.vrfy,
             expn_enabled=s.expn,
-            max_error_recipients=s.max_error_recipients,
             hooks=self.hooks,
             delivery=delivery,
             authenticator=self.authenticator,

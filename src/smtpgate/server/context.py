@@ -55,7 +55,6 @@ class ServerContext:
         received_tls_peer: put the client certificate's subject into Received.
         vrfy_enabled / expn_enabled: answer VRFY / EXPN (through the ``vrfy`` stage);
             off: ``252 2.5.0`` / ``502 5.5.1``.
-        max_error_recipients: recipients allowed on a message from ``<>``.
         forced_peer_ip: treat every client as coming from this address (policy test).
     """
 
@@ -82,5 +81,4 @@ class ServerContext:
     received_tls_peer: bool = False
     vrfy_enabled: bool = False
     expn_enabled: bool = False
-    max_error_recipients: int = 0
     forced_peer_ip: str | None = None

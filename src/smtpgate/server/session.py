@@ -42,6 +42,7 @@ from ..protocol import (
     Rset,
     ServerConnection,
     StartTls,
+    UnknownCommand,
     Vrfy,
 )
 from ..reply import R, Reply
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smtpgate.session")
 
-_NULL_SENDER_RCPTS = Reply(452, "4.5.3", "Too many recipients for a message from <>")
 _PAUSE_AT = 1 << 20  # bytes of unprocessed command input before we stop reading
 _REFUSED_HOLD = 2.0  # seconds a refused connection keeps its slot (see connection_made)
 _ids = itertools.count(1)
@@ -534,6 +534,9 @@ class Session(asyncio.Protocol):
                 elif t is Expn:
                     assert isinstance(ev, Expn)
                     reply = await self._on_vrfy(ev.argument, "expn")
+                elif t is UnknownCommand:
+                    assert isinstance(ev, UnknownCommand)
+                    reply = await self._on_unknown(ev)
                 elif t is Etrn:
                     assert isinstance(ev, Etrn)
                     reply = self._on_etrn(ev)
@@ -705,6 +708,20 @@ class Session(asyncio.Protocol):
                 return result.reply
         return R.VRFY
 
+    async def _on_unknown(self, ev: UnknownCommand) -> Reply:
+        """An unrecognised command: the ``unknown`` stage may answer it (OK with a reply);
+        else the core's ``500 5.5.1`` (RFC 5321 §4.2.4), which counts toward
+        ``max_unknown_commands``."""
+        hooks = self.ctx.hooks
+        if hooks.has(Stage.UNKNOWN):
+            assert self.info is not None
+            result = await hooks.run(Stage.UNKNOWN, self.info, ev.verb, ev.line)
+            if result.verdict.is_denial:
+                return self._denial(Stage.UNKNOWN, result)
+            if result.verdict is Verdict.OK and result.reply is not None:
+                return result.reply
+        return ev.reply
+
     async def _on_data_start(self) -> Reply:
         """DATA: the ``data_start`` stage, then ``354`` (RFC 5321 §4.1.1.4)."""
         hooks = self.ctx.hooks
@@ -768,9 +785,6 @@ class Session(asyncio.Protocol):
         info = self.info
         tx = self.transaction
         assert info is not None and tx is not None
-        limit = self.ctx.max_error_recipients
-        if limit and tx.envelope.mail_from == "" and len(tx.envelope.rcpt_to) >= limit:
-            return _NULL_SENDER_RCPTS
         rcpt = Recipient(ev.address, dict(ev.params))
         hooks = self.ctx.hooks
         reply: Reply | None = None
