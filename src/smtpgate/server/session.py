@@ -2,7 +2,8 @@
 
 Entry point: :class:`Session` (an ``asyncio.Protocol``), created by
 :class:`smtpgate.server.listener.SmtpServer`. It feeds received bytes to the sans-IO
-core, awaits hooks, policy and delivery for each event, and writes the replies,
+core, runs the plugin chain of each stage (it knows no individual check) and the
+delivery, and writes the replies,
 batched while the client pipelines (RFC 2920). Timeouts (RFC 5321 §4.5.3.2) are
 deadlines per request, as Postfix's ``smtpd_per_request_deadline`` and
 ``smtpd_min_data_rate``: a whole command line within ``command_timeout``, message data
@@ -921,8 +922,9 @@ class Session(asyncio.Protocol):
                 await utx.abort()
 
     async def _message(self, ev: DataComplete, utx: Any) -> Reply:
-        """End of data: scanners, data hook, then delivery (or the upstream transaction's
-        data in proxy mode, whose reply is the client's)."""
+        """End of data: the ``headers`` and ``data`` stages (QUARANTINE stores the message
+        aside), the ``queue`` stage, then delivery (or the upstream transaction's data in
+        proxy mode, whose reply is the client's) and the ``delivered`` stage."""
         info = self.info
         tx = self.transaction
         assert info is not None and tx is not None
@@ -947,7 +949,7 @@ class Session(asyncio.Protocol):
                 self._log_tx(tx, len(ev.data), reply, started,
                              result.reason or f"{stage.value} hook")
                 return reply
-            # OK skips the rest of that stage's chain (at data: the scanners' verdict)
+            # OK skips the rest of that stage's chain only
         message = tx.raw if tx.modified else ev.data
         if not envelope.rcpt_to:
             reply = tx.reply or R.OK.with_text("Message accepted; no recipients left")
