@@ -417,3 +417,32 @@ def test_quarantine_outside_data_does_not_accept(run_app, raw, records: Records,
     c.cmd("EHLO client.test")
     assert c.cmd("MAIL FROM:<a@example.org>").startswith(b"250")
     assert not c.cmd("RCPT TO:<x@elsewhere.example>").startswith(b"250")
+
+
+# ------------------------------------------------------------------- connect
+
+
+@pytest.mark.parametrize("answer", ["sleep", "raise"])
+def test_connect_hook_failure_gives_421(run_app, raw, answer: str) -> None:
+    """A timeout or an exception at connect: RFC 5321 §3.1 allows no 4xx greeting but 421,
+    which closes the connection (§3.8; hooks/verdict.py says so for the DENYSOFT default).
+
+    Fails today: the runner's ``451 4.3.0`` becomes the greeting and the session goes on
+    (server/session.py ``Session._run`` closes only for a DISCONNECT verdict or a 421).
+    """
+    app = run_app(plugins(probe(stages=["connect"], answers={"connect": answer},
+                                timeout=0.2)))
+    c = raw(app.port)
+    assert c.greeting.startswith(b"421 4.3.0 "), c.greeting
+    assert c.closed_by_peer()
+
+
+def test_connect_deny_and_denysoft(run_app, raw) -> None:
+    app = run_app(plugins(probe(stages=["connect"], answers={"connect": "554 5.7.1 Go away"})))
+    c = raw(app.port)
+    assert c.greeting == b"554 5.7.1 Go away"
+    app2 = run_app(plugins(probe(stages=["connect"],
+                                 answers={"connect": "421 4.7.0 Busy, closing"})))
+    c2 = raw(app2.port)
+    assert c2.greeting == b"421 4.7.0 Busy, closing"
+    assert c2.closed_by_peer()
