@@ -13,7 +13,9 @@ did. The scanner set is offered to the application as ``"scanners"``.
 from __future__ import annotations
 
 from ..envelope import SessionInfo
+from ..errors import ConfigError
 from ..hooks import HookResult, Transaction, Verdict
+from ..scanners.base import parse_scanner_address
 from ..scanners.stage import ScannerSet
 from . import Option, PluginRegistry
 
@@ -23,8 +25,22 @@ OPTIONS: dict[str, Option] = {}
 
 
 def register(registry: PluginRegistry, options: dict[str, object]) -> None:
-    """Build the scanner clients; register the scan and enforce hooks."""
+    """Check the scanner addresses, build the clients; register the scan and enforce hooks.
+
+    Raises:
+        ConfigError: a malformed ``scanner[N].address`` or ``controller``.
+    """
     cfg = registry.config
+    problems: list[str] = []
+    for i, table in enumerate(cfg.scanners):
+        for key, value in (("address", table.address), ("controller", table.controller)):
+            if value:
+                try:
+                    parse_scanner_address(value)
+                except ValueError as exc:
+                    problems.append(f"scanner[{i}].{key}: {exc}")
+    if problems:
+        raise ConfigError(problems)
     scanners = ScannerSet.from_config(cfg.scanners, cfg.server.hostname)
     registry.provide("scanners", scanners)
 
