@@ -280,6 +280,7 @@ class Smtpgate:
             vrfy_enabled=s.vrfy,
             expn_enabled=s.expn,
             hooks=self.hooks,
+            delivered_in_session=self.delivery_mode != "queue",
             delivery=delivery,
             authenticator=self.authenticator,
             auth_limiter=FailureLimiter(a.max_failures, a.failure_window),

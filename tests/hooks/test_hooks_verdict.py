@@ -156,6 +156,6 @@ def test_stage_is_a_str_enum() -> None:
     assert isinstance(Stage.RCPT, str) and str(Stage.RCPT) == "rcpt"
     assert {"rcpt": 1}[Stage.RCPT] == 1
     assert [s.value for s in Stage] == [
-        "connect", "helo", "mail", "rcpt", "data", "quit", "error", "auth", "data_start",
-        "headers", "rset", "unknown", "vrfy", "queue", "delivered",
+        "connect", "helo", "auth", "mail", "rcpt", "data_start", "headers", "data", "queue",
+        "delivered", "vrfy", "unknown", "rset", "error", "quit",
     ]

@@ -20,10 +20,8 @@ from smtpgate.policy.helo_rules import (
     check_helo_syntax,
     glob_to_regex,
     parse_zmailer_table,
-    sloppy_path,
     strict_address_ok,
 )
-from smtpgate.protocol.grammar import PathSyntaxError, parse_path
 
 # The HELO table of the sample smtpserver.conf in ZMailer's smtpserver(8) man page.
 MAN_PAGE_TABLE = """\
@@ -392,52 +390,6 @@ def test_bad_helo_reply() -> None:
 )
 def test_strict_address_ok(address: str, recipient: bool, ok: bool) -> None:
     assert strict_address_ok(address, recipient=recipient) is ok
-
-
-@pytest.mark.parametrize(
-    ("argument", "rewritten"),
-    [
-        ("user@domain", "<user@domain>"),
-        ("user@domain SIZE=100 BODY=8BITMIME", "<user@domain> SIZE=100 BODY=8BITMIME"),
-        (" user@domain", "<user@domain>"),  # blanks after the colon (ZMailer skips them)
-        ("\tuser@domain\t SIZE=1", "<user@domain> SIZE=1"),
-        ('"john doe"@example.com SIZE=5', '<"john doe"@example.com> SIZE=5'),
-        ('"a\\" b"@example.com', '<"a\\" b"@example.com>'),
-        ("user", "<user>"),  # judged later by the parser and the R flag
-        ("<user@domain>", None),
-        ("  <user@domain> SIZE=1", None),
-        ("", None),
-        ("   ", None),
-        ("user@domain>", None),
-        ("us<er@domain", None),
-    ],
-)
-def test_sloppy_path(argument: str, rewritten: str | None) -> None:
-    assert sloppy_path(argument) == rewritten
-
-
-def test_sloppy_path_feeds_the_real_parser() -> None:
-    # What the session does with the S flag: rewrite, then the ordinary RFC 5321 parser.
-    raw = "user@example.com SIZE=1000"
-    with pytest.raises(PathSyntaxError):
-        parse_path(raw, reverse=True, smtputf8_allowed=False)
-    fixed = sloppy_path(raw)
-    assert fixed is not None
-    assert parse_path(fixed, reverse=True, smtputf8_allowed=False) == (
-        "user@example.com",
-        "SIZE=1000",
-    )
-    quoted = sloppy_path('"john doe"@example.com')
-    assert quoted is not None
-    assert parse_path(quoted, reverse=True, smtputf8_allowed=False)[0] == '"john doe"@example.com'
-
-
-@given(st.text(max_size=80))
-def test_sloppy_path_never_raises_and_brackets(argument: str) -> None:
-    out = sloppy_path(argument)
-    if out is not None:
-        assert out.startswith("<") and ">" in out
-        assert out.count("<") == 1
 
 
 # ------------------------------------------------------------------ ZMailer table parser

@@ -321,6 +321,10 @@ class HookRunner:
             )
             result = CONT_RESULT if hook.on_error == "accept" else HookResult(
                 Verdict.DENYSOFT, R.HOOK_ERROR)
+        if result.verdict is Verdict.QUARANTINE and stage not in (Stage.HEADERS, Stage.DATA):
+            log.error("hook %s at %s answered QUARANTINE, which only the headers and data "
+                      "stages allow (session %s)", hook.name, stage.value, session_id)
+            result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "hook decision stage=%s hook=%s verdict=%s reply=%s session=%s",

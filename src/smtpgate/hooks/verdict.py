@@ -135,7 +135,8 @@ class Stage(StrEnum):
         ERROR: an error reply is about to be sent; verdicts ignored (nssmtpd
             ``errorproc``; the tarpit delays it here).
         AUTH: after an AUTH exchange, successful or not; a denial refuses it.
-        DATA_START: at DATA or the first BDAT of a transaction, before ``354``.
+        DATA_START: at DATA, before ``354`` (not yet at BDAT: the core answers BDAT
+            chunks itself).
         HEADERS: at the end of the header block, with the parsed headers.
         RSET: after RSET; verdicts ignored.
         UNKNOWN: an unrecognised command; an OK with a reply answers it.
@@ -146,21 +147,22 @@ class Stage(StrEnum):
             mode: in the delivery process); verdicts ignored.
     """
 
+    # In the order a session meets them (``smtpgate plugins`` lists them so).
     CONNECT = "connect"
     HELO = "helo"
+    AUTH = "auth"
     MAIL = "mail"
     RCPT = "rcpt"
-    DATA = "data"
-    QUIT = "quit"
-    ERROR = "error"
-    AUTH = "auth"
     DATA_START = "data_start"
     HEADERS = "headers"
-    RSET = "rset"
-    UNKNOWN = "unknown"
-    VRFY = "vrfy"
+    DATA = "data"
     QUEUE = "queue"
     DELIVERED = "delivered"
+    VRFY = "vrfy"
+    UNKNOWN = "unknown"
+    RSET = "rset"
+    ERROR = "error"
+    QUIT = "quit"
 
 
 NOTIFY_STAGES = frozenset({Stage.QUIT, Stage.ERROR, Stage.RSET, Stage.DELIVERED})

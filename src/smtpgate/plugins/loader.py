@@ -122,7 +122,8 @@ def build_chain(config: Config, runner: HookRunner) -> dict[str, object]:
     """
     problems: list[str] = []
     provides: dict[str, object] = {}
-    relay_removed = any(t.use == "relay" and not t.enabled for t in config.plugins)
+    rcpt_deciders = 0  # plugins at rcpt that can stand in for relay control
+    relay_table = next((t for t in config.plugins if t.use == "relay" and not t.enabled), None)
     allow_open = any(t.use == "relay" and t.options.get("allow_open_relay") is True
                      for t in config.plugins)
     for planned in plan_chain(config):
@@ -160,13 +161,20 @@ def build_chain(config: Config, runner: HookRunner) -> dict[str, object]:
                             f"{type(exc).__name__}: {exc}")
             continue
         provides.update(registry.provides)
-    if relay_removed and not allow_open and not runner.has(Stage.RCPT) and not problems:
-        problems.append("plugin: relay control is disabled and no other plugin decides at "
-                        "rcpt: this would be an open relay; set allow_open_relay = true in "
-                        "that [[plugin]] table if that is what you want")
+        if Stage.RCPT in registry.stages and planned.module not in _NOT_RELAY_DECIDERS:
+            rcpt_deciders += 1
+    if relay_table is not None and not allow_open and not rcpt_deciders and not problems:
+        problems.append(f"plugin[{relay_table.index}]: relay control is disabled and no "
+                        "other plugin decides at rcpt: this would be an open relay; set "
+                        "allow_open_relay = true in that [[plugin]] table if that is what "
+                        "you want")
     if problems:
         raise ConfigError(problems)
     return provides
+
+
+# Built-ins that check recipients but never decide who may relay.
+_NOT_RELAY_DECIDERS = frozenset({"smtpgate.plugins.helo_rules", "smtpgate.plugins.address_check"})
 
 
 def _default_priority(module: ModuleType, table: PluginConfig | None) -> int:

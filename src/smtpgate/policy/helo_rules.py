@@ -1,7 +1,7 @@
 """ZMailer-style HELO-glob table: per-client "style" flags chosen by the HELO/EHLO name.
 
 Entry points: :class:`HeloRules` (``from_config``, ``match``), :class:`HeloPolicy`,
-:func:`check_helo_syntax`, :func:`strict_address_ok`, :func:`sloppy_path`,
+:func:`check_helo_syntax`, :func:`strict_address_ok`,
 :func:`parse_zmailer_table`. RFCs: 5321 §4.1.1.1 (HELO/EHLO argument), §4.1.2
 (Domain, address literals), §4.1.3, §4.1.1.3 (Postmaster), 1035 §2.3.1 / 1123 §2.1 (labels).
 """
@@ -30,7 +30,6 @@ __all__ = [
     "check_helo_syntax",
     "glob_to_regex",
     "parse_zmailer_table",
-    "sloppy_path",
     "strict_address_ok",
 ]
 
@@ -246,48 +245,6 @@ def strict_address_ok(address: str, *, recipient: bool) -> bool:
     return check_helo_syntax(domain)
 
 
-def _scan_sloppy_token(text: str) -> int:
-    """Index just past a whitespace-delimited token; quoted strings may hold spaces."""
-    in_quote = False
-    escaped = False
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and in_quote:
-            escaped = True
-        elif ch == '"':
-            in_quote = not in_quote
-        elif ch in " \t" and not in_quote:
-            return i
-    return len(text)
-
-
-def sloppy_path(argument: str) -> str | None:
-    """Bracket a bare ``user@domain`` reverse-path (the ``S`` flag).
-
-    ZMailer's ``S`` style accepts ``MAIL FROM:user@domain`` from clients that
-    cannot follow RFC 821 (its example: Windows CE). This rewrites the argument so
-    the ordinary RFC 5321 path parser can take it: ``"user@domain SIZE=10"`` →
-    ``"<user@domain> SIZE=10"``. The mailbox itself is not judged here.
-
-    Args:
-        argument: the text after ``MAIL FROM:`` (leading blanks are skipped).
-
-    Returns:
-        The rewritten argument, or None when there is nothing to rewrite: the
-        argument is empty, already starts with ``<``, or the bare token holds
-        ``<`` or ``>`` (left for the parser to reject).
-    """
-    text = argument.lstrip(" \t")
-    if not text or text.startswith("<"):
-        return None
-    end = _scan_sloppy_token(text)
-    token, rest = text[:end], text[end:].strip(" \t")
-    if not token or "<" in token or ">" in token:
-        return None
-    return f"<{token}> {rest}" if rest else f"<{token}>"
-
-
 # ---------------------------------------------------------------------------- rules
 
 
@@ -364,7 +321,8 @@ class HeloPolicy:
 
     @property
     def sloppy_mail_from(self) -> bool:
-        """``S``: accept MAIL FROM without angle brackets (see :func:`sloppy_path`)."""
+        """``S``: accept MAIL FROM without angle brackets
+        (see :func:`smtpgate.protocol.grammar.sloppy_path`)."""
         return "S" in self.flags
 
     @property

@@ -56,6 +56,8 @@ class ServerContext:
         vrfy_enabled / expn_enabled: answer VRFY / EXPN (through the ``vrfy`` stage);
             off: ``252 2.5.0`` / ``502 5.5.1``.
         forced_peer_ip: treat every client as coming from this address (policy test).
+        delivered_in_session: run the ``delivered`` stage after delivery here (local and
+            proxy delivery); False in queue mode, where the delivery process runs it.
     """
 
     protocol: ProtocolConfig
@@ -82,3 +84,4 @@ class ServerContext:
     vrfy_enabled: bool = False
     expn_enabled: bool = False
     forced_peer_ip: str | None = None
+    delivered_in_session: bool = True

@@ -460,6 +460,9 @@ class Session(asyncio.Protocol):
                 result = await hooks.run(Stage.CONNECT, info)
                 if result.verdict.is_denial:
                     greeting = self._denial(Stage.CONNECT, result)
+                    if greeting.is_transient and greeting.code != 421:
+                        # RFC 5321 §3.1/§3.8: the only 4xx greeting is 421 (then close)
+                        greeting = Reply(421, greeting.enhanced, greeting.text)
                     if result.disconnect or greeting.code == 421:
                         self._out.append(conn.close_reply(greeting))
                         reason = "rejected"
@@ -976,6 +979,8 @@ class Session(asyncio.Protocol):
                 self._messages += 1
                 self._log_tx(tx, len(message), result.reply, started, "taken by queue hook")
                 return result.reply
+            if tx.modified:  # a queue hook may still edit the message (results_header)
+                message = tx.raw
         try:
             if utx is not None:
                 reply = await utx.data(envelope, received + message)
@@ -983,24 +988,33 @@ class Session(asyncio.Protocol):
                 reply = await self.ctx.delivery.deliver(envelope, received + message, info)
         except DeliveryError as exc:
             reply = exc.reply
+            await self._delivered(tx, reply)
             self._log_tx(tx, len(message), reply, started, "delivery failed")
             return reply
         except Exception:
             log.exception("transaction %s: delivery raised", tx.id)
             reply = R.TEMP_ERROR
+            await self._delivered(tx, reply)
             self._log_tx(tx, len(message), reply, started, "delivery error")
             return reply
+        await self._delivered(tx, reply)
         if not reply.is_positive:
             self._log_tx(tx, len(message), reply, started, "delivery refused")
             return reply
         self._messages += 1
-        if hooks.has(Stage.DELIVERED):
-            for rcpt in envelope.rcpt_to:
-                await hooks.run(Stage.DELIVERED, info, tx, rcpt, reply)
         if tx.reply is not None and tx.reply.code < 300:
             reply = tx.reply
         self._log_tx(tx, len(message), reply, started, "delivered")
         return reply
+
+    async def _delivered(self, tx: Transaction, reply: Reply) -> None:
+        """The ``delivered`` stage, per recipient, when the outcome is known here (local
+        and proxy delivery; in queue mode the delivery process runs it)."""
+        hooks = self.ctx.hooks
+        if self.ctx.delivered_in_session and hooks.has(Stage.DELIVERED):
+            assert self.info is not None
+            for rcpt in tx.envelope.rcpt_to:
+                await hooks.run(Stage.DELIVERED, self.info, tx, rcpt, reply)
 
     async def _quarantine(
         self, tx: Transaction, result: HookResult, message: bytes, started: float
