@@ -258,6 +258,7 @@ class Smtpgate:
             require_auth=listener is not None and listener.require_auth,
             expn=s.expn,
             unknown_events=True,  # the ``unknown`` stage: a plugin may answer it
+            data_start_events=True,  # the ``data_start`` stage at the first BDAT too
             max_error_recipients=s.max_error_recipients,
         )
         if s.help_text:

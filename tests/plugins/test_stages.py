@@ -63,8 +63,6 @@ def test_data_start_refuses_data(run_app, raw, capture: Capture, records: Record
     assert len(records.all("data_start")) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 open: data_start at the first BDAT needs a "
-                   "core event (the core answers BDAT itself)")
 def test_data_start_refuses_bdat(run_app, raw, capture: Capture, records: Records) -> None:
     """The stage runs at the first BDAT of a transaction too (Stage.DATA_START: "at DATA
     or the first BDAT"); otherwise a client skips the check by using CHUNKING.

@@ -135,8 +135,8 @@ class Stage(StrEnum):
         ERROR: an error reply is about to be sent; verdicts ignored (nssmtpd
             ``errorproc``; the tarpit delays it here).
         AUTH: after an AUTH exchange, successful or not; a denial refuses it.
-        DATA_START: at DATA, before ``354`` (not yet at BDAT: the core answers BDAT
-            chunks itself).
+        DATA_START: at DATA (before ``354``) or the first BDAT of a transaction
+            (before its chunk is read).
         HEADERS: at the end of the header block, with the parsed headers.
         RSET: after RSET; verdicts ignored.
         UNKNOWN: an unrecognised command; an OK with a reply answers it.

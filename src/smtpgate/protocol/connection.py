@@ -20,6 +20,7 @@ from .events import (
     NEED_DATA,
     AuthCredentials,
     AutoReply,
+    BdatStart,
     Data,
     DataComplete,
     Etrn,
@@ -162,6 +163,9 @@ class ProtocolConfig:
             :class:`UnknownCommand` events (the driver may let a plugin answer
             them) instead of answering ``500 5.5.1`` itself. They then count
             toward ``max_unknown_commands`` only when the reply sent is a 5xx.
+        data_start_events: hand the first BDAT of a transaction to the driver as a
+            :class:`BdatStart` event before its chunk is read, so the driver's
+            ``data_start`` decision applies to CHUNKING as it does to DATA.
         max_error_recipients: recipients accepted on a transaction whose
             reverse-path is ``<>`` (ZMailer ``max-error-recipients``); each further
             RCPT gets ``452 4.5.3 Too many recipients for a message from <>``,
@@ -198,6 +202,7 @@ class ProtocolConfig:
     recipient_overshoot_limit: int = 1000
     max_unknown_commands: int = 5
     unknown_events: bool = False
+    data_start_events: bool = False
     max_error_recipients: int = 0
     normalize_bare_line_endings: bool = False
     smtputf8: bool = True
@@ -840,6 +845,8 @@ class ServerConnection:
         self._chunk_size = size
         self._chunk_last = last
         self._chunk_error = err
+        if err is None and cfg.data_start_events and self.state is State.RCPT:
+            return BdatStart(size, last)  # the driver decides before the chunk is read
         return self._next_chunk_event()
 
     def _next_chunk_event(self) -> Event | _Sentinel:
@@ -1086,6 +1093,13 @@ class ServerConnection:
         if ev is None:
             raise LocalProtocolError(R.TEMP_ERROR, "no event awaiting a reply")
         self._pending = None
+        if type(ev) is BdatStart:
+            # Nothing goes out yet: the chunk is read first, then answered (RFC 3030 §2).
+            if code >= 400:
+                self._chunk_error = reply
+                self._bdat_failed = True
+                self._bdat_buf = bytearray()
+            return b""
         inp, self._input = self._input, None
         succeeded = self._transition(inp, code)
         # What a reply does besides the state change (the state is the table's).

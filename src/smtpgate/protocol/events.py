@@ -51,6 +51,25 @@ class Data:
 
 
 @dataclass(frozen=True, slots=True)
+class BdatStart:
+    """The first BDAT of a transaction, before its chunk is read (RFC 3030 §2; only with
+    ``ProtocolConfig.data_start_events``): the driver decides whether the message may
+    start, as for DATA. Answer with ``354`` (or any 2xx/3xx) to go on: the core then reads
+    the chunk and answers it itself; a 4xx/5xx reply refuses the transaction's chunks:
+    the core still reads (and discards) this chunk, then sends that reply, and answers
+    later chunks ``503 5.5.1`` until RSET. :meth:`ServerConnection.send` returns no
+    bytes for this event.
+
+    Attributes:
+        size: octets in the chunk that follows.
+        last: the chunk carries ``LAST``.
+    """
+
+    size: int
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DataComplete:
     """The message ended with ``<CRLF>.<CRLF>``.
 
@@ -159,6 +178,7 @@ class UnknownCommand:
 
 
 Event = (
-    Helo | MailFrom | RcptTo | Data | DataComplete | Rset | Quit | StartTls | AuthCredentials
+    Helo | MailFrom | RcptTo | Data | BdatStart | DataComplete | Rset | Quit | StartTls
+    | AuthCredentials
     | Vrfy | Expn | Etrn | AutoReply | UnknownCommand
 )

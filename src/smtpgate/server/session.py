@@ -32,6 +32,7 @@ from ..protocol import (
     NEED_DATA,
     AuthCredentials,
     AutoReply,
+    BdatStart,
     Data,
     DataComplete,
     Etrn,
@@ -513,6 +514,11 @@ class Session(asyncio.Protocol):
                     reply = await self._on_mail(ev)
                 elif t is Data:
                     reply = await self._on_data_start()
+                elif t is BdatStart:
+                    # CHUNKING: the same decision as at DATA; a refusal is sent by the
+                    # core once the chunk has been read (RFC 3030 §2).
+                    conn.send(await self._on_data_start())
+                    continue
                 elif t is Helo:
                     assert isinstance(ev, Helo)
                     reply = await self._on_helo(ev)
@@ -727,7 +733,8 @@ class Session(asyncio.Protocol):
         return ev.reply
 
     async def _on_data_start(self) -> Reply:
-        """DATA: the ``data_start`` stage, then ``354`` (RFC 5321 §4.1.1.4)."""
+        """DATA or the first BDAT: the ``data_start`` stage, then ``354`` (RFC 5321
+        §4.1.1.4; for BDAT the go-ahead is not sent, the chunk is read)."""
         hooks = self.ctx.hooks
         if hooks.has(Stage.DATA_START):
             assert self.info is not None and self.transaction is not None
