@@ -72,26 +72,37 @@ def test_relay_removed_without_replacement_fails(run_app) -> None:
     """The guard against an open relay; its error names the table that removed relay
     control (here the second one).
 
-    Fails today: the message starts ``plugin: relay control is disabled`` without the
-    table's index (plugins/loader.py ``build_chain``).
+    Failed before 2b41e9f: the message started ``plugin: relay control is disabled``
+    without the table's index (plugins/loader.py ``build_chain``).
     """
     with pytest.raises(ConfigError) as info:
         run_app({"plugin": [probe(stages=["mail"]), {"use": "relay", "enabled": False}]})
-    [problem] = info.value.problems
-    assert "open relay" in problem and "allow_open_relay = true" in problem
-    assert problem.startswith("plugin[1]"), problem
+    assert info.value.problems == [
+        "plugin[1]: relay control is disabled and no other plugin decides at rcpt: this "
+        "would be an open relay; set allow_open_relay = true in that [[plugin]] table if "
+        "that is what you want"]
 
 
 def test_relay_removed_with_only_builtin_rcpt_hooks_fails(run_app) -> None:
     """HELO rules register an rcpt hook (strict address syntax) that never decides relay:
     it must not count as a replacement for relay control.
 
-    Fails today: build_chain only asks ``runner.has(Stage.RCPT)``, so the helo_rules
-    plugin's hook silences the guard and the server starts as an open relay.
+    Failed before 2b41e9f: build_chain only asked ``runner.has(Stage.RCPT)``, so the
+    helo_rules plugin's hook silenced the guard and the server started as an open relay.
     """
     with pytest.raises(ConfigError, match="open relay"):
         run_app({"helo_rule": [{"pattern": "*", "flags": "h"}],
                  "plugin": [{"use": "relay", "enabled": False}]})
+    with pytest.raises(ConfigError, match="open relay"):
+        run_app({"hooks": {"address_check": "os.path:exists"},
+                 "plugin": [{"use": "relay", "enabled": False}]})
+
+
+def test_hooks_rcpt_counts_as_relay_decision(run_app, raw) -> None:
+    """A ``[hooks] rcpt`` callable is the site's own code at rcpt: it satisfies the guard."""
+    app = run_app({"relay": NO_RELAY, "hooks": {"rcpt": "tests.plugins.probe:read_records"},
+                   "plugin": [{"use": "relay", "enabled": False}]})
+    assert app.relay is None
 
 
 def test_allow_open_relay_starts(run_app, raw, capture: Capture) -> None:

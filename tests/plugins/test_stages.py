@@ -67,8 +67,8 @@ def test_data_start_refuses_bdat(run_app, raw, capture: Capture, records: Record
     """The stage runs at the first BDAT of a transaction too (Stage.DATA_START: "at DATA
     or the first BDAT"); otherwise a client skips the check by using CHUNKING.
 
-    Fails today: the core answers BDAT itself (no event for the driver), so data_start
-    never runs for BDAT and the message is delivered.
+    Failed before d42d73b: the core answered BDAT itself (no event for the driver), so
+    data_start never ran for BDAT and the message was delivered.
     """
     app = run_app(plugins(probe(records, stages=["data_start"],
                                 answers={"data_start": "554 5.7.1 No DATA from you"})),
@@ -312,8 +312,8 @@ def test_delivered_told_a_refused_delivery(run_app, raw, records: Records,
     """A delivery refused by the next hop is an outcome too (as in queue mode, where the
     stage is told 4xx/5xx attempts).
 
-    Fails today: server/session.py ``Session._message`` returns before the delivered
-    stage when the reply is not positive (and on DeliveryError).
+    Failed before 2b41e9f: ``Session._message`` returned before the delivered stage
+    when the reply was not positive (and on DeliveryError).
     """
     up = start_upstream(data_reply="554 5.6.0 Content refused upstream")
     app = run_app(plugins(probe(records, stages=["delivered"]), **proxy(up.port)))
@@ -363,8 +363,8 @@ def test_delivered_queue_mode_not_told_at_acceptance(run_app, raw, records: Reco
     the delivery process"), not the ``250 Queued as`` of the acceptance: a plugin that
     counts deliveries would count each message twice.
 
-    Fails today: server/session.py ``Session._message`` runs the delivered stage after
-    every positive delivery reply, the queue's included.
+    Failed before 2b41e9f: ``Session._message`` ran the delivered stage after every
+    positive delivery reply, the queue's included.
     """
     up = start_upstream()
     app = run_app(plugins(probe(records, stages=["delivered"]),
@@ -405,9 +405,10 @@ def test_quarantine_outside_data_does_not_accept(run_app, raw, records: Records,
     """QUARANTINE is a data-stage verdict. At rcpt it must not act as an OK that skips
     relay control.
 
-    Fails today: HookRunner.run stops at the first non-CONT result, QUARANTINE included,
-    and Session._on_rcpt treats anything that is not a denial as an acceptance, so the
-    recipient is accepted without the relay check.
+    Failed before 2b41e9f: HookRunner.run stopped at the first non-CONT result,
+    QUARANTINE included, and Session._on_rcpt took anything that is not a denial as an
+    acceptance, so the recipient was accepted without the relay check. Now it is an
+    error of that hook: 451 4.3.0.
     """
     app = run_app(plugins(probe(records, stages=["rcpt"], answers={"rcpt": "quarantine"},
                                 priorities={"rcpt": -100},
@@ -427,8 +428,8 @@ def test_connect_hook_failure_gives_421(run_app, raw, answer: str) -> None:
     """A timeout or an exception at connect: RFC 5321 §3.1 allows no 4xx greeting but 421,
     which closes the connection (§3.8; hooks/verdict.py says so for the DENYSOFT default).
 
-    Fails today: the runner's ``451 4.3.0`` becomes the greeting and the session goes on
-    (server/session.py ``Session._run`` closes only for a DISCONNECT verdict or a 421).
+    Failed before 2b41e9f: the runner's ``451 4.3.0`` became the greeting and the
+    session went on (``Session._run`` closed only for a DISCONNECT verdict or a 421).
     """
     app = run_app(plugins(probe(stages=["connect"], answers={"connect": answer},
                                 timeout=0.2)))
