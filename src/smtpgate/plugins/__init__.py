@@ -186,7 +186,7 @@ class PluginRegistry:
                 signature per stage is documented in docs/plugins.md and
                 :mod:`smtpgate.plugins.stages`.
             func: the hook; returns ``None`` (CONT), a verdict helper's result
-                (``accept``/``reject``/``tempfail``/``drop``/``quarantine``), a
+                (``accept``/``reject``/``tempfail``/``drop``), a
                 :class:`~smtpgate.hooks.HookResult` or a :class:`~smtpgate.reply.Reply`.
             priority: -100..100, lower runs first; default: the plugin's.
             timeout: seconds per call; default: the plugin's, else ``[hooks] timeout``.

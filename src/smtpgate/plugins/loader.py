@@ -124,8 +124,19 @@ def build_chain(config: Config, runner: HookRunner) -> dict[str, object]:
     provides: dict[str, object] = {}
     rcpt_deciders = 0  # plugins at rcpt that can stand in for relay control
     relay_table = next((t for t in config.plugins if t.use == "relay" and not t.enabled), None)
-    allow_open = any(t.use == "relay" and t.options.get("allow_open_relay") is True
-                     for t in config.plugins)
+    allow_open = False
+    for t in config.plugins:
+        if t.use != "relay" or "allow_open_relay" not in t.options:
+            continue
+        value = t.options["allow_open_relay"]
+        if not isinstance(value, bool):
+            problems.append(f"plugin[{t.index}].allow_open_relay: must be true or false, "
+                            f"got {value!r}")
+        elif t.enabled and value:
+            problems.append(f"plugin[{t.index}].allow_open_relay: only meaningful with "
+                            "enabled = false (relay control is on)")
+        else:
+            allow_open = allow_open or value
     for planned in plan_chain(config):
         try:
             module = _import(planned)

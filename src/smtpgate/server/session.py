@@ -648,7 +648,7 @@ class Session(asyncio.Protocol):
                 log.exception("session %s: quit hook failed", info.session_id)
         log.info(
             "session id=%s client=%s helo=%s tls=%s auth=%s messages=%d errors=%d "
-            "duration=%.3fs end=%s",
+            "duration=%.3fs end=%s results=%s",
             info.session_id,
             info.peer_ip,
             info.helo_name or "-",
@@ -658,6 +658,7 @@ class Session(asyncio.Protocol):
             self.conn.errors,
             time.time() - info.start_time,
             reason,
+            repr(info.results.summary()) if info.results else "-",
         )
 
     def _denial(self, stage: Stage, result: HookResult) -> Reply:
