@@ -128,10 +128,17 @@ class Smtpgate:
         """``"queue"``, ``"proxy"`` or ``"local"`` (see docs/queue.md)."""
         return "local" if self._delivery_arg is not None else self.config.delivery_mode
 
-    async def _start_queue(self, *, owner: bool) -> QueueDelivery:
+    async def _start_queue(
+        self, *, owner: bool, notify: Callable[[str], None] | None = None
+    ) -> QueueDelivery:
         """Open the spool. As its ``owner`` (a server), take the spool's ownership lock and
         start what recovers and delivers; otherwise (``inetd``, ``bsmtp``,
         ``policy-test``) only commit into it and leave delivery to the owner.
+
+        Args:
+            owner: take the spool's ownership and run its delivery.
+            notify: (not ``owner``) tell the owner about each committed message ID this
+                way instead of through its flush file (a ``server.workers`` worker).
 
         Raises:
             SpoolBusyError: ``owner`` and another running server owns the spool.
@@ -143,7 +150,11 @@ class Smtpgate:
         q = cfg.queue
         store = QueueStore(q.path, fsync=q.fsync)
         scheduler: QueueScheduler
-        if not owner:
+        if not owner and notify is not None:
+            from .server.workers import NotifyingDrop
+
+            scheduler = NotifyingDrop(store, notify)
+        elif not owner:
             scheduler = SpoolDrop(store)
         else:
             self._ownership = store.acquire_owner()
@@ -320,15 +331,28 @@ class Smtpgate:
             specs.append((addr.host, addr.port, ctx))
         return specs
 
-    async def start(self, *, before_listen: Callable[[], None] | None = None) -> None:
+    async def start(
+        self,
+        *,
+        before_listen: Callable[[], None] | None = None,
+        role: str = "server",
+        notify: Callable[[str], None] | None = None,
+    ) -> None:
         """Bind the listeners and start accepting connections (returns once listening).
 
         Args:
             before_listen: called once the delivery side is ready, just before the
                 listeners open (``serve`` writes its pid file there).
+            role: ``"server"`` (one process does everything), or for
+                ``server.workers > 1`` (see :mod:`smtpgate.server.workers`):
+                ``"supervisor"`` (owns the spool and its delivery, opens no listener)
+                or ``"worker"`` (listens with ``SO_REUSEPORT``; in queue mode commits
+                into the supervisor's spool without owning it).
+            notify: ``"worker"`` in queue mode: called with each committed message ID
+                (the worker passes it on to the supervisor).
 
-        In queue mode this process becomes the spool's owner first (see
-        :meth:`~smtpgate.queue.store.QueueStore.acquire_owner`). If anything fails,
+        In queue mode a ``"server"`` or ``"supervisor"`` becomes the spool's owner first
+        (see :meth:`~smtpgate.queue.store.QueueStore.acquire_owner`). If anything fails,
         everything started so far is stopped again (delivery process, spool lock)
         before the error is raised.
 
@@ -337,9 +361,20 @@ class Smtpgate:
             SpoolBusyError: another running server owns the spool.
             QueueError / ConfigError / RuntimeError: the spool or the delivery process
                 cannot be set up.
+            ValueError: an unknown ``role``.
         """
+        if role not in ("server", "supervisor", "worker"):
+            raise ValueError(f"unknown role {role!r}")
         s = self.config.server
-        self._ctx_extra = await self._prepare_delivery(owner=True)
+        self._ctx_extra = await self._prepare_delivery(owner=role != "worker", notify=notify)
+        if role == "supervisor":
+            if before_listen is not None:
+                try:
+                    before_listen()
+                except BaseException:
+                    await self.stop()
+                    raise
+            return
         try:
             specs = self._listener_specs()
             self.server = SmtpServer(
@@ -349,6 +384,7 @@ class Smtpgate:
                 backlog=s.listen_backlog,
                 rcvbuf=s.tcp_rcvbuf,
                 sndbuf=s.tcp_sndbuf,
+                reuse_port=role == "worker",
             )
             if before_listen is not None:
                 before_listen()
@@ -385,7 +421,8 @@ class Smtpgate:
         old = self.config
         restart: list[str] = []
         server_keys = ("listen", "max_connections", "max_connections_per_ip",
-                       "listen_backlog", "tcp_rcvbuf", "tcp_sndbuf", "use_uvloop", "pid_file")
+                       "listen_backlog", "tcp_rcvbuf", "tcp_sndbuf", "use_uvloop", "pid_file",
+                       "workers")
         kept_server = {}
         for key in server_keys:
             if getattr(config.server, key) != getattr(old.server, key):
@@ -420,15 +457,18 @@ class Smtpgate:
             self.server.replace_contexts([ctx for _, _, ctx in self._listener_specs()])
         return restart
 
-    async def _prepare_delivery(self, *, owner: bool) -> dict[str, Any]:
+    async def _prepare_delivery(
+        self, *, owner: bool, notify: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
         """Set up :attr:`delivery` (opening the spool in queue mode); context extras.
 
         Args:
             owner: this process serves the spool (``start``); False for one-session
-                run modes that only commit into it.
+                run modes and workers that only commit into it.
+            notify: see :meth:`_start_queue`.
         """
         if self.delivery_mode == "queue":
-            queue_delivery = await self._start_queue(owner=owner)
+            queue_delivery = await self._start_queue(owner=owner, notify=notify)
             self.delivery = queue_delivery
             return {"etrn": self._etrn}
         self.delivery = self._make_delivery()

@@ -136,6 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ImportError:
             pass
 
+    if cfg.server.workers > 1:
+        return asyncio.run(_serve_workers(app, cfg, args))
+
     async def run() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -192,6 +195,83 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -> int:
+    """``serve`` with ``server.workers > 1``: this process supervises (see
+    :mod:`smtpgate.server.workers`). In queue mode it owns the spool and its delivery;
+    N worker processes accept the connections. SIGTERM/SIGINT stop them all gracefully,
+    SIGHUP makes each worker reload the configuration file.
+
+    Returns:
+        The exit code: 0 after a shutdown, 1 when the workers cannot start.
+    """
+    from .queue.manager import QueueManager
+    from .queue.runner import RemoteQueue
+    from .server.workers import WorkerPool, WorkerStartError, probe_listeners
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    pid_file = cfg.server.pid_file
+
+    def write_pid() -> None:
+        if pid_file:
+            Path(pid_file).write_text(f"{os.getpid()}\n")
+
+    def unlink_pid() -> None:
+        if pid_file:
+            Path(pid_file).unlink(missing_ok=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start(role="supervisor", before_listen=write_pid)
+    except (QueueError, RuntimeError) as exc:
+        print(f"smtpgate: cannot start: {exc}", file=sys.stderr, flush=True)
+        unlink_pid()
+        return 1
+    queue = app.queue
+    nudge = None
+    if isinstance(queue, QueueManager):
+        nudge = queue.submit_id
+    elif isinstance(queue, RemoteQueue):
+        remote = queue
+
+        def nudge(qid: str) -> None:
+            remote._send(("submit", qid))  # noqa: SLF001 - the delivery process's pipe
+
+    pool = WorkerPool(cfg, args, nudge)
+    try:
+        await probe_listeners(cfg)
+        await pool.start()
+    except (OSError, WorkerStartError) as exc:
+        if isinstance(exc, OSError) or exc.kind == "listen":
+            print(f"smtpgate: cannot listen: {exc}", file=sys.stderr, flush=True)
+        else:
+            print(f"smtpgate: cannot start a worker: {exc}", file=sys.stderr, flush=True)
+        await app.stop()
+        unlink_pid()
+        return 1
+    loop.add_signal_handler(signal.SIGHUP, pool.reload)
+    where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+                      for h, p in _listen_targets(cfg))
+    print(f"smtpgate {__version__} listening on {where} with {cfg.server.workers} workers "
+          f"(pids {', '.join(map(str, pool.pids))}); delivering to {_delivery_target(cfg)}",
+          file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await pool.stop()
+        await app.stop()
+        unlink_pid()
+    return 0
+
+
+def _listen_targets(cfg: Config) -> list[tuple[str, int]]:
+    from .server.workers import listen_targets
+
+    return listen_targets(cfg)
 
 
 async def _reload(app: Smtpgate, args: argparse.Namespace) -> None:

@@ -216,6 +216,13 @@ def _positive_int(value: object, _ctx: _Context) -> int:
     return n
 
 
+def _worker_count(value: object, _ctx: _Context) -> int:
+    n = _int(value)
+    if not 1 <= n <= 64:
+        raise _Invalid(f"must be between 1 and 64, got {n}")
+    return n
+
+
 def _nonnegative_int(value: object, _ctx: _Context) -> int:
     n = _int(value)
     if n < 0:
@@ -570,6 +577,12 @@ class ServerConfig:
         recipient_overshoot_limit: RCPTs beyond ``max_recipients`` answered 452 before
             each further one counts toward ``max_errors`` (Postfix
             ``smtpd_recipient_overshoot_limit``).
+        workers: SMTP worker processes, 1..64 (Haraka ``nodes``). 1: one process serves
+            every listener. N > 1: ``smtpgate serve`` supervises N processes that each
+            listen on every address with ``SO_REUSEPORT`` (the kernel spreads the
+            connections), while the supervisor owns the spool and the queue delivery;
+            ``max_connections`` and ``max_connections_per_ip`` then count per worker.
+            Needs fixed ports (no port 0; checked by preflight).
     """
 
     hostname: str = _opt(
@@ -611,6 +624,7 @@ class ServerConfig:
     limit_exceptions: tuple[str, ...] | None = _opt(None, _each(_network))
     min_data_rate: int = _opt(500, _nonnegative_int)
     recipient_overshoot_limit: int = _opt(1000, _nonnegative_int)
+    workers: int = _opt(1, _worker_count)
 
 
 @dataclass(frozen=True, slots=True)

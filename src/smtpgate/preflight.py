@@ -121,7 +121,7 @@ def preflight(cfg: Config, *, listeners: bool = True) -> None:
     ``relay.url`` ``maildir.path``; each ``[[scanner]]`` can be built and its
     ``quarantine_path`` written; ``server.pid_file``'s directory is writable; every
     ``[[listener]]`` with ``tls = "implicit"`` has a certificate; host names in listen
-    addresses resolve.
+    addresses resolve; with ``server.workers > 1`` no listener has port 0.
 
     Args:
         cfg: a loaded configuration (paths already absolute).
@@ -243,9 +243,28 @@ def _check_listeners(cfg: Config, problems: list[str]) -> None:
         if lc.tls == "implicit" and not cfg.tls.certificate:
             problems.append(f'listener[{i}].tls: "implicit" needs [tls] certificate')
         _check_listen(f"listener[{i}].address", lc.listen, problems)
+    _check_workers(cfg, problems)
     pid_file = cfg.server.pid_file
     if pid_file:
         why = _check_file_dir(pid_file)
         if why:
             problems.append(f"server.pid_file: {why}")
 
+
+def _check_workers(cfg: Config, problems: list[str]) -> None:
+    """``server.workers > 1`` needs ``SO_REUSEPORT`` and a fixed port on every listener:
+    each worker binds every address itself, so port 0 would give each its own port."""
+    if cfg.server.workers == 1:
+        return
+    if not hasattr(socket, "SO_REUSEPORT"):
+        problems.append(f"server.workers: {cfg.server.workers} needs SO_REUSEPORT, which "
+                        "this system lacks; use workers = 1")
+    for i, addr in enumerate(cfg.server.listen):
+        if addr.port == 0:
+            key = "server.listen" if len(cfg.server.listen) == 1 else f"server.listen[{i}]"
+            problems.append(f"{key}: port 0 cannot be shared by server.workers = "
+                            f"{cfg.server.workers} processes; give a fixed port")
+    for i, lc in enumerate(cfg.listeners):
+        if lc.listen.port == 0:
+            problems.append(f"listener[{i}].address: port 0 cannot be shared by "
+                            f"server.workers = {cfg.server.workers} processes; give a fixed port")

@@ -34,6 +34,9 @@ class SmtpServer:
         max_connections: total concurrent sessions.
         max_connections_per_ip: concurrent sessions per client IP.
         backlog: listen(2) queue length.
+        reuse_port: bind with ``SO_REUSEPORT`` so that several worker processes
+            listen on the same addresses (``server.workers > 1``; the kernel spreads
+            the connections among them). The limits above then count per process.
     """
 
     def __init__(
@@ -45,8 +48,10 @@ class SmtpServer:
         backlog: int = 1024,
         rcvbuf: int = 0,
         sndbuf: int = 0,
+        reuse_port: bool = False,
     ) -> None:
         self.listeners = list(listeners)
+        self.reuse_port = reuse_port
         self.rcvbuf = rcvbuf
         self.sndbuf = sndbuf
         self.max_connections = max_connections
@@ -73,6 +78,7 @@ class SmtpServer:
                     port=port,
                     backlog=self.backlog,
                     reuse_address=True,
+                    reuse_port=self.reuse_port or None,
                     family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
                 )
                 self._servers.append(server)
