@@ -354,3 +354,41 @@ def test_address_in_use_is_refused_before_any_worker_starts(tmp_path: Path) -> N
     assert run.returncode == 1
     assert "smtpgate: cannot listen:" in run.stderr
     assert "worker 1 started" not in run.stderr
+
+
+def test_sigterm_to_one_worker_is_a_graceful_restart_of_it(
+    maildir_served: tuple[Served, Path],
+) -> None:
+    served, mail = maildir_served
+    workers = served.workers()
+    s = socket.create_connection(("127.0.0.1", served.port), timeout=30)
+    assert s.recv(512).startswith(b"220")
+    pid = _owner_of(served, s)
+    assert pid in workers
+    s.sendall(b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+              b"RCPT TO:<b@mx.test>\r\nDATA\r\n")
+    reply = b""
+    while b"354" not in reply:
+        chunk = s.recv(4096)
+        assert chunk, reply
+        reply += chunk
+    s.sendall(b"Subject: in flight\r\nX-Serial: 7\r\n\r\nbody\r\n")
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: pid not in served.workers(), 30), served.text()
+    # the transaction in flight may finish: 250, then the worker says goodbye
+    s.sendall(b".\r\n")
+    rest = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        rest += chunk
+    s.close()
+    assert rest.startswith(b"250 2.0.0"), rest
+    assert b"421 4.3.2" in rest, rest
+    assert _maildir_serials(mail) == [7]
+    # replaced at once by a new worker; the other one untouched
+    assert wait_for(lambda: len(served.workers()) == 2 and pid not in served.workers(), 30)
+    assert (workers - {pid}) <= served.workers()
+    assert f"(pid {pid}) exited; starting a new one" in served.text()
+    assert "ERROR" not in served.text()
