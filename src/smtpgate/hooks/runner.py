@@ -102,7 +102,8 @@ def normalise_result(stage: Stage | str, value: object) -> HookResult:
         TypeError: any other value (the runner treats it as a hook error).
         ValueError: ``stage`` is not a stage name.
     """
-    stage = Stage(stage)
+    if type(stage) is not Stage:
+        stage = Stage(stage)
     if value is None or value is True:
         return CONT_RESULT
     if value is False:
@@ -253,7 +254,7 @@ class HookRunner:
         chain = self._chains.get(stage)
         if not chain:
             return CONT_RESULT
-        st = Stage(stage)
+        st = stage if type(stage) is Stage else Stage(stage)
         if st in NOTIFY_STAGES:
             for hook in chain:
                 await self._call(st, hook, args)
@@ -265,30 +266,43 @@ class HookRunner:
         return CONT_RESULT
 
     async def _invoke(self, hook: RegisteredHook, args: tuple[Any, ...]) -> object:
-        timeout_cm = asyncio.timeout(self.timeout if hook.timeout is None else hook.timeout)
+        limit = self.timeout if hook.timeout is None else hook.timeout
+        if hook.blocking:
+            timeout_cm = asyncio.timeout(limit)
+            try:
+                async with timeout_cm:
+                    value: object = await asyncio.to_thread(hook.func, *args)
+                    if inspect.isawaitable(value):
+                        value = await value
+            except TimeoutError:
+                if timeout_cm.expired():
+                    raise _HookTimeout from None
+                raise
+            return value
+        # Hot path: a plain call cannot be interrupted, so no timeout context is set up
+        # for it (one timer handle per call saved); the deadline, counted from the call,
+        # bounds only the awaitable it may return (``async def`` hooks).
+        started = time.monotonic()
+        value = hook.func(*args)
+        spent = time.monotonic() - started
+        if spent > _SLOW_SYNC_SECONDS:
+            log.warning(
+                "hook %s at %s blocked the event loop for %.3f s; "
+                "register it with blocking=True",
+                hook.name,
+                hook.stage.value,
+                spent,
+            )
+        if value is None or not inspect.isawaitable(value):
+            return value
+        timeout_cm = asyncio.timeout_at(asyncio.get_running_loop().time() + limit - spent)
         try:
             async with timeout_cm:
-                if hook.blocking:
-                    value: object = await asyncio.to_thread(hook.func, *args)
-                else:
-                    started = time.monotonic()
-                    value = hook.func(*args)
-                    spent = time.monotonic() - started
-                    if spent > _SLOW_SYNC_SECONDS:
-                        log.warning(
-                            "hook %s at %s blocked the event loop for %.3f s; "
-                            "register it with blocking=True",
-                            hook.name,
-                            hook.stage.value,
-                            spent,
-                        )
-                if inspect.isawaitable(value):
-                    value = await value
+                return await value
         except TimeoutError:
             if timeout_cm.expired():
                 raise _HookTimeout from None
             raise
-        return value
 
     async def _call(self, stage: Stage, hook: RegisteredHook, args: tuple[Any, ...]) -> HookResult:
         session_id = getattr(args[0], "session_id", "-") if args else "-"

@@ -57,16 +57,16 @@ MAX_DOMAIN = 255  # octets, §4.5.3.1.2
 MAX_PATH = 256  # octets including the angle brackets, §4.5.3.1.3
 
 
+_BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+_BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+
+
 class PathSyntaxError(ValueError):
     """A MAIL/RCPT argument did not parse; ``reply`` is what to send."""
 
     def __init__(self, reply: Reply) -> None:
         self.reply = reply
         super().__init__(reply.text)
-
-
-def _is_ascii(s: str) -> bool:
-    return s.isascii()
 
 
 def parse_path(
@@ -95,11 +95,7 @@ def parse_path(
         PathSyntaxError: with 501 5.1.7 (sender) / 501 5.1.3 (recipient) for bad
         syntax, 553 5.6.7 for UTF-8 without SMTPUTF8 support.
     """
-    bad = (
-        Reply(501, "5.1.7", "Bad sender address syntax")
-        if reverse
-        else Reply(501, "5.1.3", "Bad recipient address syntax")
-    )
+    bad = _BAD_SENDER if reverse else _BAD_RECIPIENT
     arg = argument.lstrip(" ")
     if not arg.startswith("<"):
         raise PathSyntaxError(bad)
@@ -113,7 +109,8 @@ def parse_path(
     rest = arg[end + 1 :]
     if rest and not rest.startswith(" "):
         raise PathSyntaxError(bad)
-    if len(path.encode("utf-8")) + 2 > MAX_PATH:
+    ascii_path = path.isascii()
+    if (len(path) if ascii_path else len(path.encode("utf-8"))) + 2 > MAX_PATH:
         raise PathSyntaxError(Reply(501, bad.enhanced, "Path too long"))
     params = rest.strip(" ")
     if path == "":
@@ -125,16 +122,18 @@ def parse_path(
         path = path[m.end() :]
     if allow_postmaster and path.lower() == "postmaster":
         return path, params
-    ascii_path = _is_ascii(path)
+    if not ascii_path:
+        ascii_path = path.isascii()  # the source route may have held the non-ASCII part
     if not ascii_path and not smtputf8_allowed:
         raise PathSyntaxError(Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"))
     mm = (_MAILBOX if ascii_path else _MAILBOX_U).fullmatch(path)
     if mm is None:
         raise PathSyntaxError(bad)
-    if len(mm.group("local").encode("utf-8")) > MAX_LOCAL_PART:
+    local = mm.group("local")
+    if (len(local) if ascii_path else len(local.encode("utf-8"))) > MAX_LOCAL_PART:
         raise PathSyntaxError(Reply(501, bad.enhanced, "Local part too long"))
     domain = mm.group("domain")
-    if len(domain.encode("utf-8")) > MAX_DOMAIN:
+    if (len(domain) if ascii_path else len(domain.encode("utf-8"))) > MAX_DOMAIN:
         raise PathSyntaxError(Reply(501, bad.enhanced, "Domain too long"))
     if domain.startswith("[") and not _valid_address_literal(domain[1:-1]):
         raise PathSyntaxError(bad)

@@ -1043,6 +1043,8 @@ class Session(asyncio.Protocol):
         return reply
 
     def _log_tx(self, tx: Transaction, size: int, reply: Reply, started: float, what: str) -> None:
+        if not log.isEnabledFor(logging.INFO):  # hot path: build nothing for no record
+            return
         info = self.info
         assert info is not None
         env = tx.envelope
