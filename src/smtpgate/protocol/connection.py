@@ -304,7 +304,6 @@ class ServerConnection:
         self._dbuf = bytearray()
         self._dscan = 0
         self._dsize = 0  # stuffed dots counted so far (see _next_data_event)
-        self._dcounted = 0
         self._dtoo_big = False
         # BDAT reader (RFC 3030)
         self._chunk_left = 0
@@ -992,14 +991,33 @@ class ServerConnection:
         self._scanned = 0
         self._dscan = 0
         self._dsize = 0  # stuffed dots counted so far (see _next_data_event)
-        self._dcounted = 0
         self._dtoo_big = False
 
     def _next_data_event(self) -> Event | _Sentinel:
+        # One pass over the text: every "\r\n." is either the end of data (followed by
+        # CRLF, RFC 5321 §4.1.1.4) or a stuffed dot (§4.5.2), counted in ``_dsize``.
+        # ``_dscan``: every "\r\n." starting before it is classified (the pattern cannot
+        # overlap itself); one found less than 5 bytes from the end waits for more.
         buf = self._dbuf
-        idx = buf.find(b"\r\n.\r\n", self._dscan)
+        n = len(buf)
+        find = buf.find
+        pos = self._dscan
+        idx = -1
+        while True:
+            i = find(b"\r\n.", pos)
+            if i < 0:
+                pos = max(pos, n - 2)  # a "\r\n." may still start in the last 2 bytes
+                break
+            if i + 5 > n:
+                pos = i
+                break
+            if buf[i + 3] == 0x0D and buf[i + 4] == 0x0A:
+                idx = i
+                break
+            self._dsize += 1
+            pos = i + 3
         if idx < 0:
-            n = len(buf)
+            self._dscan = pos
             if not self._dtoo_big and n > 6:
                 # Stop keeping the text once it is certainly too big, so memory stays
                 # bounded by the size limit (plus stuffed dots and one chunk). The
@@ -1007,18 +1025,13 @@ class ServerConnection:
                 # lower bound of the size after unstuffing: n - 4 - (stuffed dots seen)
                 # (the last 4 bytes may begin the end of data; the sentinel CRLF and
                 # the CRLF before the final dot cancel out), less 2 more for safety.
-                # ``_dsize`` counts the "\r\n." starting before ``_dcounted``,
-                # incrementally (the pattern cannot overlap itself).
-                end = n - 2
-                if end - self._dcounted >= 3:
-                    self._dsize += buf.count(b"\r\n.", self._dcounted, end)
-                    self._dcounted = end - 2
+                # ``_dsize`` counts exactly the "\r\n." starting before n - 4 (those
+                # classified), whatever the chunking.
                 if n - 6 - self._dsize > self.config.max_message_size:
                     self._dtoo_big = True
             if self._dtoo_big and n > 4:
                 del buf[:-4]
-                n = 4
-            self._dscan = max(0, n - 4)
+                self._dscan = 0
             return NEED_DATA
         self._buf = buf[idx + 5 :]  # pipelined bytes after the end of data (a copy)
         self._pos = 0
@@ -1027,9 +1040,7 @@ class ServerConnection:
         if self._dtoo_big:
             return DataComplete(b"", R.TOO_BIG)
         end = idx + 2
-        # Stuffed dots: those before _dcounted are counted already (_dsize); only the
-        # tail is searched again.
-        if not self._dsize and buf.find(b"\r\n.", self._dcounted, end) < 0:
+        if not self._dsize:
             # No stuffed dot (the usual case): one copy, without the sentinel CRLF.
             with memoryview(buf) as view:
                 data = bytes(view[2:end])
