@@ -392,3 +392,23 @@ def test_sigterm_to_one_worker_is_a_graceful_restart_of_it(
     assert (workers - {pid}) <= served.workers()
     assert f"(pid {pid}) exited; starting a new one" in served.text()
     assert "ERROR" not in served.text()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_workers_stop_when_the_supervisor_dies(tmp_path: Path) -> None:
+    port = _free_port()
+    served = Served(tmp_path, _maildir_config(port, tmp_path / "mail"), port)
+    try:
+        workers = served.workers()
+        assert len(workers) == 2
+        served.proc.kill()
+        served.proc.wait()
+        assert wait_for(lambda: all(_gone(pid) for pid in workers), 30), served.text()
+    finally:
+        served.stop()
