@@ -222,8 +222,15 @@ async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -
         if pid_file:
             Path(pid_file).unlink(missing_ok=True)
 
+    pools: list[WorkerPool] = []
+
+    def hangup() -> None:  # before the workers run there is nothing to reload
+        for pool in pools:
+            pool.reload()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     try:
         await app.start(role="supervisor", before_listen=write_pid)
     except (QueueError, RuntimeError) as exc:
@@ -252,7 +259,7 @@ async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -
         await app.stop()
         unlink_pid()
         return 1
-    loop.add_signal_handler(signal.SIGHUP, pool.reload)
+    pools.append(pool)
     where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
                       for h, p in _listen_targets(cfg))
     print(f"smtpgate {__version__} listening on {where} with {cfg.server.workers} workers "
