@@ -10,6 +10,8 @@
 # SCAN_MESSAGES (5000), LAT_MESSAGES (200), QUEUE_DIR (/var/tmp), CLAMD_THREADS (10),
 # MEM_CONNS (1000), MEM_ROUNDS (3), QUIET_WAIT (60 s), PROFILE (0; 1 = py-spy smtpgate
 # under scenarios a and c, and the queue and clamd rows under a), TIME_LIMIT (1200 s), PYTHON.
+# PERF=1 runs bench/perf.py instead (issue 13: discard and queue mode vs aiosmtpd, workers 1
+# vs 2, the 50 MiB memory probe; see bench/METHOD.md), without the clamd install.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,7 +36,7 @@ fi
 # --- clamd for the scan family (Debian clamav-daemon; nothing is started by the install,
 # bench/clamd_proc.py runs a private clamd with its own config and database)
 clamd_found() { command -v clamd >/dev/null || [ -x /usr/sbin/clamd ]; }
-if [ "${SCAN:-1}" != 0 ] && ! clamd_found; then
+if [ "${PERF:-0}" = 0 ] && [ "${SCAN:-1}" != 0 ] && ! clamd_found; then
     command -v apt-get >/dev/null || die "clamd missing and no apt-get: install ClamAV or SCAN=0"
     echo "installing clamav-daemon (for the scan family) ..." >&2
     as_root apt-get update -qq
@@ -59,4 +61,6 @@ ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mkdir -p "$here/results"
 cd "$root"
 # Hard bound on the whole run; bench.py stops its servers on SIGTERM.
-exec timeout --signal=TERM --kill-after=30 "${TIME_LIMIT:-1200}" "$PY" "$here/bench.py"
+script="$here/bench.py"
+[ "${PERF:-0}" = 0 ] || script="$here/perf.py"
+exec timeout --signal=TERM --kill-after=30 "${TIME_LIMIT:-1200}" "$PY" "$script"
