@@ -138,6 +138,7 @@ EXPECTED_DEFAULTS["server"].update({
     "limit_exceptions": None,
     "min_data_rate": 500,
     "recipient_overshoot_limit": 1000,
+    "workers": 1,
 })
 
 
@@ -311,6 +312,8 @@ BAD_VALUES = [
     ("server", "limit_exceptions", ["lan"], "must be an IP address or a CIDR network"),
     ("server", "min_data_rate", -1, "must be an integer >= 0"),
     ("server", "recipient_overshoot_limit", 1.5, "must be an integer"),
+    ("server", "workers", 0, "must be between 1 and 64, got 0"),
+    ("server", "workers", 65, "must be between 1 and 64, got 65"),
     ("hooks", "address_check", ["nocolon"], "must look like"),
     ("delivery", "mode", "async", 'must be one of "", "queue", "proxy"'),
     ("delivery", "mx_port", 0, "must be a positive integer"),
