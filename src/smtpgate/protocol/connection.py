@@ -481,10 +481,11 @@ class ServerConnection:
             if limit is not None and low + 2 > limit:
                 return self._start_discard(limit)
             return None
-        limit = self._line_limit()
-        assert limit is not None  # a complete line tells its verb
-        if end + 2 - pos > limit:
-            return self._start_discard(limit)
+        if end + 2 - pos > self.config.max_command_line:  # else within every limit
+            limit = self._line_limit()
+            assert limit is not None  # a complete line tells its verb
+            if end + 2 - pos > limit:
+                return self._start_discard(limit)
         line = bytes(buf[pos : end + 2])
         self._consume_to(end + 2)
         return line

@@ -45,6 +45,11 @@ class State(enum.Enum):
     TLS_PENDING = "TLS_PENDING"  # 220 sent to STARTTLS, handshake not yet done
     CLOSED = "CLOSED"
 
+    # Members are singletons compared by identity: hash them by identity too (C speed)
+    # rather than through Enum.__hash__, a Python call for every (state, input)
+    # lookup in TRANSITIONS (hot path: several per command).
+    __hash__ = object.__hash__
+
 
 class Success(enum.Enum):
     """Which reply codes mean that an input succeeded (so :attr:`Rule.then` applies)."""
