@@ -176,6 +176,15 @@ def tree_kib(pid: int, key: str) -> dict[int, int]:
     return out
 
 
+def proc_label(pid: int) -> str:
+    """'PID command line' (shortened to its last 60 characters) of a running process."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        cmd = "?"
+    return f"{pid} {cmd[-60:]}"
+
+
 def clear_hwm(pid: int) -> bool:
     """Reset VmHWM of every process in the tree (``echo 5 > /proc/PID/clear_refs``)."""
     ok = True
@@ -246,7 +255,7 @@ class MemResult:
     idle_kib: int  # sum of VmRSS over the tree before the message
     peak_sampled_kib: int  # max over samples (every 5 ms) of the tree's summed VmRSS
     hwm_growth_kib: int  # sum over processes of (VmHWM after - VmRSS idle), HWM reset before
-    per_process: dict[str, int]  # "pid": HWM growth KiB
+    per_process: dict[str, int]  # "pid command line": HWM growth KiB
     hwm_reset: bool
     data_seconds: float
     drain_seconds: float
@@ -269,6 +278,7 @@ def memory_probe(server: PerfServer, size: int) -> MemResult:
     """
     time.sleep(1.0)
     idle = tree_kib(server.pid, "VmRSS")
+    labels = {p: proc_label(p) for p in idle}
     reset = clear_hwm(server.pid)
     before = server.upstream.sink_counts()[1] if server.upstream is not None else 0
     peak = [sum(idle.values())]
@@ -293,7 +303,7 @@ def memory_probe(server: PerfServer, size: int) -> MemResult:
         th.join()
     server.check_alive()
     hwm = tree_kib(server.pid, "VmHWM")
-    per = {str(p): hwm[p] - idle.get(p, 0) for p in hwm}
+    per = {labels.get(p) or proc_label(p): hwm[p] - idle.get(p, 0) for p in hwm}
     return MemResult(server.spec.name, size, sum(idle.values()), peak[0],
                      sum(max(0, v) for v in per.values()), per, reset, dt, drain)
 
@@ -476,6 +486,8 @@ def main() -> int:
                          f"{'' if mr.hwm_reset else ', HWM not reset'})"
                          f"  DATA {mr.data_seconds:.2f}s"
                          + (f"  drain {mr.drain_seconds:.2f}s" if mr.drain_seconds else ""))
+            for label, kib in mr.per_process.items():
+                lines.append(f"      VmHWM growth {kib:7d} KiB  pid {label}")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     (RESULTS / "perf-latest.txt").write_text(text)
