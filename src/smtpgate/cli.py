@@ -238,14 +238,7 @@ async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -
         unlink_pid()
         return 1
     queue = app.queue
-    nudge = None
-    if isinstance(queue, QueueManager):
-        nudge = queue.submit_id
-    elif isinstance(queue, RemoteQueue):
-        remote = queue
-
-        def nudge(qid: str) -> None:
-            remote._send(("submit", qid))  # noqa: SLF001 - the delivery process's pipe
+    nudge = queue.submit_id if isinstance(queue, QueueManager | RemoteQueue) else None
 
     pool = WorkerPool(cfg, args, nudge)
     try:

@@ -269,6 +269,10 @@ class RemoteQueue:
         """Tell the delivery process about a committed message (deliver it now)."""
         self._send(("submit", entry.id))
 
+    def submit_id(self, qid: str) -> None:
+        """Tell the delivery process about a message another process committed (a worker)."""
+        self._send(("submit", qid))
+
     async def flush_matching(self, node: str) -> int:
         """ETRN: ask the delivery process to flush mail for ``node`` (count unknown: 0)."""
         self._send(("etrn", node))
