@@ -159,23 +159,9 @@ def _valid_address_literal(inner: str) -> bool:
     return True
 
 
-def _find_close(arg: str) -> int:
-    in_quote = False
-    escaped = False
-    for i, ch in enumerate(arg):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and in_quote:
-            escaped = True
-        elif ch == '"':
-            in_quote = not in_quote
-        elif ch == ">" and not in_quote:
-            return i
-    return -1
-
-
-def _token_end(text: str) -> int:
-    """Index just past a blank-delimited token; a quoted string may hold blanks."""
+def _scan_unquoted(text: str, stops: str) -> int:
+    """Index of the first character of ``stops`` outside a quoted string (RFC 5321
+    Quoted-string, with backslash escapes), or -1."""
     in_quote = False
     escaped = False
     for i, ch in enumerate(text):
@@ -185,9 +171,20 @@ def _token_end(text: str) -> int:
             escaped = True
         elif ch == '"':
             in_quote = not in_quote
-        elif ch in " \t" and not in_quote:
+        elif ch in stops and not in_quote:
             return i
-    return len(text)
+    return -1
+
+
+def _find_close(arg: str) -> int:
+    """Index of the ``>`` closing a path (not one inside a quoted local part), or -1."""
+    return _scan_unquoted(arg, ">")
+
+
+def _token_end(text: str) -> int:
+    """Index just past a blank-delimited token; a quoted string may hold blanks."""
+    end = _scan_unquoted(text, " \t")
+    return len(text) if end < 0 else end
 
 
 def sloppy_path(argument: str) -> str | None:

@@ -674,6 +674,30 @@ class QueueStore:
         return pid
 
 
+def _try_lock(path: Path) -> int | str:
+    """Open ``path`` and take an exclusive ``flock`` without waiting.
+
+    Returns:
+        The locked file descriptor, or (held by another process) the file's text, which
+        holds the holder's pid when it is the owner lock.
+
+    Raises:
+        QueueError: the file cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise QueueError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+    return fd
+
+
 class SpoolBusyError(QueueError):
     """The spool is owned by another running process (see :meth:`QueueStore.acquire_owner`)."""
 
@@ -698,21 +722,12 @@ class SpoolOwnership:
             SpoolBusyError: another process holds it (its pid is named when known).
             QueueError: the lock file cannot be opened.
         """
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise QueueError(f"cannot open {path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            finally:
-                os.close(fd)
-            who = f" (pid {pid})" if pid.isdigit() else ""
+        fd = _try_lock(path)
+        if isinstance(fd, str):
+            who = f" (pid {fd})" if fd.isdigit() else ""
             raise SpoolBusyError(
                 f"spool {path.parent} is in use by another smtpgate server{who}"
-            ) from None
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(fd, path)
@@ -726,15 +741,9 @@ class SpoolOwnership:
         """
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as exc:
-                raise QueueError(f"cannot open {path}: {exc.strerror or exc}") from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = _try_lock(path)
+            if not isinstance(fd, str):
                 return cls(fd, path)
-            except BlockingIOError:
-                os.close(fd)
             if time.monotonic() > deadline:
                 raise SpoolBusyError(f"{path} still locked after {timeout:g}s")
             time.sleep(0.1)
