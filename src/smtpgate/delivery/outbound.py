@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import re
 import socket
 import ssl
 import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -35,6 +38,7 @@ __all__ = [
     "AuthFailed",
     "Connector",
     "EnvelopeReplies",
+    "MessageFile",
     "OutboundConnection",
     "RecipientResults",
     "StaleConnection",
@@ -47,10 +51,12 @@ __all__ = [
     "rcpt_options",
     "remote_reply",
     "reset",
+    "send_data",
     "send_envelope",
     "send_mail",
     "send_rcpt",
     "split_enhanced",
+    "DataEncoder",
 ]
 
 log = logging.getLogger("smtpgate.delivery.outbound")
@@ -74,6 +80,239 @@ _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 _ESMTP_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+$")
 BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 _NOT_DATA_SAFE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+_LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
+
+#: Bytes read from a spool file, dot-stuffed and written to the socket at a time.
+DATA_CHUNK = 1 << 20
+
+
+class MessageFile:
+    """A message left in its (spool) file and read in chunks when it is sent.
+
+    Sent with :func:`send_data` it never has more than :data:`DATA_CHUNK` bytes in
+    memory; :meth:`read` loads it whole (DSNs, plugins, MX delivery) and keeps the
+    bytes until :meth:`close`.
+
+    Args:
+        fd: an open, readable file descriptor (owned by this object: :meth:`close`
+            closes it). Read with ``os.pread``, so a file unlinked meanwhile stays readable.
+        size: the message's length in bytes (the file's first ``size`` bytes).
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self._data: bytes | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], size: int | None = None,
+             crc32: int | None = None) -> MessageFile:
+        """Open ``path``; with ``size``/``crc32`` check them (read in chunks, not loaded).
+
+        Raises:
+            OSError: the file cannot be opened or read.
+            ValueError: its length or CRC-32 differs from ``size``/``crc32``.
+        """
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            length = os.fstat(fd).st_size
+            if size is not None and length != size:
+                raise ValueError(f"size {length} != {size}")
+            msg = cls(fd, length)
+            if crc32 is not None and crc32 >= 0:
+                crc = 0
+                for chunk in msg.chunks():
+                    crc = zlib.crc32(chunk, crc)
+                if crc != crc32:
+                    raise ValueError("CRC-32 mismatch")
+            return msg
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def __len__(self) -> int:
+        return self.size
+
+    def chunks(self, chunk_size: int = DATA_CHUNK) -> Iterator[bytes]:
+        """The message in pieces of at most ``chunk_size`` bytes (blocking reads).
+
+        Raises:
+            OSError: read error; ValueError: the file became shorter than ``size``.
+        """
+        if self._data is not None:
+            view = memoryview(self._data)
+            for i in range(0, self.size, chunk_size):
+                yield bytes(view[i : i + chunk_size])
+            return
+        offset = 0
+        while offset < self.size:
+            chunk = os.pread(self.fd, min(chunk_size, self.size - offset), offset)
+            if not chunk:
+                raise ValueError("message file shorter than its recorded size")
+            offset += len(chunk)
+            yield chunk
+
+    def read(self) -> bytes:
+        """The whole message (read once, then kept until :meth:`close`)."""
+        if self._data is None:
+            self._data = b"".join(self.chunks())
+        return self._data
+
+    def header_isascii(self) -> bool:
+        """True when the header section (up to the first empty line) is ASCII."""
+        carry = b""
+        for chunk in self.chunks():
+            buf = carry + chunk
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                return buf[:end].isascii()
+            if not buf.isascii():
+                return False
+            carry = buf[-3:]
+        return True
+
+    def search(self, pattern: re.Pattern[bytes]) -> bool:
+        """True when ``pattern`` (matching at most 2 bytes, with look-around of 1)
+        occurs in the message."""
+        carry = b""
+        for chunk in self.chunks():
+            buf = carry + chunk
+            if pattern.search(buf):
+                return True
+            carry = buf[-2:]
+        return False
+
+    def close(self) -> None:
+        """Close the file descriptor and drop any loaded copy. Idempotent."""
+        self._data = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+Message = bytes | MessageFile
+"""A message to send: its bytes, or a :class:`MessageFile` streamed from disk."""
+
+
+class DataEncoder:
+    """The DATA encoding of a message given in pieces (RFC 5321 §4.5.2, §2.3.8).
+
+    The output is byte for byte what aiosmtplib sends for the whole message: bare CR
+    and bare LF become CRLF, a line starting with ``.`` gets another ``.``, and the
+    end of data is ``CRLF.CRLF`` (a CRLF added when the message does not end with
+    one). Piece boundaries may fall anywhere, including between CR and LF.
+    """
+
+    def __init__(self) -> None:
+        self._cr = False  # a CR held back from the end of the last piece
+        self._bol = True  # the next output byte starts a line
+        self._ends_nl = False  # something was output and it ended with CRLF
+
+    def feed(self, piece: bytes) -> bytes:
+        """Encode the next piece; returns the bytes to send (maybe empty)."""
+        if self._cr:
+            piece = b"\r" + piece
+            self._cr = False
+        if piece.endswith(b"\r"):
+            piece = piece[:-1]
+            self._cr = True
+        if not piece:
+            return b""
+        n = piece.count(b"\r\n")
+        if piece.count(b"\r") != n or piece.count(b"\n") != n:
+            piece = _LINE_ENDINGS.sub(b"\r\n", piece)
+        piece = piece.replace(b"\n.", b"\n..")
+        if self._bol and piece[:1] == b".":
+            piece = b"." + piece
+        self._bol = self._ends_nl = piece.endswith(b"\n")
+        return piece
+
+    def end(self) -> bytes:
+        """The rest: a held-back CR as CRLF, a final CRLF when missing, and ``.CRLF``."""
+        if self._cr:
+            self._cr = False
+            return b"\r\n.\r\n"
+        return b".\r\n" if self._ends_nl else b"\r\n.\r\n"
+
+
+async def _pieces(message: Message) -> AsyncIterator[bytes]:
+    if isinstance(message, MessageFile):
+        it = message.chunks()
+        while True:
+            chunk = await asyncio.to_thread(next, it, None)
+            if chunk is None:
+                return
+            yield chunk
+    else:
+        view = memoryview(message)
+        for i in range(0, len(message), DATA_CHUNK):
+            yield bytes(view[i : i + DATA_CHUNK])
+
+
+async def send_data(
+    conn: OutboundConnection, message: Message, timeout: float | None = None
+) -> aiosmtplib.SMTPResponse:
+    """Send DATA and the message in bounded memory (RFC 5321 §4.1.1.4, §4.5.2).
+
+    A message up to :data:`DATA_CHUNK` bytes given as bytes goes through aiosmtplib's
+    ``data()``. Anything larger (or a :class:`MessageFile`) is encoded by
+    :class:`DataEncoder` piece by piece and written with flow control (each piece
+    waits until the socket buffer has drained), so at most about two pieces are in
+    memory, whatever the message size. The bytes on the wire are the same either way.
+
+    Args:
+        conn: the connection, after at least one accepted RCPT.
+        message: the message, CRLF line endings, not dot-stuffed.
+        timeout: seconds for each reply and for each piece to drain; ``None`` uses
+            the connection's timeout.
+
+    Returns:
+        The server's 250 reply to the end of data.
+
+    Raises:
+        aiosmtplib.SMTPDataError: the server refused DATA or the message (its code).
+        aiosmtplib.SMTPServerDisconnected / SMTPTimeoutError / OSError: the connection
+            failed or stalled (the connection is then closed).
+        ValueError: the message file became shorter than its size.
+    """
+    smtp = conn.smtp
+    if isinstance(message, bytes) and len(message) <= DATA_CHUNK:
+        return await smtp.data(message, timeout=timeout)
+    proto = smtp.protocol
+    if proto is None or proto._command_lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    if timeout is None:
+        timeout = smtp.timeout
+    try:
+        async with proto._command_lock:
+            proto._response_pending = True
+            proto.write(b"DATA\r\n")
+            start = await proto.read_response(timeout=timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            encoder = DataEncoder()
+            proto._response_pending = True  # as aiosmtplib: a reply may come early
+            async for piece in _pieces(message):
+                out = encoder.feed(piece)
+                del piece
+                if out:
+                    proto.write(out)
+                    del out
+                    try:
+                        async with asyncio.timeout(timeout):
+                            await proto._drain_helper()
+                    except TimeoutError:
+                        raise aiosmtplib.SMTPTimeoutError(
+                            "Timed out writing the message") from None
+            proto.write(encoder.end())
+            resp = await proto.read_response(timeout=timeout)
+            if resp.code != 250:
+                raise aiosmtplib.SMTPDataError(resp.code, resp.message)
+            return resp
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
+            ValueError):
+        smtp.close()
+        raise
 
 # ESMTP parameter -> the EHLO keyword (lower case) the server must advertise.
 _MAIL_PARAM_EXT: dict[str, str] = {
@@ -645,7 +884,7 @@ def _param(key: str, value: str | None) -> str | None:
 
 
 def mail_options(
-    conn: OutboundConnection, envelope: Envelope, message: bytes | None
+    conn: OutboundConnection, envelope: Envelope, message: Message | None
 ) -> tuple[list[str], bool]:
     """MAIL FROM parameters for this server, and whether the transaction uses SMTPUTF8.
 
@@ -676,8 +915,11 @@ def mail_options(
     addresses = [envelope.mail_from, *envelope.recipients]
     needs_utf8 = not all(a.isascii() for a in addresses)
     if not needs_utf8 and envelope.smtputf8 and message is not None:
-        head = message.split(b"\r\n\r\n", 1)[0]
-        needs_utf8 = not head.isascii()
+        if isinstance(message, MessageFile):
+            needs_utf8 = not message.header_isascii()
+        else:
+            end = message.find(b"\r\n\r\n")
+            needs_utf8 = not (message[:end] if end >= 0 else message).isascii()
     if needs_utf8 and "smtputf8" not in ext:
         raise PermanentDeliveryError(SMTPUTF8_UNSUPPORTED)
     use_utf8 = needs_utf8 or (envelope.smtputf8 and "smtputf8" in ext)
@@ -689,7 +931,10 @@ def mail_options(
             opts.append(f"SIZE={params['SIZE']}")
     body = envelope.body_type
     if body == "BINARYMIME":
-        if message is not None and _NOT_DATA_SAFE.search(message):
+        if message is not None and (
+            message.search(_NOT_DATA_SAFE) if isinstance(message, MessageFile)
+            else _NOT_DATA_SAFE.search(message)
+        ):
             raise PermanentDeliveryError(BINARY_UNSUPPORTED)
         body = "8BITMIME"
     if "BODY" in params and "8bitmime" in ext and body in ("7BIT", "8BITMIME"):
@@ -762,7 +1007,7 @@ class EnvelopeReplies:
 
 
 async def send_envelope(
-    conn: OutboundConnection, envelope: Envelope, message: bytes, *, reused: bool = False
+    conn: OutboundConnection, envelope: Envelope, message: Message, *, reused: bool = False
 ) -> EnvelopeReplies:
     """Send MAIL FROM and one RCPT TO per recipient, with the parameters this server takes.
 
@@ -804,7 +1049,8 @@ async def send_envelope(
 
 
 async def send_mail(
-    conn: OutboundConnection, envelope: Envelope, message: bytes | None, *, reused: bool = False
+    conn: OutboundConnection, envelope: Envelope, message: Message | None, *,
+    reused: bool = False,
 ) -> tuple[aiosmtplib.SMTPResponse, bool]:
     """Send MAIL FROM with the parameters this server takes (RFC 5321 §4.1.1.2).
 
@@ -871,7 +1117,7 @@ async def send_rcpt(
 async def deliver_per_recipient(
     conn: OutboundConnection,
     envelope: Envelope,
-    message: bytes,
+    message: Message,
     *,
     reused: bool = False,
     remote_mta: str | None = None,
@@ -891,7 +1137,8 @@ async def deliver_per_recipient(
         conn: a ready connection (not shared while this runs).
         envelope: the transaction; recipients with a malformed address get
             ``501 5.1.3`` locally, a malformed reverse-path gives everyone ``501 5.1.7``.
-        message: the complete message, CRLF line endings, not dot-stuffed.
+        message: the complete message, CRLF line endings, not dot-stuffed: bytes, or a
+            :class:`MessageFile` streamed from disk by :func:`send_data`.
         reused: the connection came from a pool (see :func:`send_envelope`).
         remote_mta: the server's host name, stored in the results.
         rset_timeout: seconds to wait for RSET after a refusal.
@@ -959,7 +1206,7 @@ async def deliver_per_recipient(
         await reset(conn, rset_timeout)
         return results
     try:
-        resp = await conn.smtp.data(message)
+        resp = await send_data(conn, message)
     except aiosmtplib.SMTPDataError as exc:
         if exc.code == 421 or not conn.smtp.is_connected:
             conn.clean = False

@@ -34,6 +34,7 @@ from .outbound import (
     SMTPUTF8_UNSUPPORTED,
     AuthFailed,
     Connector,
+    Message,
     OutboundConnection,
     RecipientResults,
     StaleConnection,
@@ -45,6 +46,7 @@ from .outbound import (
     mail_options,
     remote_reply,
     reset,
+    send_data,
     send_envelope,
     send_mail,
     send_rcpt,
@@ -374,7 +376,7 @@ class UpstreamDelivery:
                 err.reply = err.reply.with_text(err.reply.text + more)
             raise err
         try:
-            resp = await conn.smtp.data(message)
+            resp = await send_data(conn, message)
         except aiosmtplib.SMTPDataError as exc:
             await self._rset(conn)
             raise _raise_upstream(exc.code, exc.message, "Upstream rejected the message") from None
@@ -467,7 +469,7 @@ class UpstreamDelivery:
             return reply
 
     async def deliver_recipients(
-        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+        self, envelope: Envelope, message: Message, session: SessionInfo | None = None
     ) -> RecipientResults:
         """Relay one transaction and report each recipient's outcome (for the queue).
 
@@ -485,7 +487,9 @@ class UpstreamDelivery:
         Args:
             envelope: reverse-path, MAIL parameters and recipients.
             message: the complete message: CRLF line endings, not dot-stuffed,
-                trace header already prepended.
+                trace header already prepended; bytes, or a
+                :class:`~smtpgate.delivery.outbound.MessageFile` sent from its file in
+                bounded memory.
             session: the SMTP session, for logging.
 
         Returns:
@@ -809,7 +813,7 @@ class UpstreamTransaction:
                 await reset(conn, min(self._owner.timeout, 10.0))
                 raise PermanentDeliveryError(NO_RECIPIENTS)
             try:
-                resp = await conn.smtp.data(message)
+                resp = await send_data(conn, message)
             except aiosmtplib.SMTPDataError as exc:
                 if exc.code == 421 or not conn.smtp.is_connected:
                     conn.clean = False

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from ..delivery.outbound import Message, MessageFile
 from ..envelope import Envelope, Recipient
 from ..errors import QueueError
 from ..reply import Reply
@@ -28,6 +29,10 @@ log = logging.getLogger("smtpgate.queue")
 
 FLUSH_FILE = "flush"
 _RESCAN_EVERY = 60.0
+#: Messages larger than this (bytes) are sent from their spool file in chunks, never
+#: loaded whole (unless a DSN or a ``delivered`` plugin needs them), and are not kept
+#: in memory between commit and first attempt.
+STREAM_FROM = 1 << 20
 
 
 class Outcome(NamedTuple):
@@ -55,9 +60,12 @@ class Outbound(Protocol):
         ...
 
     async def send(
-        self, destination: str, envelope: Envelope, message: bytes
+        self, destination: str, envelope: Envelope, message: Message
     ) -> dict[str, Outcome]:
         """Deliver to every recipient of ``envelope`` (all share ``destination``).
+
+        ``message`` is bytes, or (above :data:`STREAM_FROM` bytes) a
+        :class:`~smtpgate.delivery.outbound.MessageFile` on the spool file.
 
         Returns:
             forward-path → :class:`Outcome`; a recipient missing from the result
@@ -206,9 +214,10 @@ class QueueManager:
 
         With ``message`` the first attempt uses the in-memory copies instead of reading
         the spool back (they are the bytes just committed; later attempts read the disk).
+        Messages above :data:`STREAM_FROM` bytes are not kept: they are sent from the spool.
         """
         self._set_due(entry.id, entry.next_attempt)
-        if message is not None and len(self._fresh) < 10000:
+        if message is not None and len(message) <= STREAM_FROM and len(self._fresh) < 10000:
             self._fresh[entry.id] = (entry, message)
         self._wake.set()
 
@@ -311,8 +320,24 @@ class QueueManager:
 
     # -------------------------------------------------------------- delivery
 
+    def _open_message(self, qid: str, entry: QueueEntry) -> Message:
+        """The message for one attempt: bytes, or above :data:`STREAM_FROM` bytes a
+        :class:`MessageFile` (size and CRC-32 checked in chunks). Raises QueueError."""
+        if entry.size <= STREAM_FROM:
+            return self.store.read_message(qid, entry)
+        checked = entry.crc32 >= 0
+        try:
+            return MessageFile.open(self.store.path / "messages" / qid,
+                                    entry.size if checked else None, entry.crc32)
+        except OSError as exc:
+            raise QueueError(f"cannot read message {qid}: {exc.strerror or exc}") from exc
+        except ValueError:
+            raise QueueError(
+                f"message {qid} does not match its envelope (size or CRC)") from None
+
     async def _process(self, qid: str) -> None:
         fresh = self._fresh.pop(qid, None)
+        message: Message
         if fresh is not None:
             entry, message = fresh  # finish_attempt merges any change made meanwhile
         else:
@@ -323,11 +348,18 @@ class QueueManager:
             if entry.state == "hold":
                 return
             try:
-                message = await asyncio.to_thread(self.store.read_message, qid, entry)
+                message = await asyncio.to_thread(self._open_message, qid, entry)
             except QueueError as exc:
                 log.error("queue id=%s: %s; moved to corrupt/", qid, exc)
                 await asyncio.to_thread(self.store.quarantine, entry, str(exc))
                 return
+        try:
+            await self._attempt(entry, message)
+        finally:
+            if isinstance(message, MessageFile):
+                message.close()
+
+    async def _attempt(self, entry: QueueEntry, message: Message) -> None:
         now = self.clock()
         newly_failed: list[QueuedRecipient] = []
         newly_relayed: list[QueuedRecipient] = []
@@ -396,7 +428,7 @@ class QueueManager:
                     fut.set_result(outcome)
 
     async def _deliver_group(
-        self, entry: QueueEntry, dest: str, rcpts: list[QueuedRecipient], message: bytes,
+        self, entry: QueueEntry, dest: str, rcpts: list[QueuedRecipient], message: Message,
         failed: list[QueuedRecipient], relayed_to: list[QueuedRecipient],
     ) -> None:
         """Deliver one destination's recipients; ``relayed_to`` gets those accepted by a
@@ -435,12 +467,12 @@ class QueueManager:
                      dest, remote or "-", r.last_reply[:200])
             if self.on_outcome is not None:
                 try:
-                    await self.on_outcome(entry, r, reply, message)
+                    await self.on_outcome(entry, r, reply, await _whole(message))
                 except Exception:
                     log.exception("queue id=%s: delivered notification failed", entry.id)
 
     async def _notify(
-        self, entry: QueueEntry, message: bytes, failed: list[QueuedRecipient],
+        self, entry: QueueEntry, message: Message, failed: list[QueuedRecipient],
         relayed: list[QueuedRecipient], now: float,
     ) -> None:
         if self.make_dsn is None or entry.mail_from == "":
@@ -460,7 +492,7 @@ class QueueManager:
                 for r in late:
                     r.delay_notified = True
         for rcpts, kind in jobs:
-            dsn = self.make_dsn(entry, message, rcpts, kind)
+            dsn = self.make_dsn(entry, await _whole(message), rcpts, kind)
             if dsn is None:
                 continue
             params: dict[str, str | None] = {}
@@ -480,6 +512,13 @@ class QueueManager:
                      entry.mail_from)
             self.submit(dsn_entry)
 
+
+
+async def _whole(message: Message) -> bytes:
+    """The message's bytes (a :class:`MessageFile` is read once, off the event loop)."""
+    if isinstance(message, MessageFile):
+        return await asyncio.to_thread(message.read)
+    return message
 
 
 def _with_last(reason: str, r: QueuedRecipient) -> str:

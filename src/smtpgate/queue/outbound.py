@@ -7,12 +7,13 @@ RFC 5321 §5.1 (MX), RFC 3461/3464 (DSN).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
 from ..delivery.dsn import RecipientStatus, build_dsn, should_notify
 from ..delivery.mx import MxDelivery
-from ..delivery.outbound import RecipientResults
+from ..delivery.outbound import Message, MessageFile, RecipientResults
 from ..delivery.upstream import UpstreamDelivery
 from ..envelope import Envelope
 from ..reply import Reply
@@ -62,9 +63,10 @@ class RelayOutbound:
         return "relay"
 
     async def send(
-        self, destination: str, envelope: Envelope, message: bytes
+        self, destination: str, envelope: Envelope, message: Message
     ) -> dict[str, Outcome]:
-        """Per-recipient outcome from the relay (connection failures are 4xx for all)."""
+        """Per-recipient outcome from the relay (connection failures are 4xx for all);
+        a :class:`~smtpgate.delivery.outbound.MessageFile` is streamed from its file."""
         results = await self.relay.deliver_recipients(envelope, message)
         return _results(results)
 
@@ -89,12 +91,16 @@ class MxOutbound:
         return address[at + 1 :].lower() if at >= 0 else ""
 
     async def send(
-        self, destination: str, envelope: Envelope, message: bytes
+        self, destination: str, envelope: Envelope, message: Message
     ) -> dict[str, Outcome]:
-        """Per-recipient outcome from the domain's MX hosts."""
+        """Per-recipient outcome from the domain's MX hosts (a
+        :class:`~smtpgate.delivery.outbound.MessageFile` is loaded whole here: MX
+        delivery does not stream yet)."""
         if not destination:
             return {r.address: Outcome(Reply(550, "5.1.2", "Recipient has no domain"), "")
                     for r in envelope.rcpt_to}
+        if isinstance(message, MessageFile):
+            message = await asyncio.to_thread(message.read)
         results = await self.mx.deliver_recipients(envelope, message, domain=destination)
         return _results(results)
 
