@@ -115,6 +115,18 @@ class Session(asyncio.Protocol):
     runs → ``connection_lost`` releases the connection slot.
     """
 
+    # No per-instance __dict__ (asyncio.Protocol and BaseProtocol declare empty
+    # __slots__; asyncio and uvloop only call the protocol's methods): a session lives as
+    # long as its connection (issue 13, idle connection memory).
+    __slots__ = (
+        "conn", "ctx", "info", "server", "transaction", "transport", "_admitted",
+        "_data_phase", "_data_rate", "_deadline", "_disconnect_after", "_drain_waiter",
+        "_fresh", "_idle", "_ip", "_loop", "_lost", "_messages", "_out", "_paused",
+        "_proxy_buf", "_proxy_done", "_shutdown", "_task", "_timer", "_timer_at", "_tls",
+        "_tls_early", "_tls_leftover", "_tls_wait", "_tx_count", "_upstream", "_waiter",
+        "_write_paused", "__weakref__",
+    )
+
     def __init__(self, server: SmtpServer, ctx: ServerContext) -> None:
         self.server = server
         self.ctx = ctx
@@ -153,6 +165,9 @@ class Session(asyncio.Protocol):
         self._proxy_buf: bytearray | None = bytearray() if ctx.proxy_protocol else None
         self._proxy_done: asyncio.Future[None] | None = None
         self._tls_leftover = b""
+        # The open upstream transaction in proxy mode (see ``_on_mail``), else ``None``.
+        self._upstream: Any = None
+        self._disconnect_after = False  # a hook asked to drop the client after this reply
 
     # ----------------------------------------------------------- asyncio glue
 
@@ -469,6 +484,9 @@ class Session(asyncio.Protocol):
                         reason = "rejected"
                         return
             self._out.append(conn.send(greeting))
+            # This frame lives as long as the session: keep no reply (the EHLO reply is
+            # the largest) alive while waiting for the client (issue 13, idle memory).
+            reply = greeting = R.OK
             while not conn.closed:
                 ev = conn.next_event()
                 if ev is NEED_DATA:
@@ -482,6 +500,7 @@ class Session(asyncio.Protocol):
                         reason = "shutdown"
                         break
                     self._idle = not conn.in_transaction
+                    reply = R.OK  # drop the last reply sent (see above)
                     try:
                         await self._wait_data(conn.in_data)
                     finally:
@@ -584,8 +603,6 @@ class Session(asyncio.Protocol):
             reason = "internal error"
         finally:
             await self._finish(reason)
-
-    _disconnect_after = False
 
     def _render(self, wire: bytes, reply: Reply) -> bytes:
         """Apply ``multiline_replies = false`` (ZMailer no-multiline-replies): first line only.
@@ -779,9 +796,6 @@ class Session(asyncio.Protocol):
         if self._upstream is not None:
             return cast(Reply, self._upstream.mail_reply)
         return R.SENDER_OK
-
-    #: The open upstream transaction in proxy mode (see ``_on_mail``), else ``None``.
-    _upstream: Any = None
 
     async def _abort_upstream(self) -> None:
         """End the open upstream transaction, if any (RSET upstream): at RSET, a new MAIL,
