@@ -148,8 +148,8 @@ class _Deadlines:
         self._cancelled += 1
         heap = self._heap
         if self._cancelled > 64 and self._cancelled * 2 > len(heap):
-            self._heap = [e for e in heap if e[2] is not None]
-            heapq.heapify(self._heap)
+            heap[:] = [e for e in heap if e[2] is not None]  # in place: _fire may hold it
+            heapq.heapify(heap)
             self._cancelled = 0
 
     def _arm(self, when: float) -> None:
