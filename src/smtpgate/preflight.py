@@ -52,12 +52,9 @@ def check_writable_dir(path: str, subdirs: tuple[str, ...] = ()) -> str | None:
                 continue
             if not os.path.isdir(where):
                 return f"{where} exists and is not a directory"
-            try:
-                fd, probe = tempfile.mkstemp(prefix=".smtpgate-probe-", dir=where)
-            except OSError as exc:
-                return f"cannot write into {where}: {exc.strerror or exc}"
-            os.close(fd)
-            os.unlink(probe)
+            why = _probe_write(where)
+            if why is not None:
+                return why
         return None
     parent = os.path.dirname(path.rstrip(os.sep)) or os.sep
     while not os.path.lexists(parent):
@@ -83,10 +80,19 @@ def _check_file_dir(path: str) -> str | None:
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         return f"directory {parent} does not exist"
+    return _probe_write(parent)
+
+
+def _probe_write(directory: str) -> str | None:
+    """Create and remove a file in ``directory``; say why that fails (None: it works).
+
+    A probe, not :func:`os.access`, which says yes to root on read-only or virtual file
+    systems such as ``/proc``.
+    """
     try:
-        fd, probe = tempfile.mkstemp(prefix=".smtpgate-probe-", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=".smtpgate-probe-", dir=directory)
     except OSError as exc:
-        return f"cannot write into {parent}: {exc.strerror or exc}"
+        return f"cannot write into {directory}: {exc.strerror or exc}"
     os.close(fd)
     os.unlink(probe)
     return None

@@ -3,8 +3,8 @@ rspamd, ClamAV, Sophos) in the data phase (nssmtpd ``checkspam``/``checkvirus``)
 
 Entry point: :func:`register`. Two hooks at the ``data`` stage: at priority -50 every
 scanner runs (concurrently), tags the message and records its finding in
-``transaction.results`` (one entry per scanner: ``spam``, ``ham``, ``infected``,
-``clean``, ``error``) and the decision in ``transaction.scan_decision``; at priority 90,
+``transaction.results`` (one entry per scanner: ``clean``, ``spam``, ``infected``,
+``skipped``, ``error``) and the decision in ``transaction.scan_decision``; at priority 90,
 after the site's own data hooks, the decision is enforced (DENY, DENYSOFT or QUARANTINE).
 A data hook that answers OK in between therefore overrides the scanners, as it always
 did. The scanner set is offered to the application as ``"scanners"``.
