@@ -1,7 +1,7 @@
 """smtpgate hooks: user code called at each SMTP stage, answering with a verdict.
 
 Entry points: :class:`HookRunner` (register and run chains), :class:`Transaction` (the
-nssmtpd-style message API), the verdict helpers and :func:`runner_from_config`.
+nssmtpd-style message API) and the verdict helpers.
 RFC 5321 §3.3/§4.2 (stages and replies), RFC 5322 (header edits), RFC 3463 (enhanced codes).
 
 Writing a hook
@@ -85,7 +85,7 @@ reply was sent (nssmtpd ``errorproc``); the verdict is ignored::
 
 from __future__ import annotations
 
-from .loader import load_callable, runner_from_config
+from .loader import load_callable
 from .runner import HookRunner, RegisteredHook
 from .transaction import Transaction
 from .verdict import (
@@ -121,6 +121,5 @@ __all__ = [
     "drop",
     "load_callable",
     "reject",
-    "runner_from_config",
     "tempfail",
 ]

@@ -8,6 +8,9 @@ of ``"module:function"`` specs (see :mod:`smtpgate.hooks`). ``address_check`` is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from ..errors import ConfigError
 from ..hooks import Stage, load_callable
 from . import Option, PluginRegistry
 
@@ -19,16 +22,24 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
     """Import every ``[hooks]`` function and register it on its stage.
 
     Raises:
-        ConfigError: a spec that cannot be imported (naming ``hooks.STAGE``).
+        ConfigError: every spec that cannot be imported (naming ``hooks.STAGE``).
     """
+    problems: list[str] = []
+    loaded: list[tuple[Stage, str, Callable[..., object]]] = []
     for stage_name, specs in registry.config.hooks.by_point().items():
         if stage_name == "address_check":
             continue
-        stage = Stage(stage_name)
-        for spec in specs:
-            registry.runner.register(
-                stage, load_callable(spec, f"hooks.{stage_name}"),
-                priority=registry.priority, name=spec, timeout=registry.timeout,
-                on_error=registry.on_error, plugin=registry.name,
-            )
-            registry.stages.append(stage)
+        for i, spec in enumerate(specs):
+            key = f"hooks.{stage_name}" + (f"[{i}]" if len(specs) > 1 else "")
+            try:
+                loaded.append((Stage(stage_name), spec, load_callable(spec, key)))
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)  # every unloadable hook at once
+    for stage, spec, func in loaded:
+        registry.runner.register(
+            stage, func, priority=registry.priority, name=spec, timeout=registry.timeout,
+            on_error=registry.on_error, plugin=registry.name,
+        )
+        registry.stages.append(stage)
