@@ -3,7 +3,9 @@
 #   - Debian packages used by the tests and the benchmark: postfix (smtp-sink/smtp-source,
 #     installed WITHOUT configuring a mail system), swaks, openssl, and the content scanners
 #     the tests start on private ports: spamassassin + spamc (spamd), clamav-daemon +
-#     clamav-testfiles (clamd), rspamd (+ redis-server for its Bayes), haproxy (PROXY tests);
+#     clamav-testfiles (clamd), rspamd (+ redis-server for its Bayes), haproxy (PROXY tests),
+#     and the external filters the filter tests run (opendkim, opendmarc, clamav-milter, spamass-milter, postgrey,
+#     postfix-policyd-spf-python);
 #   - a virtualenv in .venv with smtpgate installed editable, plus the test/uvloop extras.
 # Usage: scripts/setup.sh [--no-apt]
 set -euo pipefail
@@ -25,6 +27,13 @@ if [ "$want_apt" = 1 ]; then
   command -v rspamd >/dev/null 2>&1 || missing+=(rspamd)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+  # external filters (docs/filters.md): milters and Postfix policy servers
+  command -v opendkim >/dev/null 2>&1 || missing+=(opendkim opendkim-tools)
+  command -v opendmarc >/dev/null 2>&1 || missing+=(opendmarc)
+  command -v clamav-milter >/dev/null 2>&1 || missing+=(clamav-milter)
+  command -v spamass-milter >/dev/null 2>&1 || missing+=(spamass-milter)
+  command -v postgrey >/dev/null 2>&1 || missing+=(postgrey)
+  [ -x /usr/bin/policyd-spf ] || missing+=(postfix-policyd-spf-python)
   if [ "${#missing[@]}" -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -103,7 +103,7 @@ def plan_chain(config: Config) -> list[PlannedPlugin]:
     for table in config.plugins:
         if not table.enabled or (table.use and table.use in explicit):
             continue
-        module = table.module or f"smtpgate.plugins.{table.use}"
+        module = table.module or f"smtpgate.plugins.{table.use.replace('-', '_')}"
         plan.append(PlannedPlugin(table.display_name, module, f"plugin[{table.index}]", table))
     return plan
 
