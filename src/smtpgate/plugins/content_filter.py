@@ -343,6 +343,7 @@ class FilterPool:
     _next_start: float = 0.0
     _changed: asyncio.Event | None = field(default=None, repr=False)
     _keeper: AsyncIterator[None] | None = field(default=None, repr=False)
+    _reaping: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     # -- lifetime
 
@@ -355,6 +356,7 @@ class FilterPool:
         self._loop = loop
         self._idle.clear()
         self._all.clear()
+        self._reaping.clear()
         self._live = self._failures = 0
         self._next_start = 0.0
         self._changed = asyncio.Event()
@@ -386,12 +388,26 @@ class FilterPool:
                 await f.proc.wait()
             if f.stderr_task is not None:
                 await f.stderr_task
+        for task in list(self._reaping):
+            await task
         self._live = 0
 
     def _notify(self) -> None:
         assert self._changed is not None
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _count_failure(self) -> None:
+        """One more failure in a row: the next start is at once after the first, then
+        after 1, 2, 4 ... seconds (at most ``restart_delay_max``)."""
+        self._failures += 1
+        delay = 0.0 if self._failures <= 1 else min(
+            2.0 ** (self._failures - 2), self.restart_delay_max)
+        assert self._loop is not None
+        self._next_start = self._loop.time() + delay
+        if delay:
+            log.warning("content filter: %d failures in a row; next start in %g s",
+                        self._failures, delay)
 
     def _forget(self, f: _Filter, failed: bool) -> None:
         """Drop ``f`` (killing it if it still runs); a failure delays the next start."""
@@ -405,16 +421,11 @@ class FilterPool:
         self._all.discard(f)
         self._live -= 1
         if failed:
-            self._failures += 1
-            delay = 0.0 if self._failures <= 1 else min(
-                2.0 ** (self._failures - 2), self.restart_delay_max)
-            assert self._loop is not None
-            self._next_start = self._loop.time() + delay
-            if delay:
-                log.warning("content filter: %d failures in a row; next start in %.0f s",
-                            self._failures, delay)
+            self._count_failure()
         assert self._loop is not None
-        self._loop.create_task(self._reap(f))
+        task = self._loop.create_task(self._reap(f))
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
         self._notify()
 
     async def _reap(self, f: _Filter) -> None:
@@ -472,14 +483,15 @@ class FilterPool:
             if f is None:
                 try:
                     f = await self._spawn(deadline)
-                except FilterUnavailable as exc:
+                except BaseException as exc:
+                    if not isinstance(exc, FilterUnavailable):  # cancelled while starting
+                        self._live -= 1
+                        self._notify()
+                        raise
                     self._live -= 1
-                    self._failures += 1
-                    self._next_start = loop.time() + (
-                        0.0 if self._failures <= 1 else
-                        min(2.0 ** (self._failures - 2), self.restart_delay_max))
-                    self._notify()
                     log.error("content filter: %s", exc)
+                    self._count_failure()
+                    self._notify()
                     continue
             try:
                 await f.wait_hungry(deadline)
@@ -615,7 +627,7 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
     def decide(tx: Transaction, answer: Answer) -> HookResult | None:
         result = answer.result
         reply = parse_reply(answer.text, result)
-        details: dict[str, str | int] = {"code": result, "pid": answer.pid}
+        details: dict[str, str | int] = {"answer": result, "pid": answer.pid}
         if reply is not None:
             details["reply"] = f"{reply.code} {reply.enhanced} {reply.text}".replace("\n", " / ")
         if answer.malformed:

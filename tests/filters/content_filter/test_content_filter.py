@@ -12,6 +12,7 @@ import shlex
 import smtplib
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ from smtpgate.app import Smtpgate
 from smtpgate.errors import ConfigError
 from smtpgate.plugins.content_filter import parse_answer, parse_reply
 from smtpgate.reply import Reply
-from tests.support import Capture
+from tests.support import Capture, RawClient
+
+AppFactory = Callable[..., Smtpgate]
+RawFactory = Callable[..., RawClient]
 
 HERE = Path(__file__).resolve().parent
 PY_FILTER = HERE / "ctfilter.py"
@@ -54,7 +58,7 @@ def send(port: int, message: bytes = MSG) -> tuple[int, bytes]:
         return s.data(message)
 
 
-def raw_send(c: Any, message: bytes = MSG) -> bytes:
+def raw_send(c: RawClient, message: bytes = MSG) -> bytes:
     """MAIL, RCPT, DATA over a raw client (EHLO done): the end-of-data reply, byte exact."""
     assert c.cmd("MAIL FROM:<ann@example.org>").startswith(b"250")
     assert c.cmd("RCPT TO:<bob@example.com>").startswith(b"250")
@@ -97,7 +101,7 @@ def maildir_files(path: Path) -> list[bytes]:
 # ------------------------------------------------------------------ accept
 
 
-def test_accept_file_is_the_message_private_and_removed(run_app, record: Path,
+def test_accept_file_is_the_message_private_and_removed(run_app: AppFactory, record: Path,
                                                         capture: Capture) -> None:
     app = run_app({"plugin": [{"module": "tests.filters.content_filter.earlier"},
                               table("answer", record, "0")]}, deliver=capture)
@@ -112,7 +116,7 @@ def test_accept_file_is_the_message_private_and_removed(run_app, record: Path,
     assert os.path.isabs(path) and not os.path.exists(path)  # deleted after the answer
 
 
-def test_accept_with_text_sets_the_reply_and_directory_option(run_app, record: Path,
+def test_accept_with_text_sets_the_reply_and_directory_option(run_app: AppFactory, record: Path,
                                                               tmp_path: Path,
                                                               capture: Capture) -> None:
     spool = tmp_path / "cf-files"
@@ -129,7 +133,7 @@ def test_accept_with_text_sets_the_reply_and_directory_option(run_app, record: P
 # ------------------------------------------------------------------ reject
 
 
-def test_reject_without_text_gets_the_default(run_app, record: Path, capture: Capture,
+def test_reject_without_text_gets_the_default(run_app: AppFactory, record: Path, capture: Capture,
                                               caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     app = run_app({"plugin": [table("answer", record, "-1")]}, deliver=capture)
@@ -137,10 +141,10 @@ def test_reject_without_text_gets_the_default(run_app, record: Path, capture: Ca
     assert capture.messages == []
     line = next(r.getMessage() for r in caplog.records if r.name == "smtpgate.session"
                 and r.getMessage().startswith("transaction "))
-    assert "results='content-filter=reject (code=-1 pid=" in line
+    assert "results='content-filter=reject (answer=-1 pid=" in line
 
 
-def test_reject_with_custom_text_shell_filter_with_arguments(run_app, capture: Capture) -> None:
+def test_reject_with_custom_text_shell_filter_with_arguments(run_app: AppFactory, capture: Capture) -> None:
     command = shlex.join(["/bin/sh", str(SH_FILTER), "-1 554 5.7.0 No spam here, thanks"])
     app = run_app({"plugin": [{"use": "content-filter", "command": command}]},
                   deliver=capture)
@@ -154,7 +158,7 @@ def test_reject_with_custom_text_shell_filter_with_arguments(run_app, capture: C
     ("-1 451 4.7.1 Try later", b"451 4.7.1 Try later"),
     ("-1 550 4.7.1 Wrong class", b"550 5.7.1 Wrong class"),
 ])
-def test_reject_reply_codes(run_app, raw, record: Path, capture: Capture, answer: str,
+def test_reject_reply_codes(run_app: AppFactory, raw: RawFactory, record: Path, capture: Capture, answer: str,
                             reply: bytes) -> None:
     app = run_app({"plugin": [table("answer", record, answer)]}, deliver=capture)
     c = raw(app.port)
@@ -163,7 +167,7 @@ def test_reject_reply_codes(run_app, raw, record: Path, capture: Capture, answer
     assert capture.messages == []
 
 
-def test_multi_line_reply(run_app, raw, record: Path, capture: Capture) -> None:
+def test_multi_line_reply(run_app: AppFactory, raw: RawFactory, record: Path, capture: Capture) -> None:
     app = run_app({"plugin": [table("answer", record,
                                     r"-1 550 5.7.1 Spam detected\rscore 12.5\rgo away")]},
                   deliver=capture)
@@ -175,7 +179,7 @@ def test_multi_line_reply(run_app, raw, record: Path, capture: Capture) -> None:
     assert c.cmd("NOOP").startswith(b"250")  # the session goes on
 
 
-def test_reject_reported_as_acceptance_destroys_the_message(run_app, record: Path,
+def test_reject_reported_as_acceptance_destroys_the_message(run_app: AppFactory, record: Path,
                                                             capture: Capture) -> None:
     app = run_app({"plugin": [table(
         "answer", record, "-1 250 2.7.1 Glad to see some spam, immediately destroyed :)")]},
@@ -184,7 +188,7 @@ def test_reject_reported_as_acceptance_destroys_the_message(run_app, record: Pat
     assert capture.messages == []
 
 
-def test_accept_with_a_refusal_text_is_not_delivered(run_app, record: Path,
+def test_accept_with_a_refusal_text_is_not_delivered(run_app: AppFactory, record: Path,
                                                      capture: Capture) -> None:
     app = run_app({"plugin": [table("answer", record, "0 550 5.7.1 No")]}, deliver=capture)
     assert send(app.port) == (550, b"5.7.1 No")
@@ -194,7 +198,7 @@ def test_accept_with_a_refusal_text_is_not_delivered(run_app, record: Path,
 # ------------------------------------------------------------------ freeze
 
 
-def test_freeze_stores_in_quarantine(run_app, record: Path, tmp_path: Path,
+def test_freeze_stores_in_quarantine(run_app: AppFactory, record: Path, tmp_path: Path,
                                      capture: Capture) -> None:
     freezer = tmp_path / "freezer"
     app = run_app({"plugin": [table("answer", record, "1", quarantine_path=str(freezer))]},
@@ -205,7 +209,7 @@ def test_freeze_stores_in_quarantine(run_app, record: Path, tmp_path: Path,
     assert Capture.strip_received(stored) == MSG
 
 
-def test_freeze_with_positive_reply(run_app, record: Path, tmp_path: Path,
+def test_freeze_with_positive_reply(run_app: AppFactory, record: Path, tmp_path: Path,
                                     capture: Capture) -> None:
     freezer = tmp_path / "freezer"
     app = run_app({"plugin": [table("answer", record, "1 250 2.7.1 Held for review",
@@ -215,7 +219,7 @@ def test_freeze_with_positive_reply(run_app, record: Path, tmp_path: Path,
     assert len(maildir_files(freezer)) == 1
 
 
-def test_freeze_without_quarantine_path_tempfails(run_app, record: Path,
+def test_freeze_without_quarantine_path_tempfails(run_app: AppFactory, record: Path,
                                                   capture: Capture) -> None:
     app = run_app({"plugin": [table("answer", record, "1")]}, deliver=capture)
     assert send(app.port) == (451, b"4.3.0 Message cannot be stored, try again later")
@@ -225,7 +229,7 @@ def test_freeze_without_quarantine_path_tempfails(run_app, record: Path,
 # ------------------------------------------------------------------ malformed answers
 
 
-def test_malformed_answer_freezes_and_filter_is_replaced(run_app, record: Path,
+def test_malformed_answer_freezes_and_filter_is_replaced(run_app: AppFactory, record: Path,
                                                          tmp_path: Path,
                                                          capture: Capture) -> None:
     freezer = tmp_path / "freezer"
@@ -242,7 +246,7 @@ def test_malformed_answer_freezes_and_filter_is_replaced(run_app, record: Path,
     assert capture.messages == []
 
 
-def test_well_formed_line_after_a_malformed_one_is_used(run_app, record: Path,
+def test_well_formed_line_after_a_malformed_one_is_used(run_app: AppFactory, record: Path,
                                                         tmp_path: Path,
                                                         capture: Capture) -> None:
     freezer = tmp_path / "freezer"
@@ -255,7 +259,7 @@ def test_well_formed_line_after_a_malformed_one_is_used(run_app, record: Path,
 # ------------------------------------------------------------------ failures
 
 
-def test_filter_crash_tempfails_then_restarts(run_app, record: Path, capture: Capture) -> None:
+def test_filter_crash_tempfails_then_restarts(run_app: AppFactory, record: Path, capture: Capture) -> None:
     app = run_app({"plugin": [table("crash-once", record)]}, deliver=capture)
     assert send(app.port) == (451, b"4.3.0 Content filter unavailable, try again later")
     [crashed] = started(record)
@@ -266,7 +270,7 @@ def test_filter_crash_tempfails_then_restarts(run_app, record: Path, capture: Ca
     assert len(capture.messages) == 1
 
 
-def test_hanging_filter_is_killed_and_restarted(run_app, record: Path,
+def test_hanging_filter_is_killed_and_restarted(run_app: AppFactory, record: Path,
                                                 capture: Capture) -> None:
     app = run_app({"plugin": [table("hang-once", record, timeout=2)]}, deliver=capture)
     assert send(app.port) == (451, b"4.3.0 Content filter unavailable, try again later")
@@ -277,7 +281,7 @@ def test_hanging_filter_is_killed_and_restarted(run_app, record: Path,
     assert len(capture.messages) == 1
 
 
-def test_filter_that_cannot_run(run_app, tmp_path: Path, capture: Capture) -> None:
+def test_filter_that_cannot_run(run_app: AppFactory, tmp_path: Path, capture: Capture) -> None:
     dies = tmp_path / "dies.sh"
     dies.write_text("#!/bin/sh\necho 'broken filter' >&2\nexit 1\n")
     dies.chmod(0o755)
@@ -288,7 +292,7 @@ def test_filter_that_cannot_run(run_app, tmp_path: Path, capture: Capture) -> No
     assert capture.messages == []
 
 
-def test_on_error_accept_lets_the_message_through(run_app, tmp_path: Path,
+def test_on_error_accept_lets_the_message_through(run_app: AppFactory, tmp_path: Path,
                                                   capture: Capture,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
@@ -306,7 +310,7 @@ def test_on_error_accept_lets_the_message_through(run_app, tmp_path: Path,
 # ------------------------------------------------------------------ processes
 
 
-def test_two_processes_serve_two_sessions_at_once(run_app, record: Path,
+def test_two_processes_serve_two_sessions_at_once(run_app: AppFactory, record: Path,
                                                   capture: Capture) -> None:
     # Each filter answers only once both have a job: with one filter at a time both
     # messages would time out (451).
@@ -320,7 +324,7 @@ def test_two_processes_serve_two_sessions_at_once(run_app, record: Path,
     assert len(capture.messages) == 2
 
 
-def test_one_filter_serves_messages_in_turn(run_app, record: Path, capture: Capture) -> None:
+def test_one_filter_serves_messages_in_turn(run_app: AppFactory, record: Path, capture: Capture) -> None:
     app = run_app({"plugin": [table("answer", record, "0 250 2.6.0 ok")]}, deliver=capture)
     with ThreadPoolExecutor(3) as pool:
         replies = list(pool.map(lambda _: send(app.port), range(3)))
@@ -332,7 +336,7 @@ def test_one_filter_serves_messages_in_turn(run_app, record: Path, capture: Capt
 
 
 def test_stderr_goes_to_the_log_and_filter_ends_at_shutdown(
-        run_app, record: Path, capture: Capture, caplog: pytest.LogCaptureFixture) -> None:
+        run_app: AppFactory, record: Path, capture: Capture, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="smtpgate.plugins.content_filter")
     app = run_app({"plugin": [table("answer", record, "0")]}, deliver=capture)
     assert send(app.port)[0] == 250
