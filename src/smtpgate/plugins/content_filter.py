@@ -386,10 +386,11 @@ class FilterPool:
             except TimeoutError:
                 f.kill()
                 await f.proc.wait()
-            if f.stderr_task is not None:
-                await f.stderr_task
-        for task in list(self._reaping):
-            await task
+        # (asyncio.run cancels the remaining tasks before it closes async generators.)
+        tasks = [f.stderr_task for f in filters if f.stderr_task is not None]
+        for task in tasks + list(self._reaping):
+            if not task.done():
+                await task
         self._live = 0
 
     def _notify(self) -> None:
