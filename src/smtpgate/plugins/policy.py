@@ -147,8 +147,6 @@ OPTIONS: dict[str, Option] = {
     "default_action": Option(str, default="tempfail",
                              check=_choice("tempfail", "accept", "reject"),
                              help="when the server fails: tempfail | accept | reject"),
-    "timeout": Option(float, default=100.0, check=_positive,
-                      help="seconds per request (Postfix smtpd_policy_service_timeout)"),
     "max_idle": Option(float, default=300.0, check=_positive,
                        help="seconds an idle connection is kept"),
     "max_ttl": Option(float, default=1000.0, check=_positive,
@@ -661,8 +659,11 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     quarantine: str = options["quarantine"]
     context: str = options["policy_context"]
     name = registry.name
+    # The table's common ``timeout`` key is the request timeout (Postfix
+    # smtpd_policy_service_timeout, default 100 s); the hook's own limit covers every try.
+    timeout = registry.timeout if registry.timeout is not None else 100.0
     client = PolicyClient(
-        parse_policy_address(options["address"]), timeout=options["timeout"],
+        parse_policy_address(options["address"]), timeout=timeout,
         max_idle=options["max_idle"], max_ttl=options["max_ttl"],
         request_limit=options["request_limit"], try_limit=options["try_limit"],
         retry_delay=options["retry_delay"], max_connections=options["max_connections"])
@@ -681,7 +682,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     ok_may_skip_relay = relay_decider or stage != "rcpt" or not relay_on or \
         registry.priority >= relay_priority
     session_wide = stage in ("connect", "helo")
-    hook_timeout = options["timeout"] * options["try_limit"] + \
+    hook_timeout = timeout * options["try_limit"] + \
         options["retry_delay"] * (options["try_limit"] - 1) + 5.0
 
     def state_of(session: SessionInfo, tx: Transaction | None) -> dict[str, Any]:
@@ -710,15 +711,15 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
         except PolicyUnavailable as exc:
             log.error("policy server %s failed (session %s): %s; default_action %s",
                       client.label, session.session_id, exc, default_action)
-            results.add(name, "error", error=str(exc)[:200], default_action=default_action,
-                        **details)
+            results.add(name, "error", **details, error=str(exc)[:200],
+                        default_action=default_action)
             return failure_result(stage, default_action)
         action = parse_action(raw_action)
         reply_name = _reply_name(stage, session, tx, recipient, helo_name)
         decision = decide(action, stage, reply_name, default_action, bool(quarantine))
         log.info("policy server %s session=%s stage=%s action=%r -> %s", client.label,
                  session.session_id, stage, raw_action[:200], decision.finding)
-        results.add(name, decision.finding, action=raw_action[:200], **details)
+        results.add(name, decision.finding, **details, action=raw_action[:200])
         st = state_of(session, tx)
         if decision.defer_if_permit is not None:
             st["defer"] = decision.defer_if_permit
