@@ -84,10 +84,11 @@ class _State:
     """Per-session qmail-spp state (what qmail-smtpd keeps in its process).
 
     ``env``: the session's variables (ucspi-tcp and SMTP names, ``S`` changes) over
-    smtpgate's own environment, ``unset``: names removed with ``U``; ``headers``: ``H``
-    lines not yet added; ``errors``: ``LM``, ``LR``, ``LD`` messages (keys ``M``, ``R``, ``D``); ``rcpt_all``: RCPT commands seen
-    by the rcpt plugins since MAIL; ``stash``: the headers taken at DATA for that
-    transaction (id, headers); ``log``: ``stage:outcome`` entries of the transaction.
+    smtpgate's own environment; ``unset``: names removed with ``U``; ``headers``: ``H``
+    lines not yet added; ``errors``: ``LM``, ``LR``, ``LD`` messages (keys ``M``,
+    ``R``, ``D``); ``rcpt_all``: RCPT commands seen by the rcpt plugins since MAIL;
+    ``stash``: the headers taken at DATA for that transaction (id, headers); ``log``:
+    ``stage:outcome`` entries of the transaction; ``changed``: ``C`` changes made.
     """
 
     env: dict[str, str]
@@ -580,9 +581,11 @@ class _Runner:
         state.rcpt_all = 0
         state.log = []
         state.changed = []
-        if state.disabled() or not self.spp.programs("mail"):
+        if state.disabled():
             return None
         state.set("SMTPMAILFROM", transaction.mail_from)
+        if not self.spp.programs("mail"):
+            return None
 
         def change(new: str) -> bool:
             old = transaction.mail_from
@@ -616,9 +619,11 @@ class _Runner:
         except ValueError:
             ok = False
         state.set("SMTPRCPTHOSTSOK", "1" if ok else "0")
-        if state.disabled() or not self.spp.programs("rcpt"):
+        if state.disabled():
             return None
         state.set("SMTPRCPTTO", recipient.address)
+        if not self.spp.programs("rcpt"):
+            return None
 
         def change(new: str) -> bool:
             if not new or _UNPRINTABLE.search(new) or any(c in new for c in " <>"):
