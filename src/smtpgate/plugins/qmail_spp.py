@@ -156,12 +156,12 @@ def _text(data: bytes) -> str:
 
 def _reply_text(text: str) -> str:
     """Reply text is printable ASCII (RFC 5321 §4.2: no CR/LF, no controls)."""
-    return _UNPRINTABLE.sub("?", text.encode("utf-8", "surrogateescape").decode(
-        "ascii", "replace"))
+    return _UNPRINTABLE.sub("?", text)
 
 
 def _split_code(text: str) -> tuple[int | None, str | None, str]:
-    """``"553 5.7.1 go away"`` → ``(553, "5.7.1", "go away")``; missing parts are None."""
+    """``"553 5.7.1 go away"`` → ``(553, "5.7.1", "go away")``; missing parts are None
+    (an enhanced code of another class than the reply code stays in the text)."""
     code: int | None = None
     m = _CODE.match(text)
     if m:
@@ -169,7 +169,7 @@ def _split_code(text: str) -> tuple[int | None, str | None, str]:
         text = text[m.end():]
     enhanced: str | None = None
     m = _ENHANCED.match(text)
-    if m:
+    if m and (code is None or str(code)[0] == m.group(1)[0]):
         enhanced = m.group(1)
         text = text[m.end():]
     return code, enhanced, text
