@@ -533,3 +533,29 @@ def test_bad_max_processes(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         Smtpgate(spp(tmp_path, "", max_processes=0))
     assert info.value.problems == ["plugin[0].max_processes: must be >= 1"]
+
+
+def test_e_at_connection_is_the_greeting(run_app, raw, tmp_path: Path) -> None:
+    """E at connection: qmail-smtpd prints the message instead of its greeting and
+    goes on; smtpgate sends it as the greeting (RFC 5321 §3.1: 554, session open)."""
+    app = run_app(spp(tmp_path, "[connection]\n:plugins/say 'E554 5.7.1 no service here'\n"))
+    c = raw(app.port)
+    assert c.greeting == b"554 5.7.1 no service here"
+    assert c.cmd("QUIT").startswith(b"221")
+
+
+def test_e_at_auth_refuses_the_authentication(run_app, raw, tmp_path: Path) -> None:
+    """[auth] runs after a successful exchange; E refuses it (the client is not
+    authenticated: relaying stays denied)."""
+    cfg = strict_relay(spp(tmp_path, """[auth]
+:test "$SMTPAUTHUSER" = carol && plugins/say "E535 5.7.8 carol may not send from here"; true
+"""))
+    cfg["auth"] = {"authenticator": "tests.filters.spp.test_qmail_spp:authenticate",
+                   "require_tls": False}
+    app = run_app(cfg)
+    c = raw(app.port)
+    c.cmd("EHLO client.test")
+    assert c.cmd("AUTH PLAIN AGNhcm9sAHNlY3JldA==") == (
+        b"535 5.7.8 carol may not send from here")
+    c.cmd("MAIL FROM:<carol@example.org>")
+    assert c.cmd("RCPT TO:<x@elsewhere.example>") == b"550 5.7.1 Relaying denied"
