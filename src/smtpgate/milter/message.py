@@ -6,7 +6,8 @@ Entry points: :func:`header_fields` (the header fields to send, folding kept),
 
 Header values are sent with their continuation lines joined by ``"\\n"`` (as Sendmail and
 Postfix send them) and, unless the milter negotiated ``SMFIP_HDR_LEADSPC``, without the
-white space after the colon. Header changes splice the raw message bytes (RFC 5322 §2.2),
+one space after the colon. A value a milter adds gets a space after the colon unless it
+starts with white space (Postfix's rule). Header changes splice the raw message bytes (RFC 5322 §2.2),
 so every byte outside the changed fields stays as it was: this keeps signatures a milter
 computed (DKIM with ``simple`` canonicalisation) valid.
 """
@@ -45,10 +46,11 @@ class HeaderField:
     value: bytes
 
     def milter_value(self, leading_space: bool) -> str:
-        """The value as SMFIC_HEADER carries it: folds as ``"\\n"``, leading white space
-        removed unless ``leading_space`` (``SMFIP_HDR_LEADSPC``)."""
+        """The value as SMFIC_HEADER carries it: folds as ``"\\n"``; unless
+        ``leading_space`` (``SMFIP_HDR_LEADSPC``), one space (not a tab) after the colon is
+        left out, as Sendmail and Postfix do."""
         v = self.value.replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape")
-        return v if leading_space else v.lstrip(" \t")
+        return v if leading_space or not v.startswith(" ") else v[1:]
 
 
 def header_fields(raw: bytes, header_end: int) -> list[HeaderField]:
@@ -137,8 +139,8 @@ class _Editor:
         text = value.replace("\r\n", "\n")
         if _BAD_VALUE.search(text):
             raise ValueError(f"bare CR, NUL or unfolded line break in the value of {name}")
-        if not self.leadspc:
-            text = " " + text if text else text
+        if text and text[0] not in " \t":  # as Postfix: "name: value"
+            text = " " + text
         data = text.encode("utf-8", "surrogateescape").replace(b"\n", self.eol)
         return name.encode("ascii") + b":" + data + self.eol
 

@@ -1,0 +1,197 @@
+"""Real milter daemons from Debian for the tests: each started with its own temporary
+configuration on a private Unix socket, in the foreground, stopped at the end.
+
+Daemons that would look names up in DNS (opendkim, opendmarc) run in a network namespace
+of their own (``unshare --net``: only a down loopback interface), so no query can leave
+the host; their Unix socket is reachable from smtpgate all the same. Skips (never fails)
+when a binary is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+STARTUP_TIMEOUT = 60.0
+
+
+def find(binary: str) -> str | None:
+    """Path of a daemon (they live in /usr/sbin, often not on PATH)."""
+    found = shutil.which(binary)
+    if found:
+        return found
+    for d in ("/usr/sbin", "/usr/bin", "/usr/local/sbin"):
+        if os.access(f"{d}/{binary}", os.X_OK):
+            return f"{d}/{binary}"
+    return None
+
+
+def need(binary: str, package: str) -> str:
+    path = find(binary)
+    if path is None:
+        pytest.skip(f"{binary} not installed (Debian package {package})")
+    return path
+
+
+def _connectable(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(str(path))
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Daemon:
+    """A running daemon: its process (own process group), socket and work directory."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    socket_path: Path
+    workdir: Path
+
+    @property
+    def socket(self) -> str:
+        """The milter socket in smtpgate's notation."""
+        return f"unix:{self.socket_path}"
+
+    def log(self) -> str:
+        try:
+            return (self.workdir / "output.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def workdir(prefix: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix=f"sg-{prefix}-"))  # short: socket paths <= 107 bytes
+    d.chmod(0o755)
+    return d
+
+
+def can_unshare() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    return subprocess.run([unshare, "--net", "true"], capture_output=True).returncode == 0
+
+
+def start(name: str, argv: Sequence[str], wd: Path, socket_path: Path, *,
+          isolate_network: bool = False, env: dict[str, str] | None = None) -> Daemon:
+    """Start ``argv`` (foreground) and wait until ``socket_path`` accepts connections.
+
+    Raises:
+        RuntimeError: the daemon exited or its socket did not answer in time (log attached).
+    """
+    cmd = list(argv)
+    if isolate_network:
+        if not can_unshare():
+            pytest.skip("unshare --net is not permitted here (needed to keep DNS off the net)")
+        cmd = ["unshare", "--net", *cmd]
+    with open(wd / "output.log", "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=wd, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+    d = Daemon(name, proc, socket_path, wd)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not _connectable(socket_path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log = d.log()
+            d.stop()
+            raise RuntimeError(f"{name} did not start (exit={proc.poll()}):\n{log}")
+        time.sleep(0.05)
+    return d
+
+
+@dataclass
+class DkimKey:
+    """An RSA key for DKIM tests: PEM private key and the DNS TXT record."""
+
+    domain: str
+    selector: str
+    private_pem: bytes
+    txt: bytes
+
+    @property
+    def dns_name(self) -> bytes:
+        return f"{self.selector}._domainkey.{self.domain}.".encode()
+
+    def dnsfunc(self, name: bytes | str, timeout: int = 5) -> bytes | None:
+        """dkimpy's ``dnsfunc``: the test key's TXT record, nothing else."""
+        n = name.decode() if isinstance(name, bytes) else name
+        return self.txt if n.rstrip(".") == self.dns_name.decode().rstrip(".") else None
+
+
+def make_key(domain: str = "example.com", selector: str = "test") -> DkimKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    txt = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    return DkimKey(domain, selector, pem, txt)
+
+
+@contextlib.contextmanager
+def opendkim(key: DkimKey, *, mode: str = "sv", internal: str = "127.0.0.1",
+             canonicalization: str = "relaxed/relaxed") -> Iterator[Daemon]:
+    """OpenDKIM signing mail of ``key.domain`` from ``internal`` hosts and verifying
+    the rest against ``key`` (``TestPublicKeys``: no DNS)."""
+    binary = need("opendkim", "opendkim")
+    wd = workdir("opendkim")
+    (wd / "key.pem").write_bytes(key.private_pem)
+    (wd / "key.pem").chmod(0o600)
+    (wd / "testkeys").write_bytes(key.dns_name.rstrip(b".") + b" " + key.txt + b"\n")
+    sock = wd / "opendkim.sock"
+    (wd / "opendkim.conf").write_text(f"""\
+Syslog no
+LogWhy yes
+Background no
+Mode {mode}
+Socket local:{sock}
+PidFile {wd}/opendkim.pid
+Domain {key.domain}
+Selector {key.selector}
+KeyFile {wd}/key.pem
+Canonicalization {canonicalization}
+InternalHosts {internal}
+TestPublicKeys {wd}/testkeys
+AuthservID mx.test
+RequireSafeKeys no
+UMask 000
+""")
+    d = start("opendkim", [binary, "-f", "-x", str(wd / "opendkim.conf")], wd, sock,
+              isolate_network=True)
+    try:
+        yield d
+    finally:
+        d.stop()
