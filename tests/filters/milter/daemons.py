@@ -195,3 +195,85 @@ UMask 000
         yield d
     finally:
         d.stop()
+
+
+@contextlib.contextmanager
+def opendmarc(*, reject_failures: bool = True) -> Iterator[Daemon]:
+    """OpenDMARC trusting ``mx.test``'s Authentication-Results, checking mail from
+    127.0.0.1 (not in its IgnoreHosts), rejecting multi-address From fields; in its own
+    network namespace (its DMARC record lookups fail at once, none leaves the host)."""
+    binary = need("opendmarc", "opendmarc")
+    wd = workdir("opendmarc")
+    sock = wd / "opendmarc.sock"
+    (wd / "ignore").write_text("192.0.2.1\n")
+    (wd / "opendmarc.conf").write_text(f"""\
+Syslog false
+Background false
+Socket local:{sock}
+PidFile {wd}/opendmarc.pid
+AuthservID mx.test
+TrustedAuthservIDs mx.test
+IgnoreHosts {wd}/ignore
+RejectFailures {"true" if reject_failures else "false"}
+RejectMultiValueFrom true
+RequiredHeaders true
+SPFIgnoreResults false
+SPFSelfValidate false
+DNSTimeout 1
+UMask 000
+""")
+    d = start("opendmarc", [binary, "-f", "-c", str(wd / "opendmarc.conf")], wd, sock,
+              isolate_network=True)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@contextlib.contextmanager
+def clamav_milter(clamd_socket: Path, *, on_infected: str = "Reject") -> Iterator[Daemon]:
+    """clamav-milter in the foreground asking the given clamd (its own test signatures)."""
+    binary = need("clamav-milter", "clamav-milter")
+    wd = workdir("clamilt")
+    sock = wd / "clamav-milter.sock"
+    (wd / "clamav-milter.conf").write_text(f"""\
+MilterSocket unix:{sock}
+MilterSocketMode 666
+FixStaleSocket yes
+Foreground yes
+PidFile {wd}/clamav-milter.pid
+TemporaryDirectory {wd}
+ClamdSocket unix:{clamd_socket}
+OnClean Accept
+OnInfected {on_infected}
+OnFail Defer
+RejectMsg Virus found: %v
+AddHeader Replace
+LogFile {wd}/clamav-milter.log
+LogVerbose yes
+LogInfected Full
+LogClean Full
+MaxFileSize 25M
+""")
+    d = start("clamav-milter", [binary, "-c", str(wd / "clamav-milter.conf")], wd, sock)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@contextlib.contextmanager
+def spamass_milter(spamd_socket: str, *, reject_score: int = 15) -> Iterator[Daemon]:
+    """spamass-milter in the foreground asking the given spamd through spamc (Unix socket),
+    rejecting from ``reject_score`` points."""
+    binary = need("spamass-milter", "spamass-milter")
+    need("spamc", "spamc")
+    wd = workdir("spamass")
+    sock = wd / "spamass.sock"
+    d = start("spamass-milter",
+              [binary, "-p", str(sock), "-r", str(reject_score), "-P", str(wd / "pid"),
+               "--", "-U", spamd_socket], wd, sock)
+    try:
+        yield d
+    finally:
+        d.stop()
