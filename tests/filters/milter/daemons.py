@@ -277,3 +277,50 @@ def spamass_milter(spamd_socket: str, *, reject_score: int = 15) -> Iterator[Dae
         yield d
     finally:
         d.stop()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def rspamd_milter() -> Iterator[Daemon]:
+    """rspamd with its proxy worker in milter mode (``milter = yes``, self-scan) on a Unix
+    socket; the rest of the configuration is the scanner tests' private one (no DNS, no
+    network modules, loopback only)."""
+    from tests.scanners.rspamd_fixture import RSPAMD_CONFDIR, _write_config, find_rspamd
+
+    binary = find_rspamd()
+    if binary is None:
+        pytest.skip("rspamd not installed (Debian package 'rspamd')")
+    if not (RSPAMD_CONFDIR / "common.conf").is_file():
+        pytest.skip(f"rspamd's packaged config {RSPAMD_CONFDIR}/common.conf is missing")
+    wd = workdir("rspamd")
+    conf = _write_config(wd, _free_port(), _free_port(), None)
+    sock = wd / "run" / "milter.sock"
+    with conf.open("a") as f:
+        f.write(f"""\
+worker "rspamd_proxy" {{
+  bind_socket = "{sock} mode=0666";
+  milter = yes;
+  timeout = 60s;
+  count = 1;
+  upstream "local" {{
+    default = yes;
+    self_scan = yes;
+  }}
+}}
+""")
+    cmd = [binary, "-f", "-c", str(conf)]
+    for var, sub in (("DBDIR", "db"), ("RUNDIR", "run"), ("LOGDIR", "."),
+                     ("LOCAL_CONFDIR", "local")):
+        cmd.append(f"--var={var}={wd / sub}")
+    if os.geteuid() == 0:
+        cmd.append("-i")
+    d = start("rspamd", cmd, wd, sock)
+    try:
+        yield d
+    finally:
+        d.stop()
