@@ -7,9 +7,9 @@ Entry points: :func:`header_fields` (the header fields to send, folding kept),
 Header values are sent with their continuation lines joined by ``"\\n"`` (as Sendmail and
 Postfix send them) and, unless the milter negotiated ``SMFIP_HDR_LEADSPC``, without the
 one space after the colon. A value a milter adds gets a space after the colon unless it
-starts with white space (Postfix's rule). Header changes splice the raw message bytes (RFC 5322 §2.2),
-so every byte outside the changed fields stays as it was: this keeps signatures a milter
-computed (DKIM with ``simple`` canonicalisation) valid.
+starts with white space (Postfix's rule). Header changes splice the raw message bytes
+(RFC 5322 §2.2), so every byte outside the changed fields stays as it was: this keeps
+signatures a milter computed (DKIM with ``simple`` canonicalisation) valid.
 """
 
 from __future__ import annotations
@@ -186,8 +186,9 @@ def apply_modifications(
         tx: the transaction, after the end of data.
         mods: AddHeader, InsertHeader, ChangeHeader, ChangeFrom, AddRcpt, AddRcptPar,
             DelRcpt, ReplaceBody, Quarantine.
-        leading_space: ``SMFIP_HDR_LEADSPC`` was negotiated: header values carry their
-            leading white space (none is added).
+        leading_space: ``SMFIP_HDR_LEADSPC`` was negotiated (recorded; as in Postfix a
+            space is added after the colon whenever the value does not start with white
+            space, either way).
 
     Returns:
         What was done (:class:`AppliedChanges`).
