@@ -65,6 +65,7 @@ EXPECTED_DEFAULTS: dict[str, dict[str, Any]] = {
     "server": {
         "listen": (ListenAddress("127.0.0.1", 2525),),
         "max_message_size": 10485760,
+        "message_buffer_size": 262144,
         "max_recipients": 100,
         "max_line_length": 1000,
         "max_command_line": 512,
@@ -244,6 +245,7 @@ BAD_VALUES = [
     ("server", "max_message_size", 0, "must be a positive integer, got 0"),
     ("server", "max_message_size", 1.5, "must be an integer, got 1.5"),
     ("server", "max_message_size", "10M", 'must be an integer, got "10M"'),
+    ("server", "message_buffer_size", 1023, "must be an integer >= 1024, got 1023"),
     ("server", "max_recipients", -1, "must be a positive integer, got -1"),
     ("server", "max_recipients", True, "must be an integer, got true"),
     ("server", "max_line_length", 999, "0 (unlimited) or an integer >= 1000, got 999"),

@@ -13,6 +13,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from .auth import Authenticator, CallableAuthenticator, FailureLimiter, UsersFileAuthenticator
@@ -242,6 +243,7 @@ class Smtpgate:
         config = ProtocolConfig(
             hostname=s.hostname,
             max_message_size=s.max_message_size,
+            message_chunk_size=s.message_buffer_size,
             max_recipients=s.max_recipients,
             max_line_length=s.max_line_length,
             max_command_line=s.max_command_line,
@@ -293,6 +295,8 @@ class Smtpgate:
             expn_enabled=s.expn,
             hooks=self.hooks,
             delivered_in_session=self.delivery_mode != "queue",
+            message_dir=str(Path(self.config.queue.path) / "tmp")
+            if self.delivery_mode == "queue" else None,
             delivery=delivery,
             authenticator=self.authenticator,
             auth_limiter=FailureLimiter(a.max_failures, a.failure_window),

@@ -530,6 +530,9 @@ class ServerConfig:
         hostname: name in the 220 banner, the EHLO reply and the Received header.
         listen: addresses to listen on (at least one).
         max_message_size: bytes; advertised in EHLO ``SIZE`` (RFC 1870).
+        message_buffer_size: bytes of a message held in memory while it arrives; a
+            longer message goes to a temporary file as it arrives (queue mode: in the
+            spool's ``tmp/``), so memory per session stays bounded.
         max_recipients: RCPTs per transaction; excess gets ``452 4.5.3``.
         max_line_length: octets incl. CRLF per message text line; 0 = unlimited.
         max_command_line: octets incl. CRLF per command line (RFC 5321 §4.5.3.1.4).
@@ -590,6 +593,7 @@ class ServerConfig:
     )
     listen: tuple[ListenAddress, ...] = _opt((ListenAddress("127.0.0.1", 2525),), _listen)
     max_message_size: int = _opt(10_485_760, _positive_int)
+    message_buffer_size: int = _opt(262_144, _int_at_least(1024))
     max_recipients: int = _opt(100, _positive_int)
     max_line_length: int = _opt(1000, _int_at_least(1000, zero_ok=True))
     max_command_line: int = _opt(512, _int_at_least(512, " (RFC 5321 §4.5.3.1.4)"))

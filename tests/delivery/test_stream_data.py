@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from smtpgate.delivery.outbound import DATA_CHUNK, DataEncoder, MessageFile
+from smtpgate.delivery.outbound import DataEncoder
 from smtpgate.delivery.upstream import UpstreamDelivery
 from smtpgate.envelope import Envelope, Recipient
+from smtpgate.message import DATA_CHUNK, MessageFile
 
 SINK = Path(__file__).with_name("raw_sink.py")
 

@@ -47,8 +47,13 @@ def gate(upstream: CaptureUpstream) -> Iterator[Smtpgate]:
 
 @pytest.fixture(scope="module")
 def gate_unlimited(upstream: CaptureUpstream) -> Iterator[Smtpgate]:
-    """smtpgate with ``max_line_length = 0`` (no text line limit), relaying to the capture."""
-    with running_gate(relay_url=upstream.url, max_line_length=0) as app:
+    """smtpgate with ``max_line_length = 0`` (no text line limit), relaying to the capture.
+
+    With the smallest ``message_buffer_size`` every message over 1 KiB is handed out by
+    the protocol core in pieces, written to a temporary file as it arrives, and sent
+    upstream from that file: the streaming path, checked byte for byte on the corpus."""
+    with running_gate(relay_url=upstream.url, max_line_length=0,
+                      message_buffer_size=1024) as app:
         yield app
 
 

@@ -24,6 +24,7 @@ from smtpgate.protocol import (
     Expn,
     Helo,
     MailFrom,
+    MessageChunk,
     ProtocolConfig,
     Quit,
     RcptTo,
@@ -118,6 +119,8 @@ class Dialogue:
                 break
             assert not isinstance(ev, type(NEED_DATA))
             self.events.append(ev)
+            if isinstance(ev, MessageChunk):  # a piece of a long message: not answered
+                continue
             policy = self.overrides.get(type(ev), default_reply)
             reply = policy(conn, ev)
             out += conn.send(reply)
@@ -149,6 +152,19 @@ class Dialogue:
     def codes(self, data: bytes, chunks: Iterable[int] | int | None = None) -> list[str]:
         """Feed ``data`` and return the codes of the replies it produced."""
         return codes(self.feed(data, chunks))
+
+    def messages(self) -> list[tuple[bytes, Reply | None]]:
+        """Each message read so far: its text (the MessageChunk pieces joined with the
+        DataComplete's data) and the DataComplete's problem."""
+        out: list[tuple[bytes, Reply | None]] = []
+        pieces: list[bytes] = []
+        for ev in self.events:
+            if isinstance(ev, MessageChunk):
+                pieces.append(ev.data)
+            elif isinstance(ev, DataComplete):
+                out.append((b"".join(pieces) + ev.data, ev.problem))
+                pieces = []
+        return out
 
     def of_type(self, cls: type[E]) -> list[E]:
         """The events seen so far of one type."""
@@ -197,4 +213,4 @@ def b64(text: str | bytes) -> str:
 
 def internal_buffer_size(conn: ServerConnection) -> int:
     """White-box: bytes the core holds in its command and data buffers."""
-    return len(conn._buf) + len(conn._dbuf)  # noqa: SLF001 - deliberate white-box check
+    return len(conn._buf) + len(conn._dbuf) + len(conn._bdat_buf)  # noqa: SLF001

@@ -10,6 +10,7 @@ from typing import Protocol, runtime_checkable
 
 from ..envelope import Envelope, SessionInfo
 from ..errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
+from ..message import Message
 from ..reply import Reply
 from .local import CallableDelivery, DeliveryFunc, DiscardDelivery
 from .maildir import MaildirDelivery
@@ -43,14 +44,16 @@ class Delivery(Protocol):
     """Something that takes responsibility for one accepted transaction."""
 
     async def deliver(
-        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+        self, envelope: Envelope, message: Message, session: SessionInfo | None = None
     ) -> Reply:
         """Deliver one message.
 
         Args:
             envelope: reverse-path, MAIL parameters and recipients.
             message: the complete message as it should be delivered: CRLF line
-                endings, not dot-stuffed, the Received header already prepended.
+                endings, not dot-stuffed, the Received header already prepended;
+                bytes, or (a long message) a :class:`~smtpgate.message.MessageFile`
+                valid until ``deliver`` returns.
             session: the client's SMTP session, when there is one.
 
         Returns:

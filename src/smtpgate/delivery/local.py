@@ -6,6 +6,7 @@ Replies per RFC 5321 §4.2 with RFC 3463 enhanced status codes.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from typing import TypeAlias
 
 from ..envelope import Envelope, SessionInfo
 from ..errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
+from ..message import Message, MessageFile
 from ..reply import Reply
 
 __all__ = ["CallableDelivery", "DeliveryFunc", "DiscardDelivery", "raise_for_reply"]
@@ -58,13 +60,13 @@ class DiscardDelivery:
         return "DiscardDelivery()"
 
     async def deliver(
-        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+        self, envelope: Envelope, message: Message, session: SessionInfo | None = None
     ) -> Reply:
         """Drop the message.
 
         Args:
             envelope: the transaction (logged only).
-            message: the message bytes (ignored).
+            message: the message (ignored; a long one is never read).
             session: the SMTP session, for logging.
 
         Returns:
@@ -104,13 +106,15 @@ class CallableDelivery:
         return f"CallableDelivery({name})"
 
     async def deliver(
-        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+        self, envelope: Envelope, message: Message, session: SessionInfo | None = None
     ) -> Reply:
-        """Call ``func(envelope, message)`` and turn its result into a reply.
+        """Call ``func(envelope, message_bytes)`` and turn its result into a reply.
 
         Args:
             envelope: the transaction.
-            message: complete message bytes (CRLF, not dot-stuffed).
+            message: the complete message (CRLF, not dot-stuffed); a
+                :class:`~smtpgate.message.MessageFile` is read into memory (off the
+                event loop) first: ``func`` always gets bytes.
             session: the SMTP session, for logging.
 
         Returns:
@@ -123,6 +127,8 @@ class CallableDelivery:
             DeliveryError: raised by ``func`` itself (passed through).
         """
         try:
+            if isinstance(message, MessageFile):
+                message = await asyncio.to_thread(message.read)
             result = self.func(envelope, message)
             if inspect.isawaitable(result):
                 result = await result

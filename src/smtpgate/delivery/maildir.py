@@ -16,6 +16,7 @@ import time
 
 from ..envelope import Envelope, SessionInfo
 from ..errors import TemporaryDeliveryError
+from ..message import Message, MessageFile
 from ..reply import Reply
 
 __all__ = ["MaildirDelivery"]
@@ -78,8 +79,9 @@ class MaildirDelivery:
             count = next(_counter)
         return f"{sec}.M{usec}P{os.getpid()}Q{count}.{self._host}"
 
-    def _store(self, message: bytes) -> str:
-        """Write, fsync and publish ``message``; return the file name (blocking)."""
+    def _store(self, message: Message) -> str:
+        """Write, fsync and publish ``message``; return the file name (blocking; a
+        :class:`~smtpgate.message.MessageFile` is copied in pieces)."""
         if not self._ready:
             self.ensure_dirs()
         tmp_dir = os.path.join(self.path, "tmp")
@@ -94,10 +96,13 @@ class MaildirDelivery:
             break
         try:
             try:
-                view = memoryview(message)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                if isinstance(message, MessageFile):
+                    message.write_to(fd)
+                else:
+                    view = memoryview(message)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -116,13 +121,14 @@ class MaildirDelivery:
         return name
 
     async def deliver(
-        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+        self, envelope: Envelope, message: Message, session: SessionInfo | None = None
     ) -> Reply:
         """Store ``message`` as one new file in the Maildir.
 
         Args:
             envelope: the transaction (used for logging only).
-            message: the complete message bytes, stored byte-exact.
+            message: the complete message, stored byte-exact (bytes, or a
+                :class:`~smtpgate.message.MessageFile` copied in pieces).
             session: the SMTP session, for logging.
 
         Returns:
@@ -135,7 +141,7 @@ class MaildirDelivery:
         """
         try:
             name = await asyncio.to_thread(self._store, message)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.error("maildir %s: cannot store message: %s", self.path, exc)
             raise TemporaryDeliveryError(STORE_FAILED, f"maildir write failed: {exc}") from exc
         sid = session.session_id if session else "-"

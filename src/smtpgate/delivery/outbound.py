@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import re
 import socket
 import ssl
 import time
-import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
 
 from ..envelope import Envelope, Recipient
 from ..errors import PermanentDeliveryError, TemporaryDeliveryError
+from ..message import DATA_CHUNK, Message, MessageFile
 from ..reply import Reply
 from .url import TlsMode
 
@@ -38,7 +37,6 @@ __all__ = [
     "AuthFailed",
     "Connector",
     "EnvelopeReplies",
-    "MessageFile",
     "OutboundConnection",
     "RecipientResults",
     "StaleConnection",
@@ -81,118 +79,6 @@ _ESMTP_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+$")
 BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 _NOT_DATA_SAFE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
 _LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
-
-#: Bytes read from a spool file, dot-stuffed and written to the socket at a time.
-DATA_CHUNK = 1 << 20
-
-
-class MessageFile:
-    """A message left in its (spool) file and read in chunks when it is sent.
-
-    Sent with :func:`send_data` it never has more than :data:`DATA_CHUNK` bytes in
-    memory; :meth:`read` loads it whole (DSNs, plugins, MX delivery) and keeps the
-    bytes until :meth:`close`.
-
-    Args:
-        fd: an open, readable file descriptor (owned by this object: :meth:`close`
-            closes it). Read with ``os.pread``, so a file unlinked meanwhile stays readable.
-        size: the message's length in bytes (the file's first ``size`` bytes).
-    """
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
-        self.size = size
-        self._data: bytes | None = None
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], size: int | None = None,
-             crc32: int | None = None) -> MessageFile:
-        """Open ``path``; with ``size``/``crc32`` check them (read in chunks, not loaded).
-
-        Raises:
-            OSError: the file cannot be opened or read.
-            ValueError: its length or CRC-32 differs from ``size``/``crc32``.
-        """
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            length = os.fstat(fd).st_size
-            if size is not None and length != size:
-                raise ValueError(f"size {length} != {size}")
-            msg = cls(fd, length)
-            if crc32 is not None and crc32 >= 0:
-                crc = 0
-                for chunk in msg.chunks():
-                    crc = zlib.crc32(chunk, crc)
-                if crc != crc32:
-                    raise ValueError("CRC-32 mismatch")
-            return msg
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def __len__(self) -> int:
-        return self.size
-
-    def chunks(self, chunk_size: int = DATA_CHUNK) -> Iterator[bytes]:
-        """The message in pieces of at most ``chunk_size`` bytes (blocking reads).
-
-        Raises:
-            OSError: read error; ValueError: the file became shorter than ``size``.
-        """
-        if self._data is not None:
-            view = memoryview(self._data)
-            for i in range(0, self.size, chunk_size):
-                yield bytes(view[i : i + chunk_size])
-            return
-        offset = 0
-        while offset < self.size:
-            chunk = os.pread(self.fd, min(chunk_size, self.size - offset), offset)
-            if not chunk:
-                raise ValueError("message file shorter than its recorded size")
-            offset += len(chunk)
-            yield chunk
-
-    def read(self) -> bytes:
-        """The whole message (read once, then kept until :meth:`close`)."""
-        if self._data is None:
-            self._data = b"".join(self.chunks())
-        return self._data
-
-    def header_isascii(self) -> bool:
-        """True when the header section (up to the first empty line) is ASCII."""
-        carry = b""
-        for chunk in self.chunks():
-            buf = carry + chunk
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                return buf[:end].isascii()
-            if not buf.isascii():
-                return False
-            carry = buf[-3:]
-        return True
-
-    def search(self, pattern: re.Pattern[bytes]) -> bool:
-        """True when ``pattern`` (matching at most 2 bytes, with look-around of 1)
-        occurs in the message."""
-        carry = b""
-        for chunk in self.chunks():
-            buf = carry + chunk
-            if pattern.search(buf):
-                return True
-            carry = buf[-2:]
-        return False
-
-    def close(self) -> None:
-        """Close the file descriptor and drop any loaded copy. Idempotent."""
-        self._data = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-Message = bytes | MessageFile
-"""A message to send: its bytes, or a :class:`MessageFile` streamed from disk."""
-
 
 class DataEncoder:
     """The DATA encoding of a message given in pieces (RFC 5321 §4.5.2, §2.3.8).

@@ -23,6 +23,7 @@ from ..errors import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
+from ..message import Message
 from ..reply import Reply
 from .outbound import (
     BAD_ADDRESS,
@@ -34,7 +35,6 @@ from .outbound import (
     SMTPUTF8_UNSUPPORTED,
     AuthFailed,
     Connector,
-    Message,
     OutboundConnection,
     RecipientResults,
     StaleConnection,
@@ -347,7 +347,7 @@ class UpstreamDelivery:
         await reset(conn, min(self.timeout, 10.0))
 
     async def _transaction(
-        self, conn: _Conn, envelope: Envelope, message: bytes, reused: bool
+        self, conn: _Conn, envelope: Envelope, message: Message, reused: bool
     ) -> Reply:
         """The atomic proxy transaction: all recipients accepted and the data, or nothing."""
         replies = await send_envelope(conn, envelope, message, reused=reused)
@@ -396,14 +396,15 @@ class UpstreamDelivery:
                 raise PermanentDeliveryError(BAD_RECIPIENT)
 
     async def deliver(
-        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+        self, envelope: Envelope, message: Message, session: SessionInfo | None = None
     ) -> Reply:
         """Relay one transaction upstream and return once it is accepted there.
 
         Args:
             envelope: reverse-path, MAIL parameters and recipients with their parameters.
             message: the complete message: CRLF line endings, not dot-stuffed
-                (aiosmtplib dot-stuffs on the wire), trace header already prepended.
+                (dot-stuffed on the wire), trace header already prepended; bytes, or a
+                :class:`~smtpgate.message.MessageFile` sent from its file in pieces.
             session: the client's session (its id is logged).
 
         Returns:
@@ -488,7 +489,7 @@ class UpstreamDelivery:
             envelope: reverse-path, MAIL parameters and recipients.
             message: the complete message: CRLF line endings, not dot-stuffed,
                 trace header already prepended; bytes, or a
-                :class:`~smtpgate.delivery.outbound.MessageFile` sent from its file in
+                :class:`~smtpgate.message.MessageFile` sent from its file in
                 bounded memory.
             session: the SMTP session, for logging.
 
@@ -727,7 +728,7 @@ class UpstreamTransaction:
             self.accepted.append(rcpt)
         return reply
 
-    async def _replay(self, envelope: Envelope, message: bytes) -> None:
+    async def _replay(self, envelope: Envelope, message: Message) -> None:
         """RSET and send the envelope again (a data hook removed recipients or changed
         the sender). Raises DeliveryError when anything is refused (after RSET)."""
         conn = self._conn
@@ -760,7 +761,7 @@ class UpstreamTransaction:
                 await reset(self._conn, min(self._owner.timeout, 10.0))
             raise _error(reply.with_text(f"Upstream refused <{rcpt.address}>: {reply.text}"))
 
-    async def data(self, envelope: Envelope, message: bytes) -> Reply:
+    async def data(self, envelope: Envelope, message: Message) -> Reply:
         """Send the message; the upstream's end-of-data reply is the client's.
 
         ``envelope`` is the transaction as it stands at end of data. When a data hook
@@ -774,7 +775,8 @@ class UpstreamTransaction:
         Args:
             envelope: the final envelope (at least one recipient).
             message: the complete message: CRLF line endings, not dot-stuffed,
-                trace header already prepended.
+                trace header already prepended; bytes, or a
+                :class:`~smtpgate.message.MessageFile` sent from its file in pieces.
 
         Returns:
             The upstream's 2xx reply to the data (its code, enhanced code and text).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from email import policy as _policy
 from email.header import Header as _Header
@@ -18,6 +18,7 @@ from email.parser import BytesParser
 from typing import Any
 
 from ..envelope import Envelope, Recipient
+from ..message import DATA_CHUNK, Message, MessageFile
 from ..reply import Reply
 from ..results import Results
 
@@ -36,6 +37,9 @@ _BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x1f\x7f<>]")
 _SURROGATE = re.compile(r"[\udc80-\udcff]")
 _FOLD_TOKENS = re.compile(r"[ \t]*[^ \t]+|[ \t]+$")
 _SOFT_LIMIT = 78  # RFC 5322 §2.1.1 SHOULD
+# A header block longer than this (no empty line within it) makes a file-backed message
+# load whole: header edits need the header block in memory.
+_MAX_HEAD = 1 << 20
 _HARD_LIMIT = 998  # RFC 5322 §2.1.1 MUST, octets without CRLF
 
 
@@ -133,6 +137,12 @@ class Transaction:
     bytes change). The message API raises ``RuntimeError("no message yet")`` before the
     end of data.
 
+    A long message stays in the file it was written to while it arrived: only its header
+    block is in memory, so the header methods, :attr:`size` and :meth:`iter_message`
+    cost no more than for a short one. :attr:`raw`, :attr:`message`, :attr:`body`,
+    :meth:`set_body` and :attr:`email` load the whole message into memory (once); a
+    plugin that reads a long message should use :meth:`iter_message` instead.
+
     Args:
         envelope: the transaction's envelope (kept by reference, not copied).
         transaction_id: id for logs and Received headers.
@@ -164,6 +174,8 @@ class Transaction:
         "scan_decision",
         "scanners",
         "_raw",
+        "_tail",
+        "_file",
         "_modified",
         "_index",
         "_email",
@@ -182,13 +194,17 @@ class Transaction:
         self.scan_results: list[Any] = []
         self.scan_decision: Any = None
         self.scanners: Any = None
+        # The message: ``_raw`` in memory, followed (for a long message) by ``_tail``, the
+        # rest of it in the file ``_file`` it was received into.
         self._raw: bytes | None = None
+        self._tail: MessageFile | None = None
+        self._file: MessageFile | None = None
         self._modified = False
         self._index: _Index | None = None
         self._email: EmailMessage | None = None
 
     def __repr__(self) -> str:
-        size = "-" if self._raw is None else str(len(self._raw))
+        size = "-" if self._raw is None else str(self.size)
         return (
             f"<Transaction {self.id} from=<{self.envelope.mail_from}> "
             f"rcpts={len(self.envelope.rcpt_to)} size={size}>"
@@ -309,13 +325,15 @@ class Transaction:
 
     @property
     def message(self) -> bytes | None:
-        """The message bytes, ``None`` until the end of data.
+        """The message bytes, ``None`` until the end of data (loads a long message whole).
 
         Assigning is for the server, which loads the received bytes (CRLF lines,
         dot-unstuffed): it resets :attr:`modified` and the caches. Hooks change
         the message with :meth:`set_raw`, :meth:`set_body`, the header methods or
         :meth:`set_email`.
         """
+        if self._tail is not None:
+            self._materialize()
         return self._raw
 
     @message.setter
@@ -323,8 +341,96 @@ class Transaction:
         if data is not None and not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError("message must be bytes")
         self._raw = None if data is None else bytes(data)
+        self._tail = None
         self._modified = False
         self._invalidate()
+
+    def set_message_file(self, message: MessageFile) -> None:
+        """Server: the received message is in ``message`` (which this transaction now
+        owns: :meth:`close` closes it). Only the header block is read into memory (the
+        whole message when no empty line comes within 1 MiB); resets :attr:`modified`.
+
+        Raises:
+            OSError / ValueError: the file cannot be read.
+        """
+        if message.prefix:
+            raise ValueError("a received message file has no prefix")
+        head = bytearray()
+        end = -1
+        for chunk in message.region_chunks(64 * 1024):
+            scan = max(0, len(head) - 3)
+            head += chunk
+            if head.startswith(b"\r\n"):
+                end = 2
+            elif head.startswith(b"\n"):
+                end = 1
+            else:
+                m = _BLANK_LINE.search(head, scan)
+                end = m.end() if m else -1
+            if end >= 0 or len(head) > _MAX_HEAD:
+                break
+        if end < 0:  # no empty line: all headers (RFC 5322 §2.1) or garbage
+            head += b"".join(message.region_chunks(start=len(head)))
+            end = len(head)
+        self.message = bytes(head[:end])
+        if end < message.region:
+            self._tail = message.view(skip=end)
+        self._file = message
+
+    def _materialize(self) -> None:
+        """Load the file-backed rest of the message into memory (offsets stay valid)."""
+        tail = self._tail
+        if tail is not None:
+            assert self._raw is not None
+            self._raw += b"".join(tail.region_chunks())
+            self._tail = None
+            self._email = None
+
+    def _drop_tail(self) -> None:
+        """The rest of a long message is replaced: forget it (the message changed)."""
+        if self._tail is not None:
+            self._tail = None
+            self._modified = True
+            self._invalidate()
+
+    def source(self, prefix: bytes = b"") -> Message:
+        """The current message with ``prefix`` (e.g. a trace header) in front, without
+        loading a long one: bytes, or a :class:`~smtpgate.message.MessageFile` view of
+        the file it is in (valid until :meth:`close`).
+
+        Raises:
+            RuntimeError: before the end of data.
+        """
+        raw = self._need()
+        tail = self._tail
+        if tail is None:
+            return prefix + raw if prefix else raw
+        return MessageFile(tail.fd, tail.region, prefix=prefix + raw, offset=tail.offset,
+                           owner=False)
+
+    def iter_message(self, chunk_size: int = DATA_CHUNK) -> Iterator[bytes]:
+        """The current message in pieces of at most ``chunk_size`` bytes (a long message
+        is read from its file as it goes: blocking reads; run it in a thread if it must
+        not hold the event loop).
+
+        Raises:
+            RuntimeError: before the end of data. OSError: the file cannot be read.
+        """
+        raw = self._need()
+        for i in range(0, len(raw), chunk_size):
+            yield raw[i : i + chunk_size]
+        if self._tail is not None:
+            yield from self._tail.region_chunks(chunk_size)
+
+    def close(self) -> None:
+        """Server: release the file a long message was received into. Idempotent."""
+        if self._tail is not None:
+            self._tail = None
+            self._raw = None
+            self._invalidate()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def _need(self) -> bytes:
         if self._raw is None:
@@ -355,11 +461,15 @@ class Transaction:
 
     @property
     def raw(self) -> bytes:
-        """The current message bytes (CRLF lines, not dot-stuffed).
+        """The current message bytes (CRLF lines, not dot-stuffed); loads a long message
+        whole (see :meth:`iter_message`).
 
         Raises:
             RuntimeError: before the end of data.
         """
+        self._need()
+        if self._tail is not None:
+            self._materialize()
         return self._need()
 
     def set_raw(self, data: bytes) -> None:
@@ -372,6 +482,7 @@ class Transaction:
         self._need()
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError("message must be bytes")
+        self._drop_tail()
         self._replace(bytes(data))
 
     @property
@@ -382,7 +493,9 @@ class Transaction:
     @property
     def size(self) -> int:
         """Length of the current message in bytes; 0 before the end of data."""
-        return 0 if self._raw is None else len(self._raw)
+        if self._raw is None:
+            return 0
+        return len(self._raw) + (self._tail.region if self._tail is not None else 0)
 
     @property
     def header_bytes(self) -> bytes:
@@ -398,10 +511,13 @@ class Transaction:
     @property
     def body(self) -> bytes:
         """Everything after the first empty line (getbody); ``b""`` when there is none.
+        Loads a long message whole.
 
         Raises:
             RuntimeError: before the end of data.
         """
+        if self._tail is not None:
+            self._materialize()
         return self._need()[self._idx().body_start :]
 
     def set_body(self, data: bytes) -> None:
@@ -413,9 +529,11 @@ class Transaction:
             RuntimeError: before the end of data.
             TypeError: ``data`` is not bytes-like.
         """
-        raw = self._need()
+        self._need()
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError("body must be bytes")
+        self._drop_tail()  # the header block (all there is in memory) stays
+        raw = self._need()
         idx = self._idx()
         if idx.separator:
             self._replace(raw[: idx.body_start] + bytes(data))
@@ -597,7 +715,7 @@ class Transaction:
             RuntimeError: before the end of data.
         """
         if self._email is None:
-            parsed = BytesParser(policy=_policy.default).parsebytes(self._need())
+            parsed = BytesParser(policy=_policy.default).parsebytes(self.raw)
             self._email = parsed
         return self._email
 
@@ -608,6 +726,7 @@ class Transaction:
             RuntimeError: before the end of data.
         """
         self._need()
+        self._drop_tail()
         self._replace(msg.as_bytes(policy=_policy.SMTP))
 
     # ------------------------------------------------------------------ misc
@@ -632,10 +751,11 @@ class Transaction:
             RuntimeError: before the end of data.
             OSError: the file cannot be written.
         """
-        data = self._need()
+        self._need()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for chunk in self.iter_message():
+                fh.write(chunk)
 
 
 def _fold(name: str, value: str, eol: str) -> str:

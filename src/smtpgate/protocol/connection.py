@@ -28,6 +28,7 @@ from .events import (
     Expn,
     Helo,
     MailFrom,
+    MessageChunk,
     Quit,
     RcptTo,
     Rset,
@@ -141,6 +142,9 @@ class ProtocolConfig:
         max_recipients: recipients per transaction; the excess gets 452 4.5.3.
         max_line_length: octets per message text line including CRLF (RFC 5321
             §4.5.3.1.6); 0 disables the check.
+        message_chunk_size: octets of message text the core holds before it hands
+            them to the driver as a :class:`MessageChunk` (at least 16); a message
+            shorter than this comes whole in :class:`DataComplete`.
         max_command_line: octets per command line including CRLF (§4.5.3.1.4);
             MAIL/RCPT may use up to 2048 (parameters), AUTH lines and SASL
             responses up to 12288 (RFC 4954 §4). Only CRLF ends a line (§2.3.8).
@@ -197,6 +201,7 @@ class ProtocolConfig:
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 100
     max_line_length: int = 1000
+    message_chunk_size: int = 256 * 1024
     max_command_line: int = 512
     max_errors: int = 10
     recipient_overshoot_limit: int = 1000
@@ -241,13 +246,12 @@ _LONG_VERBS = (b"AUTH ", b"MAIL ", b"RCPT ")
 _LINE_WINDOW = 1 << 20  # bytes of message text split into lines at a time
 
 
-def _line_longer_than(data: bytes, longest: int) -> bool:
+def _line_longer_than(data: bytes, longest: int, pos: int = 0) -> bool:
     """True when a CRLF-separated line of ``data`` is longer than ``longest`` octets
     (CRLF not counted). The text is split a window (about 1 MiB, cut at a CRLF) at a
     time, so a 50 MB message costs a bounded amount of memory, not a list of every line.
     """
     n = len(data)
-    pos = 0
     while pos < n:
         stop = pos + _LINE_WINDOW
         if stop >= n:
@@ -266,6 +270,89 @@ def _line_longer_than(data: bytes, longest: int) -> bool:
             return True
         pos = stop + 2
     return False
+
+
+class _TextCheck:
+    """The checks of one message's text, fed in pieces (DATA or BDAT): size, bare CR/LF
+    (RFC 5321 §2.3.8, 550 5.6.11, or rewritten to CRLF when normalising) and text line
+    length (§4.5.3.1.6, 500 5.5.2). The verdict does not depend on how the text was cut,
+    as long as no piece but the last ends with a CR (the readers hold a trailing CR back).
+
+    A size over the limit wins over a content problem (a message both too big and with a
+    bare LF gets 552 5.3.4), so sizes are counted to the end; the text of a message with a
+    problem is dropped as it comes (memory stays bounded).
+    """
+
+    __slots__ = ("bare", "binary", "line", "long_line", "max_size", "longest", "normalize",
+                 "size")
+
+    def __init__(self, config: ProtocolConfig, binary: bool) -> None:
+        self.binary = binary
+        self.max_size = config.max_message_size
+        self.longest = config.max_line_length - 2 if config.max_line_length else 0
+        self.normalize = config.normalize_bare_line_endings
+        self.bare = False  # a bare CR or LF was seen (and is not being normalised)
+        self.long_line = False  # a text line over the limit was seen
+        self.size = 0  # octets after unstuffing (and normalising)
+        self.line = 0  # octets of the current, unfinished line
+
+    def feed(self, data: bytes) -> bytes:
+        """Check one piece; returns it (normalised when configured), or ``b""`` once the
+        message is known to be refused (the checks that decide between verdicts go on)."""
+        n = len(data)
+        if self.binary:  # BINARYMIME (RFC 3030 §3): byte-exact, no line checks
+            self.size += n
+            return b"" if self.size > self.max_size else data
+        if self.size > self.max_size:
+            self.size += n
+            return b""
+        # A bare CR or LF iff more CRs or LFs than CRLFs (CRLF cannot overlap itself):
+        # three memchr-speed counts, no copy of the text.
+        crlf = data.count(b"\r\n")
+        bare = data.count(b"\r") - crlf + data.count(b"\n") - crlf
+        if bare:
+            if not self.normalize:
+                self.bare = True
+                self.size += n
+                return b""
+            self.size += n + bare  # each bare CR or LF becomes a CRLF
+            if self.long_line or self.size > self.max_size:
+                return b""
+            data = _BARE_RE.sub(b"\r\n", data)
+        else:
+            self.size += n
+            if self.bare or self.long_line or self.size > self.max_size:
+                return b""
+        longest = self.longest
+        if longest:
+            # Measured after unstuffing (the transparency dot does not count) and after
+            # normalisation (bare-LF lines count as lines when they are normalised).
+            first = data.find(b"\r\n")
+            if first < 0:
+                self.line += len(data)
+                if self.line > longest:
+                    self.long_line = True
+                    return b""
+            else:
+                if self.line + first > longest or (
+                    len(data) - first > longest + 2
+                    and _line_longer_than(data, longest, first + 2)
+                ):
+                    self.long_line = True
+                    return b""
+                self.line = len(data) - data.rfind(b"\r\n") - 2
+        return data
+
+    def verdict(self) -> Reply | None:
+        """The reply refusing the message, or ``None`` when it passed every check:
+        too big wins over a bare CR/LF, which wins over a long line."""
+        if self.size > self.max_size:
+            return R.TOO_BIG
+        if self.bare:
+            return R.BARE_LF
+        if self.long_line:
+            return R.TEXT_LINE_TOO_LONG
+        return None
 
 
 class ServerConnection:
@@ -304,6 +391,7 @@ class ServerConnection:
     __slots__ = (
         "allow_sloppy_paths", "authenticated", "config", "errors", "esmtp", "helo_name",
         "peer_closed", "state", "tls_active", "unknown_commands", "_bdat_buf", "_bdat_failed",
+        "_bdat_size", "_check", "_demitted",
         "_body_binary", "_buf", "_chunk_active", "_chunk_error", "_chunk_last", "_chunk_left",
         "_chunk_size", "_dbuf", "_discard_count", "_discard_label", "_discard_limit",
         "_discarding", "_dscan", "_dsize", "_dtoo_big", "_input", "_mail_utf8", "_null_sender",
@@ -354,7 +442,11 @@ class ServerConnection:
         self._chunk_active = False
         self._chunk_error: Reply | None = None
         self._bdat_buf = bytearray()
+        self._bdat_size = 0  # octets of the transaction's chunks so far
         self._bdat_failed = False
+        # DATA and BDAT: the checks of the message being read
+        self._check: _TextCheck | None = None
+        self._demitted = 0  # octets of DATA text handed out as MessageChunk events
         # SASL
         self._sasl_mech = ""
         self._sasl_user: str | None = None
@@ -434,7 +526,7 @@ class ServerConnection:
         return self._pend(self._command(line))
 
     def _pend(self, event: Event | _Sentinel) -> Event | _Sentinel:
-        if event is not NEED_DATA:
+        if event is not NEED_DATA and type(event) is not MessageChunk:
             self._pending = event
         return event
 
@@ -856,7 +948,7 @@ class ServerConnection:
             err = refusal
         elif self._bdat_failed:
             err = _BDAT_AFTER_FAILURE
-        elif len(self._bdat_buf) + size > cfg.max_message_size:
+        elif self._bdat_size + size > cfg.max_message_size:
             err = R.TOO_BIG
             self._bdat_failed = True
             self._bdat_buf = bytearray()
@@ -875,10 +967,17 @@ class ServerConnection:
         take = min(len(buf) - pos, self._chunk_left)
         if take:
             if self._chunk_error is None:
+                if self._check is None:
+                    self._check = _TextCheck(self.config, binary=self._body_binary)
                 self._bdat_buf += buf[pos : pos + take]
+                self._bdat_size += take
             self._chunk_left -= take
             self._consume_to(pos + take)
         if self._chunk_left:
+            if len(self._bdat_buf) >= self.config.message_chunk_size:
+                data = self._bdat_piece(final=False)
+                if data:
+                    return MessageChunk(data)
             return NEED_DATA
         self._chunk_active = False
         err = self._chunk_error
@@ -886,13 +985,27 @@ class ServerConnection:
         if err is not None:
             return self._auto(err, f"BDAT {size}")
         if not self._chunk_last:
+            if len(self._bdat_buf) >= self.config.message_chunk_size:
+                # Hand the text out first; the chunk is answered on the next call.
+                self._chunk_active = True
+                data = self._bdat_piece(final=False)
+                if data:
+                    return MessageChunk(data)
+                self._chunk_active = False
             # The 250 enters (or keeps) the BDAT state: the table's BDAT rule.
             accepted = Reply(250, "2.0.0", f"{size} octets received")
             return self._auto(accepted, f"BDAT {size}", step=True)
-        data = bytes(self._bdat_buf)
-        self._bdat_buf = bytearray()
+        if self._check is None:  # BDAT 0 LAST as the only chunk
+            self._check = _TextCheck(self.config, binary=self._body_binary)
+        data = self._bdat_piece(final=True)
+        check = self._check
+        self._check = None
+        self._bdat_size = 0
         self._input = END_OF_DATA
-        return self._check_message(data, binary=self._body_binary)
+        problem = check.verdict()
+        if problem is not None:
+            return DataComplete(b"", problem)
+        return DataComplete(data)
 
     # ------------------------------------------------------------------- ETRN
 
@@ -1013,12 +1126,17 @@ class ServerConnection:
         self._dscan = 0
         self._dsize = 0  # stuffed dots counted so far (see _next_data_event)
         self._dtoo_big = False
+        self._demitted = 0
+        self._check = _TextCheck(self.config, binary=False)
 
     def _next_data_event(self) -> Event | _Sentinel:
         # One pass over the text: every "\r\n." is either the end of data (followed by
         # CRLF, RFC 5321 §4.1.1.4) or a stuffed dot (§4.5.2), counted in ``_dsize``.
         # ``_dscan``: every "\r\n." starting before it is classified (the pattern cannot
         # overlap itself); one found less than 5 bytes from the end waits for more.
+        # The buffer's first two bytes are a sentinel, never message text: a CRLF (the
+        # start, or the end of the last line handed out as a MessageChunk) or two NULs
+        # (a piece was cut inside a line).
         buf = self._dbuf
         n = len(buf)
         find = buf.find
@@ -1043,62 +1161,95 @@ class ServerConnection:
                 # Stop keeping the text once it is certainly too big, so memory stays
                 # bounded by the size limit (plus stuffed dots and one chunk). The
                 # verdict must not depend on how the bytes were chunked, so it uses a
-                # lower bound of the size after unstuffing: n - 4 - (stuffed dots seen)
-                # (the last 4 bytes may begin the end of data; the sentinel CRLF and
-                # the CRLF before the final dot cancel out), less 2 more for safety.
-                # ``_dsize`` counts exactly the "\r\n." starting before n - 4 (those
-                # classified), whatever the chunking.
-                if n - 6 - self._dsize > self.config.max_message_size:
+                # lower bound of the size after unstuffing: what was handed out, plus
+                # n - 4 - (stuffed dots seen) (the last 4 bytes may begin the end of
+                # data; the sentinel and the CRLF before the final dot cancel out),
+                # less 2 more for safety. ``_dsize`` counts exactly the "\r\n."
+                # starting before n - 4 (those classified), whatever the chunking.
+                if self._demitted + n - 6 - self._dsize > self.config.max_message_size:
                     self._dtoo_big = True
-            if self._dtoo_big and n > 4:
-                del buf[:-4]
-                self._dscan = 0
+            if self._dtoo_big:
+                if n > 4:
+                    del buf[:-4]
+                    self._dscan = 0
+                return NEED_DATA
+            if n >= self.config.message_chunk_size:
+                return self._data_piece(pos)
             return NEED_DATA
         self._buf = buf[idx + 5 :]  # pipelined bytes after the end of data (a copy)
         self._pos = 0
         self._scanned = 0
         self._dbuf = bytearray()
+        check = self._check
+        self._check = None
+        assert check is not None
         if self._dtoo_big:
             return DataComplete(b"", R.TOO_BIG)
         end = idx + 2
         if not self._dsize:
-            # No stuffed dot (the usual case): one copy, without the sentinel CRLF.
+            # No stuffed dot (the usual case): one copy, without the sentinel.
             with memoryview(buf) as view:
                 data = bytes(view[2:end])
         else:  # RFC 5321 §4.5.2: drop the transparency dots
             data = bytes(buf[:end]).replace(b"\r\n.", b"\r\n")[2:]
-        return self._check_message(data, binary=False)
-
-    def _check_message(self, data: bytes, *, binary: bool) -> DataComplete:
-        """Size, bare CR/LF and line-length checks of a complete message (DATA or BDAT).
-
-        A BINARYMIME body (RFC 3030 §3) is taken byte-exact: no line checks.
-        """
-        cfg = self.config
-        if binary:
-            if len(data) > cfg.max_message_size:
-                return DataComplete(b"", R.TOO_BIG)
-            return DataComplete(data)
-        # Size first: the streaming reader may already have answered 552 for this
-        # message, and the verdict must not depend on how the bytes were chunked.
-        if len(data) > cfg.max_message_size:
-            return DataComplete(b"", R.TOO_BIG)
-        # The text holds a bare CR or LF iff it has more CRs or LFs than CRLFs (CRLF
-        # cannot overlap itself): three memchr-speed counts, no copy of the text.
-        crlf = data.count(b"\r\n")
-        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
-            if not cfg.normalize_bare_line_endings:
-                return DataComplete(b"", R.BARE_LF)
-            data = _BARE_RE.sub(b"\r\n", data)
-            if len(data) > cfg.max_message_size:
-                return DataComplete(b"", R.TOO_BIG)
-        # Line lengths are measured after unstuffing (RFC 5321 §4.5.3.1.6 does not
-        # count the transparency dot) and after normalisation (so bare-LF lines
-        # count as lines when they are being normalised).
-        limit = cfg.max_line_length
-        if limit and len(data) > limit - 2 and _line_longer_than(data, limit - 2):
-            return DataComplete(b"", R.TEXT_LINE_TOO_LONG)
+        data = check.feed(data)
+        problem = check.verdict()
+        if problem is not None:
+            return DataComplete(b"", problem)
         return DataComplete(data)
+
+    def _data_piece(self, pos: int) -> Event | _Sentinel:
+        """Hand out the text before ``pos`` (every "\r\n." before it is classified) as a
+        :class:`MessageChunk`, keeping the rest; cut after a CRLF when there is one."""
+        buf = self._dbuf
+        k = buf.rfind(b"\r\n", 2, pos)
+        if k >= 0:
+            # Cut at a CRLF: it ends the piece and stays as the new sentinel, so a
+            # "\r\n." across the cut is still seen. No "\r\n." starts before k and
+            # ends after it (buf[k] is a CR).
+            cut, keep, tail = k, k, b"\r\n"
+        else:
+            # One long line: cut where no "\r\n." can straddle (not after a CR or LF);
+            # the new sentinel is not a CRLF, so no end of data is seen at the cut.
+            cut = pos - 2
+            while cut > 2 and buf[cut - 1] in b"\r\n":
+                cut -= 1
+            if cut <= 2:
+                return NEED_DATA
+            keep, tail = cut, b""
+        piece = bytes(buf[:cut])
+        if self._dsize:
+            piece = piece.replace(b"\r\n.", b"\r\n")
+        piece = piece[2:] + tail
+        if keep == cut and not tail:
+            del buf[:cut]
+            buf[:0] = b"\x00\x00"
+        else:
+            del buf[:keep]
+        self._dscan = 0
+        self._dsize = 0
+        self._demitted += len(piece)
+        check = self._check
+        assert check is not None
+        data = check.feed(piece)
+        if not data:
+            return NEED_DATA if len(buf) < self.config.message_chunk_size else \
+                self._next_data_event()
+        return MessageChunk(data)
+
+    def _bdat_piece(self, final: bool) -> bytes:
+        """The BDAT text gathered so far, checked; a trailing CR is held back unless
+        ``final`` (it may begin a CRLF split across chunks)."""
+        buf = self._bdat_buf
+        check = self._check
+        assert check is not None
+        if final or check.binary or not buf or buf[-1] != 0x0D:
+            data = bytes(buf)
+            self._bdat_buf = bytearray()
+        else:
+            data = bytes(buf[:-1])
+            self._bdat_buf = bytearray(b"\r")
+        return check.feed(data)
 
     # ----------------------------------------------------------------- output
 
@@ -1298,7 +1449,9 @@ class ServerConnection:
         self._mail_utf8 = False
         self._body_binary = False
         self._bdat_buf = bytearray()
+        self._bdat_size = 0
         self._bdat_failed = False
+        self._check = None
 
     # ---------------------------------------------------------------- replies
 

@@ -70,14 +70,35 @@ class BdatStart:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageChunk:
+    """A piece of a long message's text, handed out while the message is still being
+    read (DATA or BDAT), so the driver can write it to a file instead of holding it.
+
+    Not answered: call ``next_event()`` again. The message is the concatenation of
+    every ``MessageChunk.data`` of the transaction's DATA (or BDAT chunks) and the
+    final :attr:`DataComplete.data`. Pieces come once the core holds
+    ``ProtocolConfig.message_chunk_size`` octets; each is dot-unstuffed and has passed
+    the message checks so far. When the :class:`DataComplete` carries a ``problem``,
+    the pieces handed out must be discarded.
+
+    Attributes:
+        data: message octets (never empty).
+    """
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class DataComplete:
     """The message ended with ``<CRLF>.<CRLF>``.
 
     Attributes:
         data: message bytes after dot-unstuffing (CRLF line endings; bare CR/LF
             normalised only when the core was configured to), without the final
-            ``.<CRLF>``. Empty whenever ``problem`` is set (an oversized message
-            is discarded while it is read, so memory stays bounded).
+            ``.<CRLF>``; for a long message only what follows the
+            :class:`MessageChunk` pieces already handed out. Empty whenever
+            ``problem`` is set (a refused message is discarded while it is read, so
+            memory stays bounded).
         problem: when set, the core found the message unacceptable (too big:
             552 5.3.4; bare CR/LF: 550 5.6.11; text line too long: 500 5.5.2)
             and the driver must send this reply and deliver nothing.
@@ -178,7 +199,8 @@ class UnknownCommand:
 
 
 Event = (
-    Helo | MailFrom | RcptTo | Data | BdatStart | DataComplete | Rset | Quit | StartTls
+    Helo | MailFrom | RcptTo | Data | BdatStart | MessageChunk | DataComplete | Rset | Quit
+    | StartTls
     | AuthCredentials
     | Vrfy | Expn | Etrn | AutoReply | UnknownCommand
 )

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from ..envelope import Envelope, SessionInfo
 from ..errors import QueueError, TemporaryDeliveryError
+from ..message import Message
 from ..reply import Reply
 from .store import QueueEntry, QueueStore
 
@@ -94,7 +95,7 @@ class QueueDelivery:
         self.min_free_space = min_free_space
         self._space = FreeSpace(store.path, min_free_space)
         # Group commit: messages arriving while a commit runs are committed together.
-        self._waiting: list[tuple[Envelope, bytes, SessionInfo | None,
+        self._waiting: list[tuple[Envelope, Message, SessionInfo | None,
                                   asyncio.Future[QueueEntry]]] = []
         self._committer: asyncio.Task[None] | None = None
 
@@ -103,9 +104,12 @@ class QueueDelivery:
         return self._space.reply(size)
 
     async def deliver(
-        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None
+        self, envelope: Envelope, message: Message, session: SessionInfo | None = None
     ) -> Reply:
         """Store durably; return ``250 2.0.0 Queued as ID`` only after the fsyncs.
+
+        A long message (a :class:`~smtpgate.message.MessageFile`) is copied from its
+        temporary file into the spool in pieces, in the commit thread.
 
         Raises:
             TemporaryDeliveryError: 452 4.3.1 (low disk) or 451 4.3.0 (write failed).
@@ -124,7 +128,8 @@ class QueueDelivery:
         except QueueError as exc:
             log.error("queue: %s", exc)
             raise TemporaryDeliveryError(_QUEUE_FAILED) from exc
-        self.manager.submit(entry, message)
+        # Short messages are handed to an in-process delivery as they are (no re-read).
+        self.manager.submit(entry, message if isinstance(message, bytes) else None)
         return Reply(250, "2.0.0", f"Queued as {entry.id}")
 
     async def _commit_loop(self) -> None:

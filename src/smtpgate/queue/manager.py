@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from ..delivery.outbound import Message, MessageFile
 from ..envelope import Envelope, Recipient
 from ..errors import QueueError
+from ..message import Message, MessageFile
 from ..reply import Reply
 from .schedule import RetrySchedule
 from .store import QueuedRecipient, QueueEntry, QueueStore
@@ -65,7 +65,7 @@ class Outbound(Protocol):
         """Deliver to every recipient of ``envelope`` (all share ``destination``).
 
         ``message`` is bytes, or (above :data:`STREAM_FROM` bytes) a
-        :class:`~smtpgate.delivery.outbound.MessageFile` on the spool file.
+        :class:`~smtpgate.message.MessageFile` on the spool file.
 
         Returns:
             forward-path → :class:`Outcome`; a recipient missing from the result

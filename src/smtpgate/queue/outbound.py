@@ -13,9 +13,10 @@ import time
 
 from ..delivery.dsn import RecipientStatus, build_dsn, should_notify
 from ..delivery.mx import MxDelivery
-from ..delivery.outbound import Message, MessageFile, RecipientResults
+from ..delivery.outbound import RecipientResults
 from ..delivery.upstream import UpstreamDelivery
 from ..envelope import Envelope
+from ..message import Message, MessageFile
 from ..reply import Reply
 from .manager import DsnFactory, Outcome
 from .schedule import RetrySchedule
@@ -66,7 +67,7 @@ class RelayOutbound:
         self, destination: str, envelope: Envelope, message: Message
     ) -> dict[str, Outcome]:
         """Per-recipient outcome from the relay (connection failures are 4xx for all);
-        a :class:`~smtpgate.delivery.outbound.MessageFile` is streamed from its file."""
+        a :class:`~smtpgate.message.MessageFile` is streamed from its file."""
         results = await self.relay.deliver_recipients(envelope, message)
         return _results(results)
 
@@ -94,7 +95,7 @@ class MxOutbound:
         self, destination: str, envelope: Envelope, message: Message
     ) -> dict[str, Outcome]:
         """Per-recipient outcome from the domain's MX hosts (a
-        :class:`~smtpgate.delivery.outbound.MessageFile` is loaded whole here: MX
+        :class:`~smtpgate.message.MessageFile` is loaded whole here: MX
         delivery does not stream yet)."""
         if not destination:
             return {r.address: Outcome(Reply(550, "5.1.2", "Recipient has no domain"), "")

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..envelope import Envelope, SessionInfo
 from ..errors import QueueError
+from ..message import Message, MessageFile
 
 log = logging.getLogger("smtpgate.queue")
 
@@ -198,17 +199,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes, fsync: bool) -> None:
+def _write_file(path: Path, data: Message, fsync: bool) -> int:
+    """Create ``path`` holding ``data`` (a :class:`MessageFile` is copied in pieces);
+    returns the CRC-32 of what was written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    crc = 0
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        pieces = data.chunks() if isinstance(data, MessageFile) else (data,)
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+            view = memoryview(piece)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
         if fsync:
             os.fsync(fd)
     finally:
         os.close(fd)
+    return crc
 
 
 class QueueStore:
@@ -323,7 +331,7 @@ class QueueStore:
     # --------------------------------------------------------------- writing
 
     def enqueue(
-        self, envelope: Envelope, message: bytes, session: SessionInfo | None = None,
+        self, envelope: Envelope, message: Message, session: SessionInfo | None = None,
         *, queue_id: str | None = None,
     ) -> QueueEntry:
         """Store a message durably; return its entry once committed (only then reply 250).
@@ -339,7 +347,7 @@ class QueueStore:
 
     def enqueue_many(
         self,
-        batch: list[tuple[Envelope, bytes, SessionInfo | None, str | None]],
+        batch: list[tuple[Envelope, Message, SessionInfo | None, str | None]],
     ) -> list[QueueEntry | QueueError]:
         """Group commit: store several messages with shared directory fsyncs.
 
@@ -363,7 +371,7 @@ class QueueStore:
 
     def _enqueue_many(
         self,
-        batch: list[tuple[Envelope, bytes, SessionInfo | None, str | None]],
+        batch: list[tuple[Envelope, Message, SessionInfo | None, str | None]],
     ) -> list[QueueEntry | QueueError]:
         now = time.time()
         items: list[dict[str, Any]] = []
@@ -379,7 +387,7 @@ class QueueStore:
                 next_attempt=now,
                 size=len(message),
                 client=_client_facts(session),
-                crc32=zlib.crc32(message),
+                # crc32: computed while the message file is written (below)
             )
             items.append({
                 "entry": entry, "message": message, "error": None, "committed": False,
@@ -417,9 +425,10 @@ class QueueStore:
             try:
                 # Written in place: until its envelope is committed, a message file is an
                 # orphan that recovery removes, so it needs no temporary name.
-                _write_file(item["msg"], item["message"], file_sync)
-            except OSError as exc:
-                fail(item, exc)
+                crc = _write_file(item["msg"], item["message"], file_sync)
+                item["entry"].crc32 = crc
+            except (OSError, ValueError) as exc:
+                fail(item, exc if isinstance(exc, OSError) else OSError(str(exc)))
         if not batch_sync:
             flush_step("messages", [i for i in items if i["error"] is None])
         for item in items:

@@ -58,6 +58,9 @@ class ServerContext:
         forced_peer_ip: treat every client as coming from this address (policy test).
         delivered_in_session: run the ``delivered`` stage after delivery here (local and
             proxy delivery); False in queue mode, where the delivery process runs it.
+        message_dir: where a long message's temporary file is made while it arrives
+            (queue mode: the spool's ``tmp/``, on the spool's file system); ``None``:
+            the system's temporary directory.
     """
 
     protocol: ProtocolConfig
@@ -85,3 +88,4 @@ class ServerContext:
     expn_enabled: bool = False
     forced_peer_ip: str | None = None
     delivered_in_session: bool = True
+    message_dir: str | None = None

@@ -15,6 +15,7 @@ uvloop alike), AUTH per RFC 4954. No protocol rules here.
 from __future__ import annotations
 
 import asyncio
+import errno
 import heapq
 import itertools
 import logging
@@ -29,6 +30,7 @@ from ..delivery.received import build_received
 from ..envelope import Envelope, Recipient, SessionInfo
 from ..errors import AuthError, DeliveryError
 from ..hooks import HookResult, Stage, Transaction, Verdict, default_reply
+from ..message import Message, MessageSpool
 from ..net import client_key
 from ..protocol import (
     NEED_DATA,
@@ -41,6 +43,7 @@ from ..protocol import (
     Expn,
     Helo,
     MailFrom,
+    MessageChunk,
     Quit,
     RcptTo,
     Rset,
@@ -57,6 +60,11 @@ if TYPE_CHECKING:
     from .listener import SmtpServer
 
 log = logging.getLogger("smtpgate.session")
+
+# A long message's temporary file could not be written (RFC 3463 X.3.1 / X.3.0).
+_STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+_STORAGE_FAILED = Reply(451, "4.3.0", "Local error writing the message, try again later")
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 _PAUSE_AT = 1 << 20  # bytes of unprocessed command input before we stop reading
 _REFUSED_HOLD = 2.0  # seconds a refused connection keeps its slot (see connection_made)
@@ -208,7 +216,8 @@ class Session(asyncio.Protocol):
         "conn", "ctx", "info", "server", "transaction", "transport", "_admitted",
         "_data_phase", "_data_rate", "_deadline", "_disconnect_after", "_drain_waiter",
         "_fresh", "_idle", "_ip", "_loop", "_lost", "_messages", "_out", "_paused",
-        "_proxy_buf", "_proxy_done", "_shutdown", "_task", "_timer", "_deadlines", "_tls",
+        "_proxy_buf", "_proxy_done", "_shutdown", "_spool", "_spool_error", "_task",
+        "_timer", "_deadlines", "_tls",
         "_tls_early", "_tls_leftover", "_tls_wait", "_tx_count", "_upstream", "_waiter",
         "_write_paused", "__weakref__",
     )
@@ -255,6 +264,10 @@ class Session(asyncio.Protocol):
         # The open upstream transaction in proxy mode (see ``_on_mail``), else ``None``.
         self._upstream: Any = None
         self._disconnect_after = False  # a hook asked to drop the client after this reply
+        # A long message being received: the file its pieces go to, or the reply for the
+        # end of data when writing it failed.
+        self._spool: MessageSpool | None = None
+        self._spool_error: Reply | None = None
 
     # ----------------------------------------------------------- asyncio glue
 
@@ -598,8 +611,12 @@ class Session(asyncio.Protocol):
                         self._idle = False
                         self._waiter = None
                     continue
-                self._fresh = True  # the next wait is for a new request
                 t = type(ev)
+                if t is MessageChunk:  # a piece of a long message: to its file, no reply
+                    assert isinstance(ev, MessageChunk)
+                    self._spool_piece(ev.data)
+                    continue
+                self._fresh = True  # the next wait is for a new request
                 if t is AutoReply:
                     assert isinstance(ev, AutoReply)
                     reply = ev.reply
@@ -750,6 +767,9 @@ class Session(asyncio.Protocol):
         if self.transport is not None and not self._lost:
             self.transport.close()
         await self._abort_upstream()
+        if self._spool is not None:  # the client went away in the middle of a message
+            self._spool.close()
+            self._spool = None
         if self.ctx.hooks.has(Stage.QUIT):
             try:
                 await self.ctx.hooks.run(Stage.QUIT, info)
@@ -1030,13 +1050,37 @@ class Session(asyncio.Protocol):
 
     # --------------------------------------------------------------- message
 
+    def _spool_piece(self, data: bytes) -> None:
+        """Write a piece of a long message to its temporary file (created at the first
+        piece: in the spool's ``tmp/`` in queue mode). A failed write is remembered and
+        answered at the end of data (452 4.3.1 when the disk is full, else 451 4.3.0);
+        the rest of the message is read and dropped."""
+        if self._spool_error is not None:
+            return
+        spool = self._spool
+        try:
+            if spool is None:
+                spool = self._spool = MessageSpool(self.ctx.message_dir)
+            spool.write(data)
+        except OSError as exc:
+            self._spool_error = _STORAGE_FULL if exc.errno in _NO_SPACE else _STORAGE_FAILED
+            log.error("session %s: cannot write the message to a temporary file in %s: %s",
+                      self.info.session_id if self.info else "-",
+                      self.ctx.message_dir or "the temporary directory", exc)
+            if spool is not None:
+                spool.close()
+            self._spool = None
+
     async def _on_message(self, ev: DataComplete) -> Reply:
         utx, self._upstream = self._upstream, None
+        tx = self.transaction
         try:
             return await self._message(ev, utx)
         finally:
             if utx is not None and not utx.done:  # refused, quarantined, no recipients ...
                 await utx.abort()
+            if tx is not None:
+                tx.close()
 
     async def _message(self, ev: DataComplete, utx: Any) -> Reply:
         """End of data: the ``headers`` and ``data`` stages (QUARANTINE stores the message
@@ -1048,10 +1092,30 @@ class Session(asyncio.Protocol):
         self.transaction = None
         started = time.monotonic()
         envelope = tx.envelope
+        spool, self._spool = self._spool, None
+        spool_error, self._spool_error = self._spool_error, None
         if ev.problem is not None:
+            if spool is not None:
+                spool.close()
             self._log_tx(tx, len(ev.data), ev.problem, started, "refused by core")
             return ev.problem
-        tx.message = ev.data
+        if spool_error is not None:
+            self._log_tx(tx, 0, spool_error, started, "temporary file failed")
+            return spool_error
+        if spool is None:
+            tx.message = ev.data
+        else:
+            try:
+                if ev.data:
+                    spool.write(ev.data)
+                tx.set_message_file(spool.message())
+            except (OSError, ValueError) as exc:
+                spool.close()
+                reply = _STORAGE_FULL if getattr(exc, "errno", None) in _NO_SPACE \
+                    else _STORAGE_FAILED
+                log.error("transaction %s: temporary message file failed: %s", tx.id, exc)
+                self._log_tx(tx, 0, reply, started, "temporary file failed")
+                return reply
         hooks = self.ctx.hooks
         quarantine: HookResult | None = None
         for stage in (Stage.HEADERS, Stage.DATA):
@@ -1063,14 +1127,13 @@ class Session(asyncio.Protocol):
                 break
             if result.verdict.is_denial:
                 reply = self._denial(stage, result)
-                self._log_tx(tx, len(ev.data), reply, started,
+                self._log_tx(tx, tx.size, reply, started,
                              result.reason or f"{stage.value} hook")
                 return reply
             # OK skips the rest of that stage's chain only
-        message = tx.raw if tx.modified else ev.data
         if not envelope.rcpt_to:
             reply = tx.reply or R.OK.with_text("Message accepted; no recipients left")
-            self._log_tx(tx, len(message), reply, started, "no recipients after data hook")
+            self._log_tx(tx, tx.size, reply, started, "no recipients after data hook")
             return reply
         received = build_received(
             info,
@@ -1082,43 +1145,44 @@ class Session(asyncio.Protocol):
             tls_peer=info.notes.get("tls_peer") if self.ctx.received_tls_peer else None,
         )
         if quarantine is not None:  # stored durably, then 250 or 5xx as configured
-            return await self._quarantine(tx, quarantine, received + message, started)
+            return await self._quarantine(tx, quarantine, tx.source(received), started)
         if hooks.has(Stage.QUEUE):
             result = await hooks.run(Stage.QUEUE, info, tx)
             if result.verdict.is_denial:
                 reply = self._denial(Stage.QUEUE, result)
-                self._log_tx(tx, len(message), reply, started, "queue hook")
+                self._log_tx(tx, tx.size, reply, started, "queue hook")
                 return reply
             if result.verdict is Verdict.OK and result.reply is not None:
                 self._messages += 1
-                self._log_tx(tx, len(message), result.reply, started, "taken by queue hook")
+                self._log_tx(tx, tx.size, result.reply, started, "taken by queue hook")
                 return result.reply
-            if tx.modified:  # a queue hook may still edit the message (results_header)
-                message = tx.raw
+        # The message as it stands after the plugins (a queue hook may still have edited
+        # it, e.g. results_header); a long one stays in its file.
+        message = tx.source(received)
         try:
             if utx is not None:
-                reply = await utx.data(envelope, received + message)
+                reply = await utx.data(envelope, message)
             else:
-                reply = await self.ctx.delivery.deliver(envelope, received + message, info)
+                reply = await self.ctx.delivery.deliver(envelope, message, info)
         except DeliveryError as exc:
             reply = exc.reply
             await self._delivered(tx, reply)
-            self._log_tx(tx, len(message), reply, started, "delivery failed")
+            self._log_tx(tx, tx.size, reply, started, "delivery failed")
             return reply
         except Exception:
             log.exception("transaction %s: delivery raised", tx.id)
             reply = R.TEMP_ERROR
             await self._delivered(tx, reply)
-            self._log_tx(tx, len(message), reply, started, "delivery error")
+            self._log_tx(tx, tx.size, reply, started, "delivery error")
             return reply
         await self._delivered(tx, reply)
         if not reply.is_positive:
-            self._log_tx(tx, len(message), reply, started, "delivery refused")
+            self._log_tx(tx, tx.size, reply, started, "delivery refused")
             return reply
         self._messages += 1
         if tx.reply is not None and tx.reply.code < 300:
             reply = tx.reply
-        self._log_tx(tx, len(message), reply, started, "delivered")
+        self._log_tx(tx, tx.size, reply, started, "delivered")
         return reply
 
     async def _delivered(self, tx: Transaction, reply: Reply) -> None:
@@ -1131,7 +1195,7 @@ class Session(asyncio.Protocol):
                 await hooks.run(Stage.DELIVERED, self.info, tx, rcpt, reply)
 
     async def _quarantine(
-        self, tx: Transaction, result: HookResult, message: bytes, started: float
+        self, tx: Transaction, result: HookResult, message: Message, started: float
     ) -> Reply:
         """Store the message in the QUARANTINE result's Maildir; answer its reply."""
         from ..delivery.maildir import MaildirDelivery
@@ -1142,9 +1206,9 @@ class Session(asyncio.Protocol):
             await MaildirDelivery(path).deliver(tx.envelope, message, self.info)
         except DeliveryError as exc:
             log.error("transaction %s: quarantine failed: %s", tx.id, exc)
-            self._log_tx(tx, len(message), exc.reply, started, "quarantine failed")
+            self._log_tx(tx, tx.size, exc.reply, started, "quarantine failed")
             return exc.reply
-        self._log_tx(tx, len(message), reply, started,
+        self._log_tx(tx, tx.size, reply, started,
                      f"quarantined ({result.reason or 'plugin'}) in {path}")
         return reply
 
