@@ -121,14 +121,17 @@ OPTIONS: dict[str, Option] = {
 # ----------------------------------------------------------------- the message file
 
 
-def write_message_file(message: bytes, directory: str | None) -> str:
-    """Write ``message`` to a new private file (mode 0600) and return its absolute path.
+def write_message_file(transaction: Transaction, directory: str | None) -> str:
+    """Write the transaction's current message to a new private file (mode 0600) and
+    return its absolute path (blocking: run it in a thread).
 
     The only place that produces the file the filter reads: the caller deletes it after
-    the answer.
+    the answer. A long message is copied from the file it was received into, in pieces
+    (:meth:`~smtpgate.hooks.Transaction.iter_message`), never loaded whole.
 
     Args:
-        message: the message bytes (headers and body, CRLF lines, not dot-stuffed).
+        transaction: the transaction (headers and body as earlier plugins left them, CRLF
+            lines, not dot-stuffed).
         directory: where to create it; ``None`` or ``""``: the system temp directory.
 
     Raises:
@@ -137,7 +140,8 @@ def write_message_file(message: bytes, directory: str | None) -> str:
     fd, path = tempfile.mkstemp(prefix="smtpgate-cf-", suffix=".msg", dir=directory or None)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(message)
+            for piece in transaction.iter_message():
+                f.write(piece)
     except BaseException:
         os.unlink(path)
         raise
@@ -611,7 +615,7 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
 
     async def data(session: SessionInfo, transaction: Transaction) -> HookResult | None:
         try:
-            path = await asyncio.to_thread(write_message_file, transaction.raw, directory)
+            path = await asyncio.to_thread(write_message_file, transaction, directory)
         except OSError as exc:
             return failure(transaction, f"cannot write the message file: {exc}")
         try:
