@@ -815,8 +815,11 @@ class Session(asyncio.Protocol):
         assert info is not None
         hooks = self.ctx.hooks
         if hooks.has(Stage.HELO):
+            # The helo chain sees which command it checks (HELO or EHLO) in info.esmtp.
+            was, info.esmtp = info.esmtp, ev.esmtp
             result = await hooks.run(Stage.HELO, info, ev.name)
             if result.verdict.is_denial:
+                info.esmtp = was
                 return self._denial(Stage.HELO, result)
         self.conn.allow_sloppy_paths = info.allow_sloppy_paths
         info.helo_name = ev.name
