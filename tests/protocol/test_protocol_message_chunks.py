@@ -156,3 +156,22 @@ def test_too_big_wins_over_bare_lf_in_pieces() -> None:
     pieces, piece_codes, _ = _run_data(text, 64, [7, 300], max_message_size=5000)
     assert whole_codes == piece_codes == ["552 5.3.4", "221 2.0.0"]
     assert _kept(whole) == _kept(pieces)
+
+
+@pytest.mark.parametrize("bdat", [False, True])
+def test_buffered_counts_message_text_for_flow_control(bdat: bool) -> None:
+    """A driver pauses reading above a bound of ``buffered()``: message text waiting to be
+    handed out counts, so a fast client cannot fill memory during DATA or BDAT."""
+    d = Dialogue(_config(64 * 1024, max_message_size=50 * 1024 * 1024))
+    d.feed(TX + (b"" if bdat else b"DATA\r\n"))
+    text = b"x" * 70 + b"\r\n"
+    wire = text * 30_000  # 2.1 MB
+    if bdat:
+        wire = b"BDAT %d LAST\r\n" % len(wire) + wire
+        d.conn.receive_data(wire[:20])  # the command line
+        d.drain()
+        wire = wire[20:]
+    d.conn.receive_data(wire)
+    assert d.conn.buffered >= len(wire) - 100
+    d.drain()  # pieces handed out: the backlog is gone
+    assert d.conn.buffered < 64 * 1024 + 100

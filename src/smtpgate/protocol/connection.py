@@ -470,8 +470,9 @@ class ServerConnection:
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet turned into events (command mode), for flow control."""
-        return len(self._buf) - self._pos
+        """Bytes received but not yet turned into events or handed out (commands, DATA
+        text, BDAT chunks), for flow control: a driver stops reading above a bound."""
+        return len(self._buf) - self._pos + len(self._dbuf) + len(self._bdat_buf)
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes received from the client; ``b""`` means the client closed.
@@ -1207,25 +1208,28 @@ class ServerConnection:
             # Cut at a CRLF: it ends the piece and stays as the new sentinel, so a
             # "\r\n." across the cut is still seen. No "\r\n." starts before k and
             # ends after it (buf[k] is a CR).
-            cut, keep, tail = k, k, b"\r\n"
+            end = keep = k + 2
+            sentinel = b""
         else:
             # One long line: cut where no "\r\n." can straddle (not after a CR or LF);
             # the new sentinel is not a CRLF, so no end of data is seen at the cut.
-            cut = pos - 2
-            while cut > 2 and buf[cut - 1] in b"\r\n":
-                cut -= 1
-            if cut <= 2:
+            end = pos - 2
+            while end > 2 and buf[end - 1] in b"\r\n":
+                end -= 1
+            if end <= 2:
                 return NEED_DATA
-            keep, tail = cut, b""
-        piece = bytes(buf[:cut])
-        if self._dsize:
-            piece = piece.replace(b"\r\n.", b"\r\n")
-        piece = piece[2:] + tail
-        if keep == cut and not tail:
-            del buf[:cut]
-            buf[:0] = b"\x00\x00"
+            keep = end
+            sentinel = b"\x00\x00"
+        if self._dsize:  # RFC 5321 §4.5.2: drop the transparency dots
+            piece = bytes(buf[:end]).replace(b"\r\n.", b"\r\n")[2:]
         else:
+            with memoryview(buf) as view:
+                piece = bytes(view[2:end])
+        if sentinel:
             del buf[:keep]
+            buf[:0] = sentinel
+        else:
+            del buf[: keep - 2]  # the CRLF that ends the piece becomes the sentinel
         self._dscan = 0
         self._dsize = 0
         self._demitted += len(piece)
