@@ -56,29 +56,6 @@ class MessageFile:
         """The message's length in bytes: the prefix plus the file region."""
         return len(self.prefix) + self.region
 
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], size: int | None = None,
-             crc32: int | None = None) -> MessageFile:
-        """Open ``path`` (the whole file); with ``size``/``crc32`` check them (read in
-        pieces, not loaded).
-
-        Raises:
-            OSError: the file cannot be opened or read.
-            ValueError: its length or CRC-32 differs from ``size``/``crc32``.
-        """
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            length = os.fstat(fd).st_size
-            if size is not None and length != size:
-                raise ValueError(f"size {length} != {size}")
-            msg = cls(fd, length)
-            if crc32 is not None and crc32 >= 0 and msg.crc32() != crc32:
-                raise ValueError("CRC-32 mismatch")
-            return msg
-        except BaseException:
-            os.close(fd)
-            raise
-
     def view(self, prefix: bytes = b"", skip: int = 0) -> MessageFile:
         """A message made of ``prefix`` and this one's file region after its first
         ``skip`` bytes; it shares (and never closes) the descriptor.

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
@@ -420,7 +421,7 @@ class SpoolSnapshot:
         qids: serial → queue id of committed messages.
         tmp: names in ``tmp/``.
         orphans: serial (or the id when unreadable) of ``messages/<id>`` files
-            without an envelope.
+            without an envelope (no envelope file and no intact trailer).
         missing_message: ids of envelopes whose message file is missing.
         corrupt: names in ``corrupt/``.
         duplicate_envelopes: ids with envelopes in two states.
@@ -440,6 +441,25 @@ class SpoolSnapshot:
         return not (self.pending or self.tmp or self.orphans or self.missing_message)
 
 
+_TRAILER = re.compile(rb"\n#smtpgate-envelope ([0-9]{10}) ([0-9a-f]{8})\n\Z")
+
+
+def embedded_envelope(data: bytes) -> dict[str, Any] | None:
+    """The envelope stored in a queue file (docs/queue.md), ``None`` when the file has no
+    intact trailer (never committed)."""
+    m = _TRAILER.search(data)
+    if m is None:
+        return None
+    n = int(m.group(1))
+    raw = data[m.start() - n : m.start()]
+    if len(raw) != n or zlib.crc32(raw) != int(m.group(2), 16):
+        return None
+    env: dict[str, Any] = json.loads(raw)
+    if env["size"] + n + len(data) - m.start() != len(data):
+        return None
+    return env
+
+
 def snapshot_spool(spool: Path) -> SpoolSnapshot:
     """Read a spool's committed state (layout of docs/queue.md)."""
     snap = SpoolSnapshot()
@@ -457,6 +477,12 @@ def snapshot_spool(spool: Path) -> SpoolSnapshot:
                     continue
             best[qid] = data
     messages = set(os.listdir(spool / "messages")) if (spool / "messages").is_dir() else set()
+    for qid in sorted(messages - set(best)):
+        # A queue file without an envelope file: its own envelope (after the message,
+        # before the trailer) is current, when the trailer is intact (committed).
+        embedded = embedded_envelope((spool / "messages" / qid).read_bytes())
+        if embedded is not None:
+            best[qid] = embedded
     for qid, data in best.items():
         if qid not in messages:
             snap.missing_message.append(qid)

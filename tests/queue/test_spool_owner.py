@@ -192,7 +192,7 @@ def test_concurrent_processes_never_lose_or_duplicate(
         assert min(counts.values()) >= 2, counts
 
         def drained() -> bool:
-            return all(not os.listdir(spool / d) for d in ("incoming", "deferred"))
+            return all(not os.listdir(spool / d) for d in ("incoming", "deferred", "messages"))
 
         assert wait_for(drained, 60, 0.2), gate.log_tail()
         deliveries = upstream.deliveries
@@ -246,7 +246,7 @@ def test_bsmtp_without_owner_leaves_mail_queued(tmp_path: Path,
     assert b"stays queued until one starts" in out.stderr
     time.sleep(1.0)
     assert upstream.deliveries == []
-    assert len(os.listdir(spool / "incoming")) == 2
+    assert len(os.listdir(spool / "messages")) == 2  # committed queue files, not yet tried
     gate.start()
     try:
         assert wait_for(lambda: len(upstream.deliveries) == 2, 30), gate.log_tail()

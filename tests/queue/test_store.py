@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,18 @@ import pytest
 from smtpgate.envelope import Envelope, Recipient
 from smtpgate.errors import QueueError
 from smtpgate.queue.store import QueueEntry, QueueStore
+
+TRAILER = re.compile(rb"\n#smtpgate-envelope ([0-9]{10}) ([0-9a-f]{8})\n\Z")
+
+
+def split_queue_file(data: bytes) -> tuple[bytes, dict]:
+    """(message, envelope) of a queue file: message, envelope JSON, trailer."""
+    m = TRAILER.search(data)
+    assert m is not None, data[-80:]
+    n = int(m.group(1))
+    env_raw = data[m.start() - n : m.start()]
+    assert zlib.crc32(env_raw) == int(m.group(2), 16)
+    return data[: m.start() - n], json.loads(env_raw)
 
 MSG = b"Subject: queued\r\n\r\nbody\r\n"
 
@@ -23,11 +37,14 @@ def env(*rcpts: str) -> Envelope:
 
 
 def test_enqueue_layout(tmp_path: Path) -> None:
+    """One queue file per message: the message, its envelope, the trailer; nothing else."""
     store = QueueStore(tmp_path)
     entry = store.enqueue(env("a@example.com", "b@example.net"), MSG)
-    assert (tmp_path / "messages" / entry.id).read_bytes() == MSG
-    data = json.loads((tmp_path / "incoming" / f"{entry.id}.json").read_bytes())
+    message, data = split_queue_file((tmp_path / "messages" / entry.id).read_bytes())
+    assert message == MSG
+    assert all(os.listdir(tmp_path / d) == [] for d in ("incoming", "deferred", "hold"))
     assert data["mail_from"] == "sender@example.org"
+    assert data["size"] == len(MSG) and data["crc32"] == zlib.crc32(MSG)
     assert [r["address"] for r in data["recipients"]] == ["a@example.com", "b@example.net"]
     assert data["recipients"][0]["params"] == {"NOTIFY": "FAILURE"}
     assert os.listdir(tmp_path / "tmp") == []
@@ -40,10 +57,13 @@ def test_enqueue_layout(tmp_path: Path) -> None:
 def test_recover_removes_uncommitted_and_tmp(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     kept = store.enqueue(env(), MSG)
-    # a crash after the message rename but before the envelope commit:
+    # a queue file torn by a crash before its batch was flushed (no client saw 250):
+    whole = (tmp_path / "messages" / kept.id).read_bytes()
+    (tmp_path / "messages" / "TORN").write_bytes(whole[:-7])
+    # a message file of an older version that never got its envelope:
     (tmp_path / "messages" / "ORPHAN").write_bytes(MSG)
     # a crash while writing:
-    (tmp_path / "tmp" / "HALF.msg").write_bytes(MSG[:5])
+    (tmp_path / "tmp" / "HALF").write_bytes(MSG[:5])
     (tmp_path / "tmp" / "HALF.json").write_bytes(b"{")
     entries = QueueStore(tmp_path).recover()
     assert [e.id for e in entries] == [kept.id]
@@ -66,20 +86,61 @@ def test_recover_duplicate_envelopes_keeps_latest(tmp_path: Path) -> None:
     assert not (tmp_path / "incoming" / f"{entry.id}.json").exists()
 
 
-def test_corrupt_envelope_quarantined(tmp_path: Path) -> None:
+def test_corrupt_envelope_quarantined_message_kept(tmp_path: Path) -> None:
+    """An unreadable changed envelope goes to corrupt/; the queue file's own envelope
+    takes over (delivered at least once, never lost)."""
     store = QueueStore(tmp_path)
     entry = store.enqueue(env(), MSG)
-    (tmp_path / "incoming" / f"{entry.id}.json").write_bytes(b"not json")
-    assert store.recover() == []
-    assert os.listdir(tmp_path / "corrupt") == [f"incoming.{entry.id}.json"]
+    entry.attempts = 2
+    store.save(entry, "deferred")
+    (tmp_path / "deferred" / f"{entry.id}.json").write_bytes(b"not json")
+    [back] = store.recover()
+    assert (back.id, back.state, back.attempts) == (entry.id, "incoming", 0)
+    assert os.listdir(tmp_path / "corrupt") == [f"deferred.{entry.id}.json"]
+    assert store.read_message(entry.id) == MSG
 
 
-def test_envelope_without_message_quarantined(tmp_path: Path) -> None:
+def test_envelope_of_a_removed_message_is_removed(tmp_path: Path) -> None:
+    """A crash during a removal (queue file gone, envelope file not yet)."""
     store = QueueStore(tmp_path)
     entry = store.enqueue(env(), MSG)
+    store.save(entry, "deferred")
     (tmp_path / "messages" / entry.id).unlink()
     assert store.recover() == []
-    assert len(os.listdir(tmp_path / "corrupt")) == 1
+    assert os.listdir(tmp_path / "deferred") == [] and os.listdir(tmp_path / "corrupt") == []
+
+
+def test_spool_of_the_two_file_layout_is_read(tmp_path: Path) -> None:
+    """A spool written by the earlier layout (message file + incoming/<id>.json) is
+    recovered and delivered from: nothing queued before an upgrade is lost."""
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env(), MSG)
+    old = store.find(entry.id)
+    (tmp_path / "messages" / entry.id).write_bytes(MSG)  # no envelope, no trailer
+    (tmp_path / "incoming" / f"{entry.id}.json").write_bytes(old.to_json())
+    [back] = QueueStore(tmp_path).recover()
+    assert back.id == entry.id and back.state == "incoming"
+    assert store.read_message(entry.id) == MSG
+
+
+def test_open_message_checks_size_and_crc(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env(), MSG)
+    msg = store.open_message(entry)
+    try:
+        assert (msg.size, msg.read()) == (len(MSG), MSG)
+    finally:
+        msg.close()
+    longer = store.find(entry.id)
+    longer.size = 10_000
+    with pytest.raises(QueueError, match="shorter"):
+        store.open_message(longer)
+    path = tmp_path / "messages" / entry.id
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(QueueError, match="CRC"):
+        store.open_message(store.find(entry.id))
 
 
 def test_state_moves_and_remove(tmp_path: Path) -> None:
@@ -114,15 +175,15 @@ def test_update_under_lock_and_merge(tmp_path: Path) -> None:
 
 def test_enqueue_failure_leaves_nothing(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
-    (tmp_path / "incoming").chmod(0o500)
+    (tmp_path / "messages").chmod(0o500)
     try:
         if os.geteuid() == 0:
             pytest.skip("root ignores directory permissions")
         with pytest.raises(QueueError):
             store.enqueue(env(), MSG)
-        assert os.listdir(tmp_path / "messages") == []
+        assert os.listdir(tmp_path / "messages") == [] and os.listdir(tmp_path / "tmp") == []
     finally:
-        (tmp_path / "incoming").chmod(0o700)
+        (tmp_path / "messages").chmod(0o700)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -157,19 +218,19 @@ def test_queue_cli_commands(tmp_path: Path) -> None:
 
 
 def test_incomplete_message_file_is_detected_and_quarantined(tmp_path: Path) -> None:
-    """A crash before the batch flush can leave a committed envelope over an incomplete
-    message file (delayed allocation): size and CRC catch it; it is never delivered."""
+    """A crash before the batch flush can leave a committed queue file whose message part
+    is incomplete (delayed allocation): the CRC-32 catches it; it is never delivered."""
     store = QueueStore(tmp_path)
     entry = store.enqueue(env(), MSG)
     assert store.read_message(entry.id, entry) == MSG
-    (tmp_path / "messages" / entry.id).write_bytes(b"\0" * len(MSG))
+    path = tmp_path / "messages" / entry.id
+    path.write_bytes(b"\0" * len(MSG) + path.read_bytes()[len(MSG):])
     with pytest.raises(QueueError, match="does not match"):
         store.read_message(entry.id, store.find(entry.id))
     store.quarantine(store.find(entry.id), "test")
     with pytest.raises(KeyError):
         store.find(entry.id)
-    assert sorted(os.listdir(tmp_path / "corrupt")) == [f"incoming.{entry.id}.json",
-                                                         f"message.{entry.id}"]
+    assert sorted(os.listdir(tmp_path / "corrupt")) == [f"message.{entry.id}"]
 
 
 def test_group_commit_many(tmp_path: Path) -> None:
@@ -177,7 +238,7 @@ def test_group_commit_many(tmp_path: Path) -> None:
     results = store.enqueue_many([(env(f"r{i}@example.com"), MSG + bytes([65 + i]), None, None)
                                   for i in range(5)])
     assert all(isinstance(r, QueueEntry) for r in results)
-    assert len(os.listdir(tmp_path / "incoming")) == 5 and os.listdir(tmp_path / "tmp") == []
+    assert len(os.listdir(tmp_path / "messages")) == 5 and os.listdir(tmp_path / "tmp") == []
     for r in results:
         assert isinstance(r, QueueEntry)
         assert store.read_message(r.id, r).startswith(MSG)

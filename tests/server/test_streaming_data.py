@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from smtpgate.envelope import Envelope
+from smtpgate.queue.store import QueueStore
 from tests.e2e.e2e_support import RawClient, capture_upstream, split_received
 
 MB = 1024 * 1024
@@ -65,8 +66,8 @@ def _stored(spool: Path, timeout: float = 10.0) -> bytes:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         names = os.listdir(spool / "messages")
-        if names:
-            return (spool / "messages" / names[0]).read_bytes()
+        if names:  # the message part of its queue file, size and CRC-32 checked
+            return QueueStore(spool, create=False).read_message(names[0])
         time.sleep(0.05)
     raise AssertionError("no message in the spool")
 

@@ -325,15 +325,7 @@ class QueueManager:
         :class:`MessageFile` (size and CRC-32 checked in chunks). Raises QueueError."""
         if entry.size <= STREAM_FROM:
             return self.store.read_message(qid, entry)
-        checked = entry.crc32 >= 0
-        try:
-            return MessageFile.open(self.store.path / "messages" / qid,
-                                    entry.size if checked else None, entry.crc32)
-        except OSError as exc:
-            raise QueueError(f"cannot read message {qid}: {exc.strerror or exc}") from exc
-        except ValueError:
-            raise QueueError(
-                f"message {qid} does not match its envelope (size or CRC)") from None
+        return self.store.open_message(entry)
 
     async def _process(self, qid: str) -> None:
         fresh = self._fresh.pop(qid, None)

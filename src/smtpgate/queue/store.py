@@ -1,15 +1,19 @@
 """The durable spool: messages and their envelopes on disk, crash-safe.
 
-Entry points: :class:`QueueStore` (``enqueue``, ``load``, ``save``, ``move``,
-``remove``, ``entries``, ``recover``), :class:`QueueEntry`, :class:`QueuedRecipient`.
+Entry points: :class:`QueueStore` (``enqueue``, ``find``, ``save``, ``remove``,
+``entries``, ``open_message``, ``recover``), :class:`QueueEntry`, :class:`QueuedRecipient`.
 Layout and crash guarantees are documented in docs/queue.md. Every method is
 synchronous and blocking (file system calls plus fsync); the asyncio side calls them
 in worker threads.
 
-Commit protocol of :meth:`QueueStore.enqueue`: write the message to ``tmp/``, fsync,
-rename it into ``messages/``, fsync ``messages/``; write the envelope to ``tmp/``,
-fsync, rename it into ``incoming/`` — that rename is the commit point — and fsync
-``incoming/``. Only then may the client see ``250``.
+One queue file per message, as Postfix does: ``messages/<id>`` holds the message, then
+its envelope as it was at arrival, then a trailer naming the envelope's length and CRC-32.
+Commit protocol of :meth:`QueueStore.enqueue_many`: write each queue file to ``tmp/`` with
+one ``write(2)``, rename it into ``messages/`` — that rename is the commit point — and
+make the batch durable with one ``syncfs(2)`` (or each file's fsync and one fsync of
+``messages/``). Only then may the clients see ``250``. The envelope as changed later
+(delivery attempts, the queue tools) lives beside it in ``<state>/<id>.json``; a message
+without one is in ``incoming`` with the envelope of its queue file.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -116,7 +121,9 @@ class QueueEntry:
 
     def to_json(self) -> bytes:
         """Serialise (format version 1, UTF-8 JSON)."""
-        data = asdict(self)
+        data: dict[str, Any] = {name: getattr(self, name) for name in _ENTRY_FIELDS}
+        data["recipients"] = [{name: getattr(r, name) for name in _RCPT_FIELDS}
+                              for r in self.recipients]
         data["version"] = FORMAT_VERSION
         return json.dumps(data, ensure_ascii=False, sort_keys=True).encode("utf-8")
 
@@ -145,6 +152,51 @@ class QueueEntry:
             self.mail_from, dict(self.mail_params),
             [Recipient(r.address, dict(r.params)) for r in rcpts],
         )
+
+
+_ENTRY_FIELDS = tuple(f for f in QueueEntry.__dataclass_fields__ if f != "recipients")
+_RCPT_FIELDS = tuple(QueuedRecipient.__dataclass_fields__)
+
+# The end of a queue file: the length and CRC-32 of the envelope that precedes it.
+_TRAILER_FORMAT = b"\n#smtpgate-envelope %010d %08x\n"
+_TRAILER_RE = re.compile(rb"\n#smtpgate-envelope ([0-9]{10}) ([0-9a-f]{8})\n\Z")
+_TRAILER_LEN = len(_TRAILER_FORMAT % (0, 0))
+
+
+def _trailer(envelope: bytes) -> bytes:
+    return _TRAILER_FORMAT % (len(envelope), zlib.crc32(envelope))
+
+
+def _embedded_entry(fd: int) -> QueueEntry | None:
+    """The envelope stored in the queue file open at ``fd``, or ``None`` when the file
+    has no complete, intact trailer and envelope (never committed, or torn by a crash
+    before its batch was flushed)."""
+    length = os.fstat(fd).st_size
+    if length < _TRAILER_LEN:
+        return None
+    m = _TRAILER_RE.match(os.pread(fd, _TRAILER_LEN, length - _TRAILER_LEN))
+    if m is None:
+        return None
+    n = int(m.group(1))
+    if n > length - _TRAILER_LEN:
+        return None
+    raw = os.pread(fd, n, length - _TRAILER_LEN - n)
+    if len(raw) != n or zlib.crc32(raw) != int(m.group(2), 16):
+        return None
+    try:
+        entry = QueueEntry.from_json(raw)
+    except QueueError:
+        return None
+    if entry.size + n + _TRAILER_LEN != length:
+        return None
+    return entry
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 _ID_SALT = secrets.randbits(20)
@@ -199,24 +251,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: Message, fsync: bool) -> int:
-    """Create ``path`` holding ``data`` (a :class:`MessageFile` is copied in pieces);
-    returns the CRC-32 of what was written."""
+def _write_file(path: str | Path, data: bytes, fsync: bool) -> None:
+    """Create ``path`` holding ``data`` (mode 0600), fsync'd when asked."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    crc = 0
     try:
-        pieces = data.chunks() if isinstance(data, MessageFile) else (data,)
-        for piece in pieces:
-            crc = zlib.crc32(piece, crc)
-            view = memoryview(piece)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+        _write_all(fd, data)
         if fsync:
             os.fsync(fd)
     finally:
         os.close(fd)
-    return crc
+
+
+def _write_queue_file(path: str, message: Message, entry: QueueEntry, fsync: bool) -> None:
+    """Create the queue file ``path``: the message, its envelope, the trailer. A short
+    message goes out in one ``write(2)``; a :class:`MessageFile` is copied in pieces.
+    Sets ``entry.crc32`` (the message's CRC-32) before the envelope is written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if isinstance(message, bytes):
+            entry.crc32 = zlib.crc32(message)
+            env = entry.to_json()
+            _write_all(fd, b"".join((message, env, _trailer(env))))
+        else:
+            crc = 0
+            for piece in message.chunks():
+                crc = zlib.crc32(piece, crc)
+                _write_all(fd, piece)
+            entry.crc32 = crc
+            env = entry.to_json()
+            _write_all(fd, env + _trailer(env))
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class _Commit:
+    """One message of a group commit (see :meth:`QueueStore.enqueue_many`)."""
+
+    entry: QueueEntry
+    message: Message
+    tmp: str  # where the queue file is written
+    path: str  # where it is committed (messages/<id>)
+    committed: bool = False
+    error: QueueError | None = None
+
+    def fail(self, exc: OSError | ValueError) -> None:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        self.error = QueueError(f"cannot store message: {detail}")
 
 
 class QueueStore:
@@ -288,15 +371,29 @@ class QueueStore:
         it); its ``state`` is ``"gone"`` when the message was deleted meanwhile.
         """
         with self.locked():
-            try:
-                current = self.find(attempted.id)
-            except KeyError:
+            current = self._current(attempted.id)
+            if current is None:
                 attempted.state = "gone"
                 return attempted
             attempted.seq = max(attempted.seq, current.seq)
             attempted.bounce = attempted.bounce or current.bounce
             attempted.state = current.state  # where its envelope file is now (hold wins)
             return attempted
+
+    def _current(self, qid: str) -> QueueEntry | None:
+        """The entry as it is on disk now, for merging an attempt; ``None`` when the
+        message is gone. Every change after arrival writes an envelope file, so without
+        one the queue file's envelope (unchanged, ``seq`` 0) is current and is not read
+        again."""
+        try:
+            side = self._sidecar(qid)
+        except QueueError:
+            side = None
+        if not os.path.exists(os.path.join(self.path, "messages", qid)):
+            return None
+        if side is not None:
+            return side
+        return QueueEntry(qid, "", {}, [], 0.0, 0.0)  # seq 0, incoming, no bounce
 
     def finish_attempt(self, attempted: QueueEntry) -> str:
         """Record a delivery attempt: merge, then save or remove, all under the spool lock.
@@ -311,9 +408,8 @@ class QueueStore:
         out: list[str] = []
         with self.locked():
             for attempted in attempts:
-                try:
-                    current = self.find(attempted.id)
-                except KeyError:
+                current = self._current(attempted.id)
+                if current is None:
                     out.append("gone")
                     continue
                 attempted.seq = max(attempted.seq, current.seq)
@@ -349,14 +445,15 @@ class QueueStore:
         self,
         batch: list[tuple[Envelope, Message, SessionInfo | None, str | None]],
     ) -> list[QueueEntry | QueueError]:
-        """Group commit: store several messages with shared directory fsyncs.
+        """Group commit: store several messages, made durable together.
 
-        The per-message order of :meth:`enqueue` is kept for the whole batch: every
-        message file is written and fsync'd and renamed into ``messages/``, then
-        ``messages/`` is fsync'd once; then every envelope is written, fsync'd and renamed
-        into ``incoming/`` (each rename is that message's commit point), then
-        ``incoming/`` is fsync'd once. Only after that last fsync may any of the clients
-        see 250, so no acknowledgement precedes its fsync.
+        Each message becomes one queue file (message, envelope, trailer) written to
+        ``tmp/`` and renamed into ``messages/`` (each rename is that message's commit
+        point). Then the batch is flushed once: one ``syncfs(2)`` of the spool's file
+        system on Linux for a batch of several, else each file is fsync'd before its
+        rename and ``messages/`` once after them. Only after that flush may any of the
+        clients see 250, so no acknowledgement precedes the flush that makes its message
+        durable.
 
         Returns:
             One committed :class:`QueueEntry` or one :class:`QueueError` per item, in order;
@@ -374,7 +471,9 @@ class QueueStore:
         batch: list[tuple[Envelope, Message, SessionInfo | None, str | None]],
     ) -> list[QueueEntry | QueueError]:
         now = time.time()
-        items: list[dict[str, Any]] = []
+        tmp_dir = os.path.join(self.path, "tmp")
+        msg_dir = os.path.join(self.path, "messages")
+        items: list[_Commit] = []
         for envelope, message, session, queue_id in batch:
             qid = queue_id or new_queue_id()
             entry = QueueEntry(
@@ -387,79 +486,52 @@ class QueueStore:
                 next_attempt=now,
                 size=len(message),
                 client=_client_facts(session),
-                # crc32: computed while the message file is written (below)
             )
-            items.append({
-                "entry": entry, "message": message, "error": None, "committed": False,
-                "tmp_msg": self.path / "tmp" / f"{qid}.msg",
-                "tmp_env": self.path / "tmp" / f"{qid}{_ENV_SUFFIX}",
-                "msg": self.path / "messages" / qid,
-                "env": self._env_path(qid, "incoming"),
-            })
-
-        def fail(item: dict[str, Any], exc: OSError) -> None:
-            item["error"] = QueueError(f"cannot store message: {exc.strerror or exc}")
+            items.append(_Commit(entry, message, os.path.join(tmp_dir, qid),
+                                 os.path.join(msg_dir, qid)))
 
         # With syncfs(2) a single flush of the file system after the whole batch makes
         # every file and directory entry durable before any 250. A crash before that flush
-        # (no client has seen 250 yet) may leave an envelope whose message file is
-        # incomplete: its size and CRC-32 in the envelope catch that, and such a message
-        # is quarantined, never delivered. Without syncfs each file and directory is
-        # fsync'd in order: messages durable, then envelopes committed.
+        # (no client has seen 250 yet) may leave a queue file that is incomplete: its
+        # trailer and the CRC-32s catch that (recovery removes a file without a valid
+        # trailer; a message not matching its CRC-32 is quarantined, never delivered).
+        # Without syncfs each file is fsync'd before its rename, then messages/ once.
         batch_sync = self.fsync and _SYNCFS is not None and len(items) > 1
         file_sync = self.fsync and not batch_sync
-
-        def flush_step(directory: str, members: list[dict[str, Any]]) -> None:
-            if not self.fsync or not members:
-                return
+        for item in items:
+            try:
+                _write_queue_file(item.tmp, item.message, item.entry, file_sync)
+                os.rename(item.tmp, item.path)  # commit point
+                item.committed = True
+            except (OSError, ValueError) as exc:
+                item.fail(exc)
+        if self.fsync and any(item.committed for item in items):
             try:
                 if batch_sync:
                     _syncfs(self.path)
                 else:
-                    _fsync_dir(self.path / directory)
+                    _fsync_dir(self.path / "messages")
             except OSError as exc:
-                for member in members:
-                    fail(member, exc)
-
-        for item in items:
-            try:
-                # Written in place: until its envelope is committed, a message file is an
-                # orphan that recovery removes, so it needs no temporary name.
-                crc = _write_file(item["msg"], item["message"], file_sync)
-                item["entry"].crc32 = crc
-            except (OSError, ValueError) as exc:
-                fail(item, exc if isinstance(exc, OSError) else OSError(str(exc)))
-        if not batch_sync:
-            flush_step("messages", [i for i in items if i["error"] is None])
-        for item in items:
-            if item["error"] is not None:
-                continue
-            try:
-                _write_file(item["tmp_env"], item["entry"].to_json(), file_sync)
-                os.rename(item["tmp_env"], item["env"])  # commit point
-                item["committed"] = True
-            except OSError as exc:
-                fail(item, exc)
-        flush_step("incoming", [i for i in items if i["committed"]])
+                for item in items:
+                    if item.committed:
+                        item.fail(exc)
         out: list[QueueEntry | QueueError] = []
         for item in items:
-            if item["error"] is None:
-                out.append(item["entry"])
+            if item.error is None:
+                out.append(item.entry)
                 continue
-            # The client gets 451: undo everything; a committed envelope goes before the
-            # message file, so a crash meanwhile never leaves an envelope without message.
-            leftovers = ((item["env"],) if item["committed"] else ()) + (
-                item["tmp_env"], item["tmp_msg"], item["msg"])
-            for leftover in leftovers:
+            # The client gets 451: undo everything.
+            for leftover in (item.path, item.tmp) if item.committed else (item.tmp,):
                 try:
-                    leftover.unlink()
+                    os.unlink(leftover)
                 except OSError:
                     pass
-            out.append(item["error"])
+            out.append(item.error)
         return out
 
     def save(self, entry: QueueEntry, state: str | None = None) -> None:
-        """Rewrite an entry's envelope atomically, optionally moving it to another state.
+        """Write the entry's changed envelope (``<state>/<id>.json``, atomically; it
+        supersedes the queue file's own), optionally moving it to another state.
 
         Raises:
             QueueError: file system failure, or an unknown state.
@@ -478,7 +550,7 @@ class QueueStore:
             if self.fsync:
                 _fsync_dir(self.path / target)
             if target != previous_state:
-                old.unlink(missing_ok=True)
+                Path(old).unlink(missing_ok=True)
                 if self.fsync:
                     _fsync_dir(self.path / previous_state)
         except OSError as exc:
@@ -490,68 +562,136 @@ class QueueStore:
             raise QueueError(f"cannot update {entry.id}: {exc.strerror or exc}") from exc
 
     def remove(self, entry: QueueEntry) -> None:
-        """Delete a message: the envelope first (the commit point), then the message file."""
+        """Delete a message: its queue file first (the commit point), then its envelope
+        file if it has one (recovery removes one left behind by a crash)."""
         try:
             # No directory fsync: if a crash loses this removal the message is delivered
             # once more after recovery (at least once, at most twice), never lost.
-            self._env_path(entry.id, entry.state).unlink(missing_ok=True)
-            (self.path / "messages" / entry.id).unlink(missing_ok=True)
+            os.unlink(os.path.join(self.path, "messages", entry.id))
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             raise QueueError(f"cannot remove {entry.id}: {exc.strerror or exc}") from exc
+        try:
+            os.unlink(self._env_path(entry.id, entry.state))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("queue: cannot remove the envelope of %s: %s", entry.id, exc)
 
     # --------------------------------------------------------------- reading
 
-    def _env_path(self, qid: str, state: str) -> Path:
-        return self.path / state / f"{qid}{_ENV_SUFFIX}"
+    def _env_path(self, qid: str, state: str) -> str:
+        return os.path.join(self.path, state, qid + _ENV_SUFFIX)
+
+    def _sidecar(self, qid: str) -> QueueEntry | None:
+        """The envelope as changed after arrival (highest ``seq`` over the states), or
+        ``None`` when the queue file's own envelope is current.
+
+        Raises:
+            QueueError: an unreadable envelope file.
+        """
+        best: QueueEntry | None = None
+        for state in STATES:
+            try:
+                with open(self._env_path(qid, state), "rb") as fh:
+                    raw = fh.read()
+            except FileNotFoundError:
+                continue
+            entry = QueueEntry.from_json(raw)
+            entry.state = state
+            if best is None or entry.seq > best.seq:
+                best = entry
+        return best
+
+    def _embedded(self, qid: str) -> QueueEntry | None:
+        """The envelope in the queue file ``messages/<id>`` (state ``incoming``), ``None``
+        when there is no such file or it has no valid trailer (never committed)."""
+        try:
+            fd = os.open(os.path.join(self.path, "messages", qid), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            entry = _embedded_entry(fd)
+        finally:
+            os.close(fd)
+        if entry is not None:
+            entry.state = "incoming"
+        return entry
 
     def find(self, qid: str) -> QueueEntry:
-        """Load an entry by id from whichever state holds it.
+        """Load an entry by id: its changed envelope from whichever state holds it, else
+        the envelope in its queue file (``incoming``).
 
         Raises:
             KeyError: no such message. QueueError: unreadable envelope.
         """
         if not qid or "/" in qid or qid.startswith("."):
             raise KeyError(qid)
-        found: list[QueueEntry] = []
-        for state in STATES:
-            p = self._env_path(qid, state)
-            try:
-                raw = p.read_bytes()
-            except FileNotFoundError:
-                continue
-            entry = QueueEntry.from_json(raw)
-            entry.state = state
-            found.append(entry)
-        if not found:
+        entry = self._sidecar(qid) or self._embedded(qid)
+        if entry is None:
             raise KeyError(qid)
-        return max(found, key=lambda e: e.seq)
+        return entry
+
+    def open_message(self, entry: QueueEntry) -> MessageFile:
+        """The message of ``entry`` (the first ``entry.size`` bytes of its queue file)
+        as a :class:`~smtpgate.message.MessageFile`; its CRC-32 is checked in pieces.
+
+        Raises:
+            QueueError: the file is missing, unreadable, shorter than the message, or
+                the message does not match its CRC-32 (left incomplete by a crash).
+        """
+        path = os.path.join(self.path, "messages", entry.id)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise QueueError(f"cannot read message {entry.id}: {exc.strerror or exc}") from exc
+        try:
+            if os.fstat(fd).st_size < entry.size:
+                raise QueueError(f"message {entry.id} is shorter than its envelope says")
+            msg = MessageFile(fd, entry.size)
+            if entry.crc32 >= 0 and msg.crc32() != entry.crc32:
+                raise QueueError(f"message {entry.id} does not match its envelope (CRC-32)")
+            return msg
+        except (OSError, ValueError) as exc:
+            os.close(fd)
+            raise QueueError(f"cannot read message {entry.id}: {exc}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
 
     def read_message(self, qid: str, entry: QueueEntry | None = None) -> bytes:
-        """The message bytes (never rewritten after enqueue).
+        """The message bytes (never rewritten after enqueue), size and CRC-32 checked.
 
         Args:
             qid: the queue id.
-            entry: when given, the file's size and CRC-32 must match the envelope's.
+            entry: its entry, when the caller has it (else it is looked up).
 
         Raises:
-            QueueError: the file is missing, unreadable, or (with ``entry``) incomplete.
+            QueueError: no such message, or the file is unreadable or incomplete.
         """
+        if entry is None:
+            try:
+                entry = self.find(qid)
+            except KeyError:
+                raise QueueError(f"cannot read message {qid}: no such message") from None
+        msg = self.open_message(entry)
         try:
-            data = (self.path / "messages" / qid).read_bytes()
-        except OSError as exc:
-            raise QueueError(f"cannot read message {qid}: {exc.strerror or exc}") from exc
-        if entry is not None and entry.crc32 >= 0 and (
-            len(data) != entry.size or zlib.crc32(data) != entry.crc32
-        ):
-            raise QueueError(f"message {qid} does not match its envelope (size or CRC)")
-        return data
+            return msg.read()
+        except (OSError, ValueError) as exc:
+            raise QueueError(f"cannot read message {qid}: {exc}") from exc
+        finally:
+            msg.close()
 
     def quarantine(self, entry: QueueEntry, why: str) -> None:
-        """Move an entry's envelope and message file to ``corrupt/`` (never delivered)."""
+        """Move an entry's queue file and envelope file to ``corrupt/`` (never delivered)."""
         with self.locked():
-            self._quarantine(self._env_path(entry.id, entry.state), why)
+            env = Path(self._env_path(entry.id, entry.state))
+            if env.exists():
+                self._quarantine(env, why)
             msg = self.path / "messages" / entry.id
             if msg.exists():
+                log.error("queue: moving message %s to corrupt/: %s", entry.id, why)
                 try:
                     shutil.move(str(msg), str(self.path / "corrupt" / f"message.{entry.id}"))
                 except OSError:
@@ -560,14 +700,16 @@ class QueueStore:
     def entries(
         self, states: tuple[str, ...] = STATES, *, repair: bool = True
     ) -> Iterator[QueueEntry]:
-        """Every readable entry in the given states.
+        """Every readable entry in the given states: each envelope file, and (for
+        ``incoming``) each queue file that has none (its own envelope is current).
 
         Args:
             states: the queue states to read.
-            repair: move unreadable envelopes to ``corrupt/`` (only the spool's owner
+            repair: move unreadable envelope files to ``corrupt/`` (only the spool's owner
                 does); False skips them with a warning and changes nothing (listings).
         """
-        for state in states:
+        with_sidecar: set[str] = set()
+        for state in STATES:
             try:
                 names = os.listdir(self.path / state)
             except FileNotFoundError:
@@ -575,19 +717,38 @@ class QueueStore:
             for name in sorted(names):
                 if not name.endswith(_ENV_SUFFIX):
                     continue
+                if state not in states:
+                    # Not read: it exists, so the queue file's own envelope is not current.
+                    with_sidecar.add(name[: -len(_ENV_SUFFIX)])
+                    continue
                 p = self.path / state / name
                 try:
                     entry = QueueEntry.from_json(p.read_bytes())
                 except FileNotFoundError:
                     continue  # moved or removed meanwhile
                 except QueueError as exc:
+                    # The queue file's own (older) envelope takes over: delivered at
+                    # least once, never lost.
                     if repair:
                         self._quarantine(p, str(exc))
                     else:
                         log.warning("queue: unreadable envelope %s: %s", p, exc)
                     continue
+                with_sidecar.add(name[: -len(_ENV_SUFFIX)])
                 entry.state = state
                 yield entry
+        if "incoming" not in states:
+            return
+        try:
+            names = os.listdir(self.path / "messages")
+        except FileNotFoundError:
+            return
+        for name in sorted(names):
+            if name in with_sidecar or name.startswith("."):
+                continue
+            embedded = self._embedded(name)
+            if embedded is not None:  # else never committed: recovery removes it
+                yield embedded
 
     def _quarantine(self, path: Path, why: str) -> None:
         log.error("queue: moving unreadable %s to corrupt/: %s", path.name, why)
@@ -601,12 +762,14 @@ class QueueStore:
     def recover(self, clean: bool = True) -> list[QueueEntry]:
         """Start-up recovery after a crash (``kill -9``, power loss); the spool owner only.
 
-        Removes half-written temporary files and message files whose envelope was never
-        committed, and duplicate envelopes left by a crash during a state move (the
-        higher ``seq`` wins). Returns every committed entry. It runs holding the spool
-        lock and the commit lock exclusively, so no commit of any process (the server,
-        ``smtpgate inetd``/``bsmtp``) and no ``smtpgate queue`` change is in flight while
-        leftovers are judged: a file that is not committed now was abandoned.
+        Removes half-written temporary files, queue files that were never committed (no
+        valid trailer and no envelope file: the crash came before their batch's flush,
+        so no client saw 250), envelope files whose message was removed (a crash during
+        a removal), and duplicate envelope files left by a crash during a state move
+        (the higher ``seq`` wins). Returns every committed entry. It runs holding the
+        spool lock and the commit lock exclusively, so no commit of any process (the
+        server, ``smtpgate inetd``/``bsmtp``) and no ``smtpgate queue`` change is in
+        flight while leftovers are judged: a file that is not committed now was abandoned.
 
         Args:
             clean: remove leftovers of interrupted commits; False only reads the
@@ -617,22 +780,28 @@ class QueueStore:
                 for name in os.listdir(self.path / "tmp"):
                     (self.path / "tmp" / name).unlink(missing_ok=True)
             best: dict[str, QueueEntry] = {}
-            for entry in self.entries():
+            for entry in self.entries(tuple(s for s in STATES if s != "incoming")
+                                      + ("incoming",)):
                 other = best.get(entry.id)
                 if other is None or entry.seq > other.seq:
                     if other is not None:
-                        self._env_path(other.id, other.state).unlink(missing_ok=True)
+                        Path(self._env_path(other.id, other.state)).unlink(missing_ok=True)
                     best[entry.id] = entry
                 else:
-                    self._env_path(entry.id, entry.state).unlink(missing_ok=True)
+                    Path(self._env_path(entry.id, entry.state)).unlink(missing_ok=True)
+            messages = set(os.listdir(self.path / "messages"))
             if clean:
-                for name in os.listdir(self.path / "messages"):
-                    if name not in best:
-                        log.info("queue recovery: removing uncommitted message %s", name)
-                        (self.path / "messages" / name).unlink(missing_ok=True)
+                for name in messages - best.keys():
+                    log.info("queue recovery: removing uncommitted message %s", name)
+                    (self.path / "messages" / name).unlink(missing_ok=True)
             for qid, entry in list(best.items()):
-                if not (self.path / "messages" / qid).exists():
-                    self._quarantine(self._env_path(qid, entry.state), "message file missing")
+                if qid not in messages:
+                    # Its queue file was removed (delivered, deleted, bounced) and a
+                    # crash came before its envelope file went too.
+                    log.info("queue recovery: removing the envelope of removed message %s",
+                             qid)
+                    if clean:
+                        Path(self._env_path(qid, entry.state)).unlink(missing_ok=True)
                     del best[qid]
         return sorted(best.values(), key=lambda e: e.created)
 
