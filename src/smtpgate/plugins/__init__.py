@@ -159,6 +159,10 @@ class PluginRegistry:
         on_error: ``"tempfail"`` or ``"accept"`` for this plugin's hooks.
         provides: objects the plugin offers the application (the relay plugin offers
             its :class:`~smtpgate.policy.RelayPolicy` as ``"relay"`` for run-time changes).
+        decides_relay: whether this plugin's ``rcpt`` hooks may let a recipient through
+            that relay control would refuse (its OK skips the rest of the chain). The
+            open-relay guard (relay control disabled) needs one such plugin; a plugin
+            that only ever refuses, or only records, sets it to False in ``register``.
     """
 
     runner: HookRunner
@@ -169,6 +173,7 @@ class PluginRegistry:
     on_error: str = "tempfail"
     provides: dict[str, object] = field(default_factory=dict)
     stages: list[Stage] = field(default_factory=list)
+    decides_relay: bool = True
 
     def on(
         self,

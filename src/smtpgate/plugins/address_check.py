@@ -32,6 +32,7 @@ CHECK_FAILED = Reply(451, "4.3.0", "Address verification failed, try again later
 
 def register(registry: PluginRegistry, options: dict[str, object]) -> None:
     """Load the callables; register the mail, rcpt and vrfy hooks."""
+    registry.decides_relay = False  # it only refuses: never lets a recipient relay
     checks: list[Callable[..., Any]] = [
         load_callable(spec, "hooks.address_check")
         for spec in registry.config.hooks.address_check

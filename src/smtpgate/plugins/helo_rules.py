@@ -45,6 +45,7 @@ def policy_of(session: SessionInfo) -> HeloPolicy | None:
 
 def register(registry: PluginRegistry, options: dict[str, object]) -> None:
     """Register the helo, mail, rcpt and vrfy hooks."""
+    registry.decides_relay = False  # it only refuses: never lets a recipient relay
     path = options["loadavg_file"]
     assert isinstance(path, str)
     rules = HeloRules.from_config(list(registry.config.helo_rules))

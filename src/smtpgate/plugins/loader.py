@@ -172,7 +172,7 @@ def build_chain(config: Config, runner: HookRunner) -> dict[str, object]:
                             f"{type(exc).__name__}: {exc}")
             continue
         provides.update(registry.provides)
-        if Stage.RCPT in registry.stages and planned.module not in _NOT_RELAY_DECIDERS:
+        if Stage.RCPT in registry.stages and registry.decides_relay:
             rcpt_deciders += 1
     if relay_table is not None and not allow_open and not rcpt_deciders and not problems:
         problems.append(f"plugin[{relay_table.index}]: relay control is disabled and no "
@@ -183,9 +183,6 @@ def build_chain(config: Config, runner: HookRunner) -> dict[str, object]:
         raise ConfigError(problems)
     return provides
 
-
-# Built-ins that check recipients but never decide who may relay.
-_NOT_RELAY_DECIDERS = frozenset({"smtpgate.plugins.helo_rules", "smtpgate.plugins.address_check"})
 
 
 def _default_priority(module: ModuleType, table: PluginConfig | None) -> int:

@@ -36,7 +36,7 @@ from ..envelope import Recipient, SessionInfo
 from ..hooks import HookResult, Transaction, Verdict
 from ..reply import Reply
 from ..results import Results
-from . import Option, OptionError, PluginRegistry
+from . import Option, PluginRegistry
 from .policy_codec import (
     Action,
     ActionKind,
@@ -604,54 +604,23 @@ def decide(action: Action, stage: str, reply_name: str, default_action: str,
 # ----------------------------------------------------------------------------- the plugin
 
 
-def _relay_settings(registry: PluginRegistry) -> tuple[bool, int, bool]:
-    """(relay control enabled, its priority, allow_open_relay set)."""
-    enabled, priority, allow_open = True, -90, False
+def _relay_settings(registry: PluginRegistry) -> tuple[bool, int]:
+    """(relay control enabled, its priority)."""
+    enabled, priority = True, -90
     for table in registry.config.plugins:
         if table.use == "relay":
             enabled = table.enabled
             if table.priority_set:
                 priority = table.priority
-            allow_open = allow_open or table.options.get("allow_open_relay") is True
-    return enabled, priority, allow_open
-
-
-_NEVER_RELAY = frozenset({
-    "smtpgate.plugins.load_average", "smtpgate.plugins.free_space",
-    "smtpgate.plugins.tarpit", "smtpgate.plugins.scanners", "smtpgate.plugins.relay",
-    "smtpgate.plugins.results_header", "smtpgate.plugins.helo_rules",
-    "smtpgate.plugins.address_check",
-})
-
-
-def _other_relay_deciders(registry: PluginRegistry) -> bool:
-    """Whether some other planned plugin may decide relaying at rcpt."""
-    from .loader import plan_chain
-
-    for planned in plan_chain(registry.config):
-        if planned.module in _NEVER_RELAY:
-            continue
-        if planned.module == "smtpgate.plugins.hooks":
-            if registry.config.hooks.by_point().get("rcpt"):
-                return True
-            continue
-        if planned.module == __name__:
-            table = planned.table
-            if planned.name != registry.name and table is not None and \
-                    table.options.get("relay_decider") is True:
-                return True
-            continue
-        return True
-    return False
+    return enabled, priority
 
 
 def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     """Register the policy hook at ``stage`` and the helper hooks that carry out
     DEFER_IF_PERMIT, PREPEND, HOLD, DISCARD and REDIRECT.
 
-    Raises:
-        OptionError: relay control is disabled and this policy server would be the
-            only thing deciding at rcpt, without ``relay_decider = true``.
+    At ``rcpt`` the plugin counts as deciding relaying (for the loader's open-relay
+    guard) only with ``relay_decider = true``.
     """
     stage: str = options["stage"]
     default_action: str = options["default_action"]
@@ -669,14 +638,10 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
         retry_delay=options["retry_delay"], max_connections=options["max_connections"])
     registry.provide(f"policy:{name}", client)
 
-    relay_on, relay_priority, allow_open = _relay_settings(registry)
-    if (stage == "rcpt" and not relay_on and not allow_open and not relay_decider
-            and not _other_relay_deciders(registry)):
-        raise OptionError("relay_decider", "relay control is disabled and only this policy "
-                          "server would decide at rcpt: a policy server answering DUNNO or "
-                          "OK would make an open relay; keep relay control, or set "
-                          "relay_decider = true if this server refuses unauthorised "
-                          "destinations itself")
+    relay_on, relay_priority = _relay_settings(registry)
+    # Postgrey or policyd-spf answer DUNNO/OK for anyone: such a server never makes up
+    # for disabled relay control unless the administrator says it decides relaying.
+    registry.decides_relay = relay_decider or stage != "rcpt"
     # An OK must not skip relay control unless the server is trusted to decide relaying.
     # (Equal priorities: relay control, a built-in, is registered first and runs first.)
     ok_may_skip_relay = relay_decider or stage != "rcpt" or not relay_on or \

@@ -259,6 +259,9 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
                                  registry.config.relay.local_networks),
                      registry.config.server.hostname)
     runner.register(registry)
+    # Only a program under [rcpt] can accept a recipient (O) that relay control would
+    # refuse; without one the rcpt hook only counts recipients for the environment.
+    registry.decides_relay = bool(spp.programs("rcpt"))
 
 
 class _Runner:

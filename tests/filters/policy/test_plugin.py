@@ -440,7 +440,7 @@ def test_policy_alone_is_not_relay_control(tmp_path: Path) -> None:
                       table("127.0.0.1:10023")]}
     with pytest.raises(ConfigError) as info:
         Smtpgate(cfg)
-    assert any("plugin[1].relay_decider: relay control is disabled" in p
+    assert any("relay control is disabled and no other plugin decides at rcpt" in p
                for p in info.value.problems), info.value.problems
     cfg["plugin"][1]["relay_decider"] = True
     Smtpgate(cfg)  # builds
