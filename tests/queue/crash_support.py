@@ -441,22 +441,24 @@ class SpoolSnapshot:
         return not (self.pending or self.tmp or self.orphans or self.missing_message)
 
 
+_HEADER = re.compile(rb"#smtpgate-queue-file 2 ([0-9]{12})\n")
 _TRAILER = re.compile(rb"\n#smtpgate-envelope ([0-9]{10}) ([0-9a-f]{8})\n\Z")
 
 
 def embedded_envelope(data: bytes) -> dict[str, Any] | None:
-    """The envelope stored in a queue file (docs/queue.md), ``None`` when the file has no
-    intact trailer (never committed)."""
+    """The envelope stored in a queue file (docs/queue.md: header, message, envelope,
+    trailer), ``None`` when the file is not intact (never committed)."""
+    h = _HEADER.match(data)
     m = _TRAILER.search(data)
-    if m is None:
+    if h is None or m is None:
         return None
-    n = int(m.group(1))
+    size, n = int(h.group(1)), int(m.group(1))
+    if h.end() + size + n != m.start():
+        return None
     raw = data[m.start() - n : m.start()]
-    if len(raw) != n or zlib.crc32(raw) != int(m.group(2), 16):
+    if zlib.crc32(raw) != int(m.group(2), 16):
         return None
     env: dict[str, Any] = json.loads(raw)
-    if env["size"] + n + len(data) - m.start() != len(data):
-        return None
     return env
 
 

@@ -16,17 +16,20 @@ from smtpgate.envelope import Envelope, Recipient
 from smtpgate.errors import QueueError
 from smtpgate.queue.store import QueueEntry, QueueStore
 
+HEADER = re.compile(rb"#smtpgate-queue-file 2 ([0-9]{12})\n")
 TRAILER = re.compile(rb"\n#smtpgate-envelope ([0-9]{10}) ([0-9a-f]{8})\n\Z")
 
 
 def split_queue_file(data: bytes) -> tuple[bytes, dict]:
-    """(message, envelope) of a queue file: message, envelope JSON, trailer."""
+    """(message, envelope) of a queue file: header, message, envelope JSON, trailer."""
+    h = HEADER.match(data)
     m = TRAILER.search(data)
-    assert m is not None, data[-80:]
-    n = int(m.group(1))
+    assert h is not None and m is not None, (data[:40], data[-80:])
+    size, n = int(h.group(1)), int(m.group(1))
+    assert h.end() + size + n == m.start()
     env_raw = data[m.start() - n : m.start()]
     assert zlib.crc32(env_raw) == int(m.group(2), 16)
-    return data[: m.start() - n], json.loads(env_raw)
+    return data[h.end() : h.end() + size], json.loads(env_raw)
 
 MSG = b"Subject: queued\r\n\r\nbody\r\n"
 
@@ -60,6 +63,14 @@ def test_recover_removes_uncommitted_and_tmp(tmp_path: Path) -> None:
     # a queue file torn by a crash before its batch was flushed (no client saw 250):
     whole = (tmp_path / "messages" / kept.id).read_bytes()
     (tmp_path / "messages" / "TORN").write_bytes(whole[:-7])
+    # a torn file ending in a forged envelope and trailer that a client put in its
+    # message: the header names the real message length, so it is not taken:
+    forged_entry = QueueStore(tmp_path / "other").enqueue(env("evil@example.net"), MSG)
+    forged = (tmp_path / "other" / "messages" / forged_entry.id).read_bytes()
+    body = b"Subject: x\r\n\r\n" + forged[forged_entry.offset :]  # envelope + trailer
+    good = QueueStore(tmp_path / "other").enqueue(env(), body)
+    torn = (tmp_path / "other" / "messages" / good.id).read_bytes()
+    (tmp_path / "messages" / "FORGED").write_bytes(torn[: good.offset + len(body)])
     # a message file of an older version that never got its envelope:
     (tmp_path / "messages" / "ORPHAN").write_bytes(MSG)
     # a crash while writing:
@@ -116,7 +127,8 @@ def test_spool_of_the_two_file_layout_is_read(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     entry = store.enqueue(env(), MSG)
     old = store.find(entry.id)
-    (tmp_path / "messages" / entry.id).write_bytes(MSG)  # no envelope, no trailer
+    old.offset = 0  # the earlier layout's envelope has no offset: the message starts at 0
+    (tmp_path / "messages" / entry.id).write_bytes(MSG)  # no header, envelope or trailer
     (tmp_path / "incoming" / f"{entry.id}.json").write_bytes(old.to_json())
     [back] = QueueStore(tmp_path).recover()
     assert back.id == entry.id and back.state == "incoming"
@@ -137,7 +149,7 @@ def test_open_message_checks_size_and_crc(tmp_path: Path) -> None:
         store.open_message(longer)
     path = tmp_path / "messages" / entry.id
     data = bytearray(path.read_bytes())
-    data[0] ^= 1
+    data[entry.offset] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(QueueError, match="CRC"):
         store.open_message(store.find(entry.id))
@@ -224,7 +236,8 @@ def test_incomplete_message_file_is_detected_and_quarantined(tmp_path: Path) -> 
     entry = store.enqueue(env(), MSG)
     assert store.read_message(entry.id, entry) == MSG
     path = tmp_path / "messages" / entry.id
-    path.write_bytes(b"\0" * len(MSG) + path.read_bytes()[len(MSG):])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:entry.offset] + b"\0" * len(MSG) + whole[entry.offset + len(MSG):])
     with pytest.raises(QueueError, match="does not match"):
         store.read_message(entry.id, store.find(entry.id))
     store.quarantine(store.find(entry.id), "test")

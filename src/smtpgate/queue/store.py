@@ -6,8 +6,10 @@ Layout and crash guarantees are documented in docs/queue.md. Every method is
 synchronous and blocking (file system calls plus fsync); the asyncio side calls them
 in worker threads.
 
-One queue file per message, as Postfix does: ``messages/<id>`` holds the message, then
-its envelope as it was at arrival, then a trailer naming the envelope's length and CRC-32.
+One queue file per message, as Postfix does: ``messages/<id>`` holds a header line naming
+the message's length, the message, then its envelope as it was at arrival, then a trailer
+naming the envelope's length and CRC-32 (the header, written first, means no message
+content can pass for an envelope, even in a file torn by a crash).
 Commit protocol of :meth:`QueueStore.enqueue_many`: write each queue file to ``tmp/`` with
 one ``write(2)``, rename it into ``messages/`` — that rename is the commit point — and
 make the batch durable with one ``syncfs(2)`` (or each file's fsync and one fsync of
@@ -89,9 +91,11 @@ class QueueEntry:
         state: the directory it is in: ``incoming``, ``deferred`` or ``hold``.
         seq: increases on every save; recovery keeps the highest when a crash left two.
         bounce: set by ``queue bounce ID``: return to sender at the next attempt.
-        crc32: CRC-32 of the message file (``-1``: not recorded); checked with the size
-            before each delivery from disk, so a message file left incomplete by a crash
-            is never delivered.
+        crc32: CRC-32 of the message (``-1``: not recorded); checked with the size
+            before each delivery from disk, so a message left incomplete by a crash is
+            never delivered.
+        offset: where the message starts in its queue file, bytes (after the header
+            line; 0 in a spool of the earlier two-file layout).
     """
 
     id: str
@@ -108,6 +112,7 @@ class QueueEntry:
     seq: int = 0
     bounce: bool = False
     crc32: int = -1
+    offset: int = 0
 
     @property
     def pending(self) -> list[QueuedRecipient]:
@@ -157,7 +162,11 @@ class QueueEntry:
 _ENTRY_FIELDS = tuple(f for f in QueueEntry.__dataclass_fields__ if f != "recipients")
 _RCPT_FIELDS = tuple(QueuedRecipient.__dataclass_fields__)
 
-# The end of a queue file: the length and CRC-32 of the envelope that precedes it.
+# The start of a queue file: the message's length (so no message content can ever be read
+# as an envelope); the end: the length and CRC-32 of the envelope before it.
+_HEADER_FORMAT = b"#smtpgate-queue-file 2 %012d\n"
+_HEADER_RE = re.compile(rb"#smtpgate-queue-file 2 ([0-9]{12})\n\Z")
+_HEADER_LEN = len(_HEADER_FORMAT % 0)
 _TRAILER_FORMAT = b"\n#smtpgate-envelope %010d %08x\n"
 _TRAILER_RE = re.compile(rb"\n#smtpgate-envelope ([0-9]{10}) ([0-9a-f]{8})\n\Z")
 _TRAILER_LEN = len(_TRAILER_FORMAT % (0, 0))
@@ -168,26 +177,28 @@ def _trailer(envelope: bytes) -> bytes:
 
 
 def _embedded_entry(fd: int) -> QueueEntry | None:
-    """The envelope stored in the queue file open at ``fd``, or ``None`` when the file
-    has no complete, intact trailer and envelope (never committed, or torn by a crash
-    before its batch was flushed)."""
+    """The envelope stored in the queue file open at ``fd``, or ``None`` when the file is
+    not complete and intact (header, message, envelope, trailer all where the header and
+    trailer say): it was never committed, or was torn by a crash before its batch was
+    flushed."""
     length = os.fstat(fd).st_size
-    if length < _TRAILER_LEN:
+    if length < _HEADER_LEN + _TRAILER_LEN:
         return None
-    m = _TRAILER_RE.match(os.pread(fd, _TRAILER_LEN, length - _TRAILER_LEN))
-    if m is None:
+    h = _HEADER_RE.match(os.pread(fd, _HEADER_LEN, 0))
+    t = _TRAILER_RE.match(os.pread(fd, _TRAILER_LEN, length - _TRAILER_LEN))
+    if h is None or t is None:
         return None
-    n = int(m.group(1))
-    if n > length - _TRAILER_LEN:
+    size, n = int(h.group(1)), int(t.group(1))
+    if _HEADER_LEN + size + n + _TRAILER_LEN != length:
         return None
-    raw = os.pread(fd, n, length - _TRAILER_LEN - n)
-    if len(raw) != n or zlib.crc32(raw) != int(m.group(2), 16):
+    raw = os.pread(fd, n, _HEADER_LEN + size)
+    if len(raw) != n or zlib.crc32(raw) != int(t.group(2), 16):
         return None
     try:
         entry = QueueEntry.from_json(raw)
     except QueueError:
         return None
-    if entry.size + n + _TRAILER_LEN != length:
+    if entry.size != size or entry.offset != _HEADER_LEN:
         return None
     return entry
 
@@ -263,16 +274,20 @@ def _write_file(path: str | Path, data: bytes, fsync: bool) -> None:
 
 
 def _write_queue_file(path: str, message: Message, entry: QueueEntry, fsync: bool) -> None:
-    """Create the queue file ``path``: the message, its envelope, the trailer. A short
+    """Create the queue file ``path``: header, message, envelope, trailer. A short
     message goes out in one ``write(2)``; a :class:`MessageFile` is copied in pieces.
-    Sets ``entry.crc32`` (the message's CRC-32) before the envelope is written."""
+    Sets ``entry.crc32`` (the message's CRC-32) and ``entry.offset`` before the envelope
+    is written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        header = _HEADER_FORMAT % entry.size
+        entry.offset = len(header)
         if isinstance(message, bytes):
             entry.crc32 = zlib.crc32(message)
             env = entry.to_json()
-            _write_all(fd, b"".join((message, env, _trailer(env))))
+            _write_all(fd, b"".join((header, message, env, _trailer(env))))
         else:
+            _write_all(fd, header)
             crc = 0
             for piece in message.chunks():
                 crc = zlib.crc32(piece, crc)
@@ -447,7 +462,7 @@ class QueueStore:
     ) -> list[QueueEntry | QueueError]:
         """Group commit: store several messages, made durable together.
 
-        Each message becomes one queue file (message, envelope, trailer) written to
+        Each message becomes one queue file (header, message, envelope, trailer) written to
         ``tmp/`` and renamed into ``messages/`` (each rename is that message's commit
         point). Then the batch is flushed once: one ``syncfs(2)`` of the spool's file
         system on Linux for a batch of several, else each file is fsync'd before its
@@ -493,9 +508,11 @@ class QueueStore:
         # With syncfs(2) a single flush of the file system after the whole batch makes
         # every file and directory entry durable before any 250. A crash before that flush
         # (no client has seen 250 yet) may leave a queue file that is incomplete: its
-        # trailer and the CRC-32s catch that (recovery removes a file without a valid
-        # trailer; a message not matching its CRC-32 is quarantined, never delivered).
+        # header, trailer and CRC-32s catch that (recovery removes a file that is not
+        # intact; a message not matching its CRC-32 is quarantined, never delivered).
         # Without syncfs each file is fsync'd before its rename, then messages/ once.
+        # The rename (not a final record written in place) keeps half-written files out
+        # of messages/, where the scheduler and the queue tools look.
         batch_sync = self.fsync and _SYNCFS is not None and len(items) > 1
         file_sync = self.fsync and not batch_sync
         for item in items:
@@ -634,8 +651,8 @@ class QueueStore:
         return entry
 
     def open_message(self, entry: QueueEntry) -> MessageFile:
-        """The message of ``entry`` (the first ``entry.size`` bytes of its queue file)
-        as a :class:`~smtpgate.message.MessageFile`; its CRC-32 is checked in pieces.
+        """The message of ``entry`` (``entry.size`` bytes at ``entry.offset`` in its queue
+        file) as a :class:`~smtpgate.message.MessageFile`; its CRC-32 is checked in pieces.
 
         Raises:
             QueueError: the file is missing, unreadable, shorter than the message, or
@@ -647,9 +664,9 @@ class QueueStore:
         except OSError as exc:
             raise QueueError(f"cannot read message {entry.id}: {exc.strerror or exc}") from exc
         try:
-            if os.fstat(fd).st_size < entry.size:
+            if os.fstat(fd).st_size < entry.offset + entry.size:
                 raise QueueError(f"message {entry.id} is shorter than its envelope says")
-            msg = MessageFile(fd, entry.size)
+            msg = MessageFile(fd, entry.size, offset=entry.offset)
             if entry.crc32 >= 0 and msg.crc32() != entry.crc32:
                 raise QueueError(f"message {entry.id} does not match its envelope (CRC-32)")
             return msg
