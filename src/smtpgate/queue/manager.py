@@ -333,14 +333,21 @@ class QueueManager:
         if fresh is not None:
             entry, message = fresh  # finish_attempt merges any change made meanwhile
         else:
+            # Reading the envelope and a short message is a few page-cache syscalls: on
+            # the loop (a worker thread's hand-offs and GIL switches cost more than the
+            # reads). A long message (its CRC-32 is checked over the whole file) is
+            # opened in a thread.
             try:
-                entry = await asyncio.to_thread(self.store.find, qid)
+                entry = self.store.find(qid)
             except KeyError:
                 return  # deleted meanwhile (queue delete)
             if entry.state == "hold":
                 return
             try:
-                message = await asyncio.to_thread(self._open_message, qid, entry)
+                if entry.size <= STREAM_FROM:
+                    message = self._open_message(qid, entry)
+                else:
+                    message = await asyncio.to_thread(self._open_message, qid, entry)
             except QueueError as exc:
                 log.error("queue id=%s: %s; moved to corrupt/", qid, exc)
                 await asyncio.to_thread(self.store.quarantine, entry, str(exc))
@@ -407,9 +414,13 @@ class QueueManager:
         while self._finishing:
             batch, self._finishing = self._finishing, []
             try:
-                outcomes = await asyncio.to_thread(
-                    self.store.finish_attempts, [e for e, _ in batch]
-                )
+                entries = [e for e, _ in batch]
+                if all(e.finished for e in entries):
+                    # Only removals (unlinks, no fsync): inline, cheaper than a thread's
+                    # hand-offs (see _process).
+                    outcomes = self.store.finish_attempts(entries)
+                else:  # envelope files to write and fsync: off the loop
+                    outcomes = await asyncio.to_thread(self.store.finish_attempts, entries)
             except Exception as exc:
                 for _, fut in batch:
                     if not fut.done():

@@ -24,7 +24,7 @@ from ..config import Config
 from ..envelope import Recipient, SessionInfo
 from ..hooks import HookRunner, Stage, Transaction
 from ..reply import Reply
-from .manager import STREAM_FROM, Outbound, OutcomeHook, QueueManager, request_flush
+from .manager import Outbound, OutcomeHook, QueueManager, request_flush
 from .schedule import RetrySchedule
 from .store import DELIVERY_LOCK, QueuedRecipient, QueueEntry, QueueStore, SpoolOwnership
 
@@ -136,9 +136,6 @@ async def _child(cfg: Config, commands: Connection, events: Connection, clean: b
                     msg = commands.recv()
                     if msg[0] == "submit":
                         manager.submit_id(msg[1])
-                    elif msg[0] == "fresh":  # envelope and bytes just committed
-                        entry = QueueEntry.from_json(msg[1])
-                        manager.submit(entry, msg[2])
                     elif msg[0] == "etrn":
                         task = loop.create_task(manager.flush_matching(msg[1]))
                         tasks.add(task)
@@ -269,13 +266,11 @@ class RemoteQueue:
                         "message in the spool")
 
     def submit(self, entry: QueueEntry, message: bytes | None = None) -> None:
-        """Tell the delivery process about a committed message (deliver it now). Its
-        envelope, and a short message's bytes, go along, so the first attempt reads
-        nothing back from the spool (Postfix's cleanup hands qmgr the queue file name;
-        here the pipe carries what was just written)."""
-        if message is not None and len(message) > STREAM_FROM:
-            message = None
-        self._send(("fresh", entry.to_json(), message))
+        """Tell the delivery process about a committed message (deliver it now). Only
+        its id goes through the pipe (Postfix's cleanup tells qmgr no more): each
+        command is one pickle well under PIPE_BUF, so a write is never split and the
+        non-blocking reader always gets whole commands."""
+        self._send(("submit", entry.id))
 
     def submit_id(self, qid: str) -> None:
         """Tell the delivery process about a message another process committed (a worker)."""

@@ -31,7 +31,7 @@ import secrets
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,7 +273,7 @@ def _write_file(path: str | Path, data: bytes, fsync: bool) -> None:
         os.close(fd)
 
 
-def _write_queue_file(path: str, message: Message, entry: QueueEntry, fsync: bool) -> None:
+def _write_queue_file(path: str, message: Message, entry: QueueEntry) -> None:
     """Create the queue file ``path``: header, message, envelope, trailer. A short
     message goes out in one ``write(2)``; a :class:`MessageFile` is copied in pieces.
     Sets ``entry.crc32`` (the message's CRC-32) and ``entry.offset`` before the envelope
@@ -295,8 +295,6 @@ def _write_queue_file(path: str, message: Message, entry: QueueEntry, fsync: boo
             entry.crc32 = crc
             env = entry.to_json()
             _write_all(fd, env + _trailer(env))
-        if fsync:
-            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -315,6 +313,22 @@ class _Commit:
     def fail(self, exc: OSError | ValueError) -> None:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         self.error = QueueError(f"cannot store message: {detail}")
+
+
+@dataclass(slots=True)
+class PendingCommit:
+    """A group commit whose queue files are written but not yet durable (see
+    :meth:`QueueStore.write_batch`); pass it to :meth:`QueueStore.flush_batch`.
+
+    Attributes:
+        items: one per message, in order.
+        lock_fd: the commit lock held (shared) until the flush.
+        failed: the result of a batch that could not start (commit lock unusable).
+    """
+
+    items: list[_Commit]
+    lock_fd: int
+    failed: list[QueueEntry | QueueError] | None = None
 
 
 class QueueStore:
@@ -460,31 +474,49 @@ class QueueStore:
         self,
         batch: list[tuple[Envelope, Message, SessionInfo | None, str | None]],
     ) -> list[QueueEntry | QueueError]:
-        """Group commit: store several messages, made durable together.
-
-        Each message becomes one queue file (header, message, envelope, trailer) written to
-        ``tmp/`` and renamed into ``messages/`` (each rename is that message's commit
-        point). Then the batch is flushed once: one ``syncfs(2)`` of the spool's file
-        system on Linux for a batch of several, else each file is fsync'd before its
-        rename and ``messages/`` once after them. Only after that flush may any of the
-        clients see 250, so no acknowledgement precedes the flush that makes its message
-        durable.
+        """Group commit: store several messages, made durable together (blocking):
+        :meth:`write_batch`, then :meth:`flush_batch`.
 
         Returns:
             One committed :class:`QueueEntry` or one :class:`QueueError` per item, in order;
             a failed item leaves nothing that recovery would treat as committed.
         """
+        pending = self.write_batch(batch)
+        assert pending is not None  # write_batch waits for the lock by default
+        return self.flush_batch(pending)
+
+    def write_batch(
+        self,
+        batch: Sequence[tuple[Envelope, Message, SessionInfo | None, str | None]],
+        *,
+        wait: bool = True,
+    ) -> PendingCommit | None:
+        """The first half of a group commit: each message becomes one queue file (header,
+        message, envelope, trailer) written to ``tmp/`` and renamed into ``messages/``
+        (each rename is that message's commit point). Nothing is durable yet and no
+        client may see 250 before :meth:`flush_batch`. Page-cache writes only (no
+        fsync), so an event loop may call it for messages held in memory.
+
+        Holds the spool's commit lock (shared) until :meth:`flush_batch`.
+
+        Args:
+            batch: ``(envelope, message, session, queue id or None)`` per message.
+            wait: False returns ``None`` at once instead of waiting when the commit lock
+                is held exclusively (recovery is running).
+        """
         try:
-            with self._commits(exclusive=False):
-                return self._enqueue_many(batch)
+            fd = os.open(self.path / COMMIT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:  # the commit lock itself cannot be opened
             err = QueueError(f"cannot store message: {exc.strerror or exc}")
-            return [err for _ in batch]
-
-    def _enqueue_many(
-        self,
-        batch: list[tuple[Envelope, Message, SessionInfo | None, str | None]],
-    ) -> list[QueueEntry | QueueError]:
+            return PendingCommit([], -1, [err for _ in batch])
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
         now = time.time()
         tmp_dir = os.path.join(self.path, "tmp")
         msg_dir = os.path.join(self.path, "messages")
@@ -502,49 +534,66 @@ class QueueStore:
                 size=len(message),
                 client=_client_facts(session),
             )
-            items.append(_Commit(entry, message, os.path.join(tmp_dir, qid),
-                                 os.path.join(msg_dir, qid)))
-
-        # With syncfs(2) a single flush of the file system after the whole batch makes
-        # every file and directory entry durable before any 250. A crash before that flush
-        # (no client has seen 250 yet) may leave a queue file that is incomplete: its
-        # header, trailer and CRC-32s catch that (recovery removes a file that is not
-        # intact; a message not matching its CRC-32 is quarantined, never delivered).
-        # Without syncfs each file is fsync'd before its rename, then messages/ once.
-        # The rename (not a final record written in place) keeps half-written files out
-        # of messages/, where the scheduler and the queue tools look.
-        batch_sync = self.fsync and _SYNCFS is not None and len(items) > 1
-        file_sync = self.fsync and not batch_sync
-        for item in items:
+            item = _Commit(entry, message, os.path.join(tmp_dir, qid),
+                           os.path.join(msg_dir, qid))
+            items.append(item)
             try:
-                _write_queue_file(item.tmp, item.message, item.entry, file_sync)
+                _write_queue_file(item.tmp, message, entry)
                 os.rename(item.tmp, item.path)  # commit point
                 item.committed = True
             except (OSError, ValueError) as exc:
                 item.fail(exc)
-        if self.fsync and any(item.committed for item in items):
-            try:
-                if batch_sync:
-                    _syncfs(self.path)
-                else:
-                    _fsync_dir(self.path / "messages")
-            except OSError as exc:
-                for item in items:
-                    if item.committed:
-                        item.fail(exc)
-        out: list[QueueEntry | QueueError] = []
-        for item in items:
-            if item.error is None:
-                out.append(item.entry)
-                continue
-            # The client gets 451: undo everything.
-            for leftover in (item.path, item.tmp) if item.committed else (item.tmp,):
+        return PendingCommit(items, fd)
+
+    def flush_batch(self, pending: PendingCommit) -> list[QueueEntry | QueueError]:
+        """The second half of a group commit: make the batch durable, then release the
+        commit lock. One ``syncfs(2)`` of the spool's file system on Linux for a batch
+        of several, else each queue file is fsync'd and ``messages/`` once. Only after
+        this may any of the clients see 250, so no acknowledgement precedes the flush
+        that makes its message durable. A crash before it (no client has seen 250 yet)
+        may leave a queue file incomplete: its header, trailer and CRC-32s catch that
+        (recovery removes a file that is not intact; a message not matching its CRC-32 is
+        quarantined, never delivered). Blocking: run it in a thread.
+
+        Returns:
+            One committed :class:`QueueEntry` or one :class:`QueueError` per message, in
+            order; a failed one leaves nothing that recovery would treat as committed.
+        """
+        if pending.failed is not None:
+            return list(pending.failed)
+        items = pending.items
+        try:
+            committed = [item for item in items if item.committed]
+            if self.fsync and committed:
                 try:
-                    os.unlink(leftover)
-                except OSError:
-                    pass
-            out.append(item.error)
-        return out
+                    if _SYNCFS is not None and len(committed) > 1:
+                        _syncfs(self.path)
+                    else:
+                        for item in committed:
+                            fd = os.open(item.path, os.O_RDONLY)
+                            try:
+                                os.fsync(fd)
+                            finally:
+                                os.close(fd)
+                        _fsync_dir(self.path / "messages")
+                except OSError as exc:
+                    for item in committed:
+                        item.fail(exc)
+            out: list[QueueEntry | QueueError] = []
+            for item in items:
+                if item.error is None:
+                    out.append(item.entry)
+                    continue
+                # The client gets 451: undo everything.
+                for leftover in (item.path, item.tmp) if item.committed else (item.tmp,):
+                    try:
+                        os.unlink(leftover)
+                    except OSError:
+                        pass
+                out.append(item.error)
+            return out
+        finally:
+            os.close(pending.lock_fd)
 
     def save(self, entry: QueueEntry, state: str | None = None) -> None:
         """Write the entry's changed envelope (``<state>/<id>.json``, atomically; it
