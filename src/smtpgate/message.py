@@ -18,7 +18,7 @@ from collections.abc import Iterator
 __all__ = ["DATA_CHUNK", "Message", "MessageFile", "MessageSpool"]
 
 #: Bytes read from a message file at a time (spool reads, DATA pieces, scanners).
-DATA_CHUNK = 1 << 20
+DATA_CHUNK = 1 << 18
 
 
 class MessageFile:
