@@ -937,6 +937,42 @@ class QueueConfig:
     delivery_process: bool = _opt(True, _bool)
 
 
+def _dns_port(value: object, _ctx: _Context) -> int:
+    n = _int(value)
+    if not 1 <= n <= 65535:
+        raise _Invalid(f"must be a port number between 1 and 65535, got {n}")
+    return n
+
+
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise _Invalid(f"must be an IP address such as 127.0.0.1, got {_show(text)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """``[dns]``: the one resolver configuration for everything that looks things up (MX
+    delivery, and plugins such as DNSBL and SPF): dnspython's asyncio stub resolver.
+
+    Attributes:
+        nameservers: IP addresses of the recursive resolvers to ask; empty: the system's
+            (``/etc/resolv.conf``).
+        port: their UDP/TCP port (53; tests point it at a loopback server).
+        timeout: seconds to wait for one server's answer.
+        lifetime: seconds in total for one query, retries included.
+        cache_size: answers kept in the shared cache (an LRU cache honouring each
+            answer's TTL); 0 disables it.
+    """
+
+    nameservers: tuple[str, ...] = _opt((), _each(_ip_address))
+    port: int = _opt(53, _dns_port)
+    timeout: float = _opt(5.0, _positive_seconds)
+    lifetime: float = _opt(15.0, _positive_seconds)
+    cache_size: int = _opt(10000, _nonnegative_int)
+
+
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "tls": TlsConfig,
@@ -947,6 +983,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "logging": LoggingConfig,
     "delivery": DeliveryConfig,
     "queue": QueueConfig,
+    "dns": DnsConfig,
 }
 
 
@@ -958,7 +995,8 @@ class Config:
     Lists from the file are stored as tuples.
 
     Attributes:
-        server, tls, auth, relay, maildir, hooks, logging: the sections.
+        server, tls, auth, relay, maildir, hooks, logging, delivery, queue, dns: the
+            sections.
         source: where it came from (a file path, ``"<mapping>"`` or ``"<defaults>"``);
             ignored by ``==``.
     """
@@ -972,6 +1010,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     scanners: tuple[ScannerConfig, ...] = ()
     listeners: tuple[ListenerConfig, ...] = ()
     helo_rules: tuple[dict[str, Any], ...] = ()

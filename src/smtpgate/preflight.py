@@ -211,6 +211,12 @@ def _check_delivery(cfg: Config, problems: list[str]) -> None:
             MxDelivery(helo_name=cfg.server.hostname, port=cfg.delivery.mx_port)
         except ConfigError as exc:
             problems.extend(f"server.hostname: {p}" for p in exc.problems)
+        from .dns import make_resolver
+
+        try:  # MX delivery looks names up: the [dns] resolver must be usable
+            make_resolver(cfg.dns.nameservers, port=cfg.dns.port)
+        except ConfigError as exc:
+            problems.extend(f"dns.nameservers: {p}" for p in exc.problems)
     elif url and url != "discard:":
         from .delivery.upstream import UpstreamDelivery
 

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from smtpgate.delivery.mx import Destination, MxDelivery, make_resolver, resolve_destinations
+from smtpgate.delivery.mx import Destination, MxDelivery, resolve_destinations
+from smtpgate.dns import make_resolver
 from smtpgate.envelope import Envelope, Recipient
 from smtpgate.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
 from smtpgate.reply import Reply

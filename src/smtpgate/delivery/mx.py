@@ -1,6 +1,6 @@
 """Direct delivery to a domain's mail exchangers, found in the DNS.
 
-Entry points: :func:`resolve_destinations` -> :class:`Destination` list, :func:`make_resolver`,
+Entry points: :func:`resolve_destinations` -> :class:`Destination` list,
 :class:`MxDelivery` (per-recipient results, one destination domain per call). RFC 5321 §5.1
 (MX order, implicit MX, address literals §4.1.3), RFC 7505 (null MX), RFC 3207, RFC 3463.
 """
@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import random
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,7 +39,6 @@ from .outbound import (
 __all__ = [
     "Destination",
     "MxDelivery",
-    "make_resolver",
     "resolve_destinations",
 ]
 
@@ -67,50 +66,10 @@ class Destination:
     addresses: tuple[str, ...]
 
 
-def make_resolver(
-    nameservers: Sequence[str] | None = None,
-    *,
-    port: int = 53,
-    timeout: float = 5.0,
-    lifetime: float = 15.0,
-) -> dns.asyncresolver.Resolver:
-    """Build dnspython's asyncio stub resolver.
-
-    Args:
-        nameservers: IP addresses of the recursive resolvers to ask; ``None`` reads
-            the system configuration (``/etc/resolv.conf``).
-        port: UDP/TCP port of ``nameservers`` (tests point it at a loopback server).
-        timeout: seconds to wait for one server's answer.
-        lifetime: seconds in total for one query, retries included.
-
-    Returns:
-        A :class:`dns.asyncresolver.Resolver`.
-
-    Raises:
-        ConfigError: no system resolver configuration, or a bad nameserver address.
-    """
-    try:
-        if nameservers is None:
-            resolver = dns.asyncresolver.Resolver()
-        else:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [str(ipaddress.ip_address(ns)) for ns in nameservers]
-    except (dns.resolver.NoResolverConfiguration, ValueError, OSError) as exc:
-        raise ConfigError(f"DNS resolver: {exc}") from None
-    resolver.port = port
-    resolver.timeout = timeout
-    resolver.lifetime = lifetime
-    return resolver
-
-
-_default_resolver: dns.asyncresolver.Resolver | None = None
-
-
 def _system_resolver() -> dns.asyncresolver.Resolver:
-    global _default_resolver
-    if _default_resolver is None:
-        _default_resolver = make_resolver()
-    return _default_resolver
+    from ..dns import shared_resolver
+
+    return shared_resolver()
 
 
 def _address_literal(domain: str) -> str | None:
@@ -305,7 +264,8 @@ class MxDelivery:
         port: the SMTP port to connect to (RFC 5321 §4.5.4.2: 25).
         ports: per-host port overrides, keyed by :attr:`Destination.host` (MX target
             name, or IP of an address literal); for tests and special routing.
-        resolver: the DNS resolver (:func:`make_resolver`); ``None`` = system.
+        resolver: the DNS resolver (:func:`smtpgate.dns.shared_resolver` for ``[dns]``);
+            ``None`` = the system's.
         timeout: connect and per-command timeout, seconds (RFC 5321 §4.5.3.2
             suggests minutes; 300 by default).
         tls: ``"may"`` (opportunistic STARTTLS, certificates not verified) or ``"none"``.

@@ -56,9 +56,12 @@ def build_manager(cfg: Config, hooks: HookRunner | None = None) -> QueueManager:
     store = QueueStore(q.path, fsync=q.fsync)
     outbound: Outbound
     if cfg.relay.url == "mx:":
+        from ..dns import shared_resolver
+
         outbound = MxOutbound(MxDelivery(
             helo_name=cfg.server.hostname, port=cfg.delivery.mx_port,
             timeout=cfg.relay.timeout, local_hosts=(cfg.server.hostname,),
+            resolver=shared_resolver(cfg.dns),
         ))
     else:
         outbound = RelayOutbound(UpstreamDelivery(
