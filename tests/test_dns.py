@@ -13,11 +13,14 @@ from smtpgate.queue.runner import build_manager
 
 
 def test_shared_resolver_is_one_per_configuration() -> None:
-    cfg = config_from_mapping({"dns": {"nameservers": ["127.0.0.1"], "port": 5353,
+    cfg = config_from_mapping({"dns": {"nameservers": ["127.0.0.1", "127.0.0.2:5300",
+                                                       "[::1]:5301"], "port": 5353,
                                        "timeout": 0.5, "lifetime": 1, "cache_size": 10}})
     a = shared_resolver(cfg.dns)
     assert a is shared_resolver(cfg.dns)
-    assert (a.nameservers, a.port, a.timeout, a.lifetime) == (["127.0.0.1"], 5353, 0.5, 1.0)
+    assert [(ns.address, ns.port) for ns in a.nameservers] == [
+        ("127.0.0.1", 5353), ("127.0.0.2", 5300), ("::1", 5301)]
+    assert (a.timeout, a.lifetime) == (0.5, 1.0)
     assert isinstance(a.cache, dns.resolver.LRUCache)
     other = config_from_mapping({"dns": {"nameservers": ["127.0.0.2"], "cache_size": 0}})
     b = shared_resolver(other.dns)
@@ -32,4 +35,4 @@ def test_mx_delivery_uses_the_dns_section(tmp_path: Path) -> None:
     manager = build_manager(cfg)
     assert isinstance(manager.outbound, MxOutbound)
     assert manager.outbound.mx.resolver is shared_resolver(cfg.dns)
-    assert manager.outbound.mx.resolver.port == 5354
+    assert [ns.port for ns in manager.outbound.mx.resolver.nameservers] == [5354]

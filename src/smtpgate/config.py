@@ -944,11 +944,25 @@ def _dns_port(value: object, _ctx: _Context) -> int:
     return n
 
 
-def _ip_address(text: str) -> str:
+def _nameserver(text: str) -> str:
+    """``IP``, ``IPv4:PORT`` or ``[IPv6]:PORT`` (normalised)."""
+    raw = text.strip()
+    host, port = raw, ""
+    if raw.startswith("["):
+        host, _, rest = raw[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("?" if rest else "")
+    elif raw.count(":") == 1:
+        host, _, port = raw.partition(":")
     try:
-        return str(ipaddress.ip_address(text.strip()))
+        ip = ipaddress.ip_address(host)
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(port)
     except ValueError:
-        raise _Invalid(f"must be an IP address such as 127.0.0.1, got {_show(text)}") from None
+        raise _Invalid("must be an IP address, optionally with a port (127.0.0.1:5353, "
+                       f"[::1]:5353), got {_show(text)}") from None
+    if not port:
+        return str(ip)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -957,16 +971,16 @@ class DnsConfig:
     delivery, and plugins such as DNSBL and SPF): dnspython's asyncio stub resolver.
 
     Attributes:
-        nameservers: IP addresses of the recursive resolvers to ask; empty: the system's
-            (``/etc/resolv.conf``).
-        port: their UDP/TCP port (53; tests point it at a loopback server).
+        nameservers: the recursive resolvers to ask: ``IP`` or ``IP:PORT``
+            (``[IPv6]:PORT``); empty: the system's (``/etc/resolv.conf``).
+        port: the UDP/TCP port of a nameserver given without one (53).
         timeout: seconds to wait for one server's answer.
         lifetime: seconds in total for one query, retries included.
         cache_size: answers kept in the shared cache (an LRU cache honouring each
             answer's TTL); 0 disables it.
     """
 
-    nameservers: tuple[str, ...] = _opt((), _each(_ip_address))
+    nameservers: tuple[str, ...] = _opt((), _each(_nameserver))
     port: int = _opt(53, _dns_port)
     timeout: float = _opt(5.0, _positive_seconds)
     lifetime: float = _opt(15.0, _positive_seconds)

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 
 import dns.asyncresolver
+import dns.nameserver
 import dns.resolver
 
 from .config import DnsConfig
@@ -33,9 +34,10 @@ def make_resolver(
     """Build dnspython's asyncio stub resolver.
 
     Args:
-        nameservers: IP addresses of the recursive resolvers to ask; ``None`` or empty
-            reads the system configuration (``/etc/resolv.conf``).
-        port: UDP/TCP port of ``nameservers`` (tests point it at a loopback server).
+        nameservers: the recursive resolvers to ask: ``IP``, ``IPv4:PORT`` or
+            ``[IPv6]:PORT``; ``None`` or empty reads the system configuration
+            (``/etc/resolv.conf``).
+        port: the UDP/TCP port of a nameserver given without one.
         timeout: seconds to wait for one server's answer.
         lifetime: seconds in total for one query, retries included.
         cache_size: answers kept in an LRU cache (TTL honoured); 0: no cache.
@@ -49,17 +51,33 @@ def make_resolver(
     try:
         if not nameservers:
             resolver = dns.asyncresolver.Resolver()
+            resolver.port = port
         else:
             resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [str(ipaddress.ip_address(ns)) for ns in nameservers]
+            servers = [_split(ns, port) for ns in nameservers]
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(ip, p) for ip, p in servers]
+            resolver.port = port
     except (dns.resolver.NoResolverConfiguration, ValueError, OSError) as exc:
         raise ConfigError(f"DNS resolver: {exc}") from None
-    resolver.port = port
     resolver.timeout = timeout
     resolver.lifetime = lifetime
     if cache_size:
         resolver.cache = dns.resolver.LRUCache(cache_size)
     return resolver
+
+
+def _split(server: str, default_port: int) -> tuple[str, int]:
+    """``IP``, ``IPv4:PORT`` or ``[IPv6]:PORT`` -> (IP, port). Raises ValueError."""
+    host, port = server, default_port
+    if server.startswith("["):
+        host, _, rest = server[1:].partition("]")
+        if rest:
+            port = int(rest.removeprefix(":"))
+    elif server.count(":") == 1:
+        host, _, text = server.partition(":")
+        port = int(text)
+    return str(ipaddress.ip_address(host)), port
 
 
 _shared: dict[DnsConfig, dns.asyncresolver.Resolver] = {}
