@@ -36,3 +36,13 @@ def test_mx_delivery_uses_the_dns_section(tmp_path: Path) -> None:
     assert isinstance(manager.outbound, MxOutbound)
     assert manager.outbound.mx.resolver is shared_resolver(cfg.dns)
     assert [ns.port for ns in manager.outbound.mx.resolver.nameservers] == [5354]
+
+
+def test_sync_resolver_has_the_same_servers_and_cache() -> None:
+    from smtpgate.dns import sync_resolver
+
+    cfg = config_from_mapping({"dns": {"nameservers": ["127.0.0.3:5300"], "timeout": 0.5}})
+    sync = sync_resolver(cfg.dns)
+    shared = shared_resolver(cfg.dns)
+    assert [(ns.address, ns.port) for ns in sync.nameservers] == [("127.0.0.3", 5300)]
+    assert sync.cache is shared.cache and sync.timeout == 0.5

@@ -20,7 +20,7 @@ import dns.resolver
 from .config import DnsConfig
 from .errors import ConfigError
 
-__all__ = ["make_resolver", "shared_resolver"]
+__all__ = ["make_resolver", "shared_resolver", "sync_resolver"]
 
 
 def make_resolver(
@@ -78,6 +78,29 @@ def _split(server: str, default_port: int) -> tuple[str, int]:
         host, _, text = server.partition(":")
         port = int(text)
     return str(ipaddress.ip_address(host)), port
+
+
+def sync_resolver(config: DnsConfig | None = None) -> dns.resolver.Resolver:
+    """A blocking resolver with the ``[dns]`` settings, for libraries that look names up
+    themselves in a worker thread (pyspf, dkimpy); it shares the answer cache of
+    :func:`shared_resolver` (dnspython's LRU cache is thread-safe).
+
+    Raises:
+        ConfigError: as :func:`make_resolver`.
+    """
+    cfg = config or DnsConfig()
+    shared = shared_resolver(cfg)
+    try:
+        resolver = dns.resolver.Resolver(configure=not cfg.nameservers)
+    except (dns.resolver.NoResolverConfiguration, OSError) as exc:
+        raise ConfigError(f"DNS resolver: {exc}") from None
+    if cfg.nameservers:
+        resolver.nameservers = list(shared.nameservers)
+    resolver.port = cfg.port
+    resolver.timeout = cfg.timeout
+    resolver.lifetime = cfg.lifetime
+    resolver.cache = shared.cache
+    return resolver
 
 
 _shared: dict[DnsConfig, dns.asyncresolver.Resolver] = {}
