@@ -430,6 +430,24 @@ def cmd_user_delete(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    """Write a DKIM signing key to KEY_DIR/DOMAIN/SELECTOR.key and print the TXT record
+    to publish (RFC 6376 §3.6.1; Ed25519: RFC 8463).
+
+    Raises:
+        ConfigError: a bad domain, selector, algorithm or size, or the key exists.
+        OSError: the key file cannot be written.
+    """
+    from .dkimkeys import generate_key
+
+    path, record = generate_key(args.key_dir, args.domain, args.selector,
+                                algorithm=args.algorithm, bits=args.bits,
+                                overwrite=args.force)
+    print(record)
+    print(f"smtpgate: DKIM key written to {path}", file=sys.stderr)
+    return 0
+
+
 def _read_input(path: str | None, what: str) -> bytes:
     """The bytes of ``path`` (``None`` or ``-``: stdin).
 
@@ -644,6 +662,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-c", "--config", required=True)
     tr.add_argument("--user", help="per-user database (spamd User)")
     tr.set_defaults(func=cmd_train)
+
+    dk = sub.add_parser("dkim", help="DKIM signing keys")
+    dksub = dk.add_subparsers(dest="dkim_command", required=True)
+    dkg = command(dksub, "keygen", "create a signing key and print the DNS TXT record")
+    dkg.add_argument("domain")
+    dkg.add_argument("selector")
+    dkg.add_argument("--key-dir", required=True,
+                     help="the dkim plugin's key_dir (the key goes to KEY_DIR/DOMAIN/SELECTOR.key)")
+    dkg.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    dkg.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    dkg.add_argument("--force", action="store_true", help="replace an existing key")
+    dkg.set_defaults(func=cmd_dkim_keygen)
 
     sv = sub.add_parser("scanner", help="scanner information")
     svsub = sv.add_subparsers(dest="scanner_command", required=True)
