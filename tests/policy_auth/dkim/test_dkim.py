@@ -4,12 +4,10 @@ signed by smtpgate verified by dkimpy, mail signed by dkimpy verified by smtpgat
 
 from __future__ import annotations
 
-import asyncio
 import re
 import smtplib
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import pytest
 
 from smtpgate.dkimkeys import generate_key, load_key
 from smtpgate.envelope import Envelope
-from tests.delivery.dns_server import DnsServer
+from tests.policy_auth.support import ThreadedDns
 from tests.support import CORPUS
 
 MSG = (b"From: Ann <ann@example.org>\r\nTo: bob@example.net\r\nSubject: dkim test\r\n"
@@ -30,29 +28,6 @@ def _txt_value(record: str) -> tuple[str, str]:
     m = TXT_RE.match(record)
     assert m, record
     return m.group(1), m.group(2)
-
-
-class ThreadedDns:
-    """The test DNS server in a thread of its own (smtpgate resolves from worker threads)."""
-
-    def __init__(self, records: dict[tuple[str, str], list[str]], **kw: Any) -> None:
-        self.server = DnsServer(records, zone="org", **kw)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> ThreadedDns:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.server.stop)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-    @property
-    def port(self) -> int:
-        return self.server.port
 
 
 @pytest.fixture
