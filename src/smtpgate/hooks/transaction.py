@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email import policy as _policy
 from email.header import Header as _Header
@@ -680,8 +680,10 @@ class Transaction:
         parts.append(raw[pos:])
         self._replace(b"".join(parts))
 
-    def remove_header(self, name: str) -> int:
-        """Delete every field called ``name`` (case-insensitive), continuation lines included.
+    def remove_header(self, name: str, where: Callable[[str], bool] | None = None) -> int:
+        """Delete every field called ``name`` (case-insensitive), continuation lines
+        included; with ``where``, only the fields whose unfolded value (as
+        :meth:`get_header` gives it) it accepts. The other fields keep their place.
 
         Returns:
             How many fields were removed.
@@ -690,7 +692,8 @@ class Transaction:
             RuntimeError: before the end of data.
         """
         lname = name.lower()
-        matches = [f for f in self._idx().fields if f.name.lower() == lname]
+        matches = [f for f in self._idx().fields if f.name.lower() == lname
+                   and (where is None or where(self._value(f)))]
         if matches:
             raw = self._need()
             parts: list[bytes] = []
