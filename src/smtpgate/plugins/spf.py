@@ -219,6 +219,27 @@ def _using(resolver: dns.resolver.Resolver) -> Iterator[None]:
 # The check
 
 
+class _Query(spf.query):  # type: ignore[misc]  # pyspf has no type information
+    """pyspf's query, with RFC 7208 §5.5's rule for the ``ptr`` mechanism and the ``%{p}``
+    macro: a DNS error in the forward lookup of one PTR name skips that name ("the search
+    continues") instead of making the whole check a temperror, as pyspf does with a
+    real resolver (e.g. a SERVFAIL for a CNAME loop)."""
+
+    def validated_ptrs(self) -> list[str]:
+        if self.strict > 1:
+            return list(super().validated_ptrs())
+        limit = spf.MAX_PTR if self.strict else spf.MAX_PTR * 4
+        names: list[str] = []
+        for name in self.dns_ptr(self.i)[:limit]:
+            try:
+                addresses = self.dns_a(name, self.A)
+            except spf.TempError:
+                continue
+            if self.cidrmatch(addresses, self.cidrmax):
+                names.append(name)
+        return names
+
+
 @dataclass(slots=True)
 class SpfOutcome:
     """The result of one SPF check of one identity.
@@ -312,7 +333,7 @@ def check_spf(resolver: dns.resolver.Resolver, client_ip: str, sender: str, helo
         return outcome
     with _using(resolver):
         try:
-            query = spf.query(i=client_ip, s=sender, h=helo, strict=True,
+            query = _Query(i=client_ip, s=sender, h=helo, strict=True,
                               querytime=max_time)
             result, _code, text = query.check()
         except spf.TempError as exc:  # pragma: no cover - pyspf catches these itself

@@ -78,15 +78,17 @@ DROP = ["drop.test", "timeout.test"]
 
 
 class ThreadedDns:
-    """A :class:`DnsServer` running in a thread with its own event loop.
+    """A :class:`DnsServer` (``server``, or one built from ``records`` and ``kwargs``)
+    running in a thread with its own event loop.
 
     Attributes:
         server: the DNS server (``queries`` lists what it was asked).
         port: its UDP port on 127.0.0.1.
     """
 
-    def __init__(self, records: Records, **kwargs: Any) -> None:
-        self.server = DnsServer(records, **kwargs)
+    def __init__(self, records: Records, *, server: DnsServer | None = None,
+                 **kwargs: Any) -> None:
+        self.server = server if server is not None else DnsServer(records, **kwargs)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
