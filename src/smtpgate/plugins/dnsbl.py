@@ -360,6 +360,14 @@ async def _lookup_txt(resolver: dns.asyncresolver.Resolver, qname: str,
     return ""
 
 
+@dataclass(slots=True)
+class _Memo:
+    """One session's answers (``session.notes``): each name is asked once a session."""
+
+    hits: dict[tuple[str, str], Hit] = field(default_factory=dict)   # (zone, qname)
+    txt: dict[str, str] = field(default_factory=dict)                 # qname -> reason
+
+
 def _networks(values: Sequence[str], key: str) -> tuple[
         ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     out = []
@@ -452,15 +460,15 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
             ip = ip.ipv4_mapped
         return "network" if any(ip in net for net in exempt_nets) else None
 
-    def memo(session: SessionInfo) -> dict[tuple[str, str], Hit]:
+    def memo(session: SessionInfo) -> _Memo:
         found = session.notes.get(memo_key)
-        if not isinstance(found, dict):
-            found = session.notes[memo_key] = {}
+        if not isinstance(found, _Memo):
+            found = session.notes[memo_key] = _Memo()
         return found
 
     async def ask(session: SessionInfo, checks: list[tuple[Zone, str, str, str]]) -> list[Hit]:
         """Every check at once; answers are kept for the session (one query each)."""
-        known = memo(session)
+        known = memo(session).hits
         todo = [c for c in checks if (c[0].name, c[3]) not in known]
 
         async def one(zone: Zone, kind: str, subject: str, qname: str) -> Hit:
@@ -493,12 +501,10 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
     async def refusal(session: SessionInfo, verdict: Assessment, stage: str) -> (
             HookResult | None):
         top = verdict.hits[0]
-        txt_key = (top.zone.name, "TXT " + top.qname)
-        known = memo(session)
-        if txt_key not in known:
-            txt = await _lookup_txt(resolver, top.qname, limit)
-            known[txt_key] = Hit(top.zone, top.kind, top.subject, top.qname, "txt", (txt,))
-        txt = known[txt_key].answers[0]
+        reasons = memo(session).txt
+        txt = reasons.get(top.qname)
+        if txt is None:
+            txt = reasons[top.qname] = await _lookup_txt(resolver, top.qname, limit)
         text = (f"Service unavailable; {_SUBJECTS[top.kind].format(top.subject)} "
                 f"blocked using {top.zone.name}" + (f"; {txt}" if txt else ""))
         codes = ",".join(f"{h.zone.name}={a}" for h in verdict.hits for a in h.answers)

@@ -45,6 +45,7 @@ RECORDS: dict[tuple[str, str], list[str]] = {
     ("badhelo.example.dbl.test", "A"): ["127.0.1.2"],
 }
 SERVFAIL = ["40.2.0.192.zen.test"]
+_CLIENTS: list[RawClient] = []
 DROP = ["41.2.0.192.zen.test"]
 
 
@@ -72,7 +73,7 @@ def dns_server() -> Iterator[DnsServer]:
 
 
 @pytest.fixture
-def gate(run_app: Callable[..., Smtpgate], dns_server: DnsServer,
+def gate(run_app: Callable[..., Smtpgate], dns_server: DnsServer, close_clients: None,
          ) -> Callable[..., Smtpgate]:
     """``gate(zones=[...], reject_at=..., ..., cfg={...})``: smtpgate with the dnsbl plugin
     (the keywords are its options), ``[dns]`` pointing at the test DNS server, relay
@@ -105,5 +106,14 @@ def proxied(app: Smtpgate, client_ip: str) -> RawClient:
     client.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     client.buf = b""
     client.sock.sendall(f"PROXY {family} {client_ip} {dest} 40000 25\r\n".encode())
+    _CLIENTS.append(client)
     client.greeting = client.read_reply()
     return client
+
+
+@pytest.fixture
+def close_clients(run_app: Callable[..., Smtpgate]) -> Iterator[None]:
+    """Closes the :func:`proxied` clients of a test before its servers stop."""
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()

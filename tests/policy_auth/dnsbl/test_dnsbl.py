@@ -360,3 +360,19 @@ def test_plugin_does_not_decide_relay(gate) -> None:
     c = proxied(app, "192.0.2.10")
     assert envelope(c, rcpts=("postmaster@remote.example",)) == [
         b"550 5.7.1 Relaying denied"]
+
+
+_CACHE_SIZES = iter(range(5000, 6000))
+
+
+def test_answers_come_from_the_shared_cache(gate, dns_server) -> None:
+    """With [dns] cache_size (a distinct size: a resolver of its own), a client seen
+    before costs no query in a later session."""
+    app = gate(zones=["zen.test", "a.test"], dns={"cache_size": next(_CACHE_SIZES)})
+    for _ in range(3):
+        assert envelope(proxied(app, "192.0.2.99")) == [b"250 2.1.5 Recipient OK"]
+        assert envelope(proxied(app, "192.0.2.10")) == [REFUSED]
+    assert sorted(dns_server.queries) == [
+        ("10.2.0.192.a.test", "A"), ("10.2.0.192.zen.test", "A"),
+        ("10.2.0.192.zen.test", "TXT"), ("99.2.0.192.a.test", "A"),
+        ("99.2.0.192.zen.test", "A")]
