@@ -416,13 +416,15 @@ def received_spf(outcome: SpfOutcome, receiver: str) -> str:
 
 _HELO_NOTE = "spf.helo"       # session.notes: (helo name, SpfOutcome) of a helo-stage check
 _TX_NOTE = "spf.outcomes"     # transaction.notes: list of SpfOutcome, in check order
+_VERDICT_NOTE = "spf.verdict"  # transaction.notes: the check's answer (HookResult or None)
 
 
 def register(registry: PluginRegistry, options: dict[str, object]) -> None:
     """Register the SPF hooks (``helo`` and/or ``mail``/``rcpt``, and ``data``).
 
     Raises:
-        OptionError: never for valid options (they are checked by :data:`OPTIONS`).
+        OptionError: ``pass`` given another action than ``tag`` (the other options are
+            checked by :data:`OPTIONS`).
         ConfigError: the ``[dns]`` nameservers cannot be used.
     """
     mode, stage, helo_stage = options["mode"], options["stage"], options["helo_stage"]
@@ -453,12 +455,13 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
             ip = ipaddress.ip_address(session.peer_ip)
         except ValueError:
             return "no-client-ip"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
         if any(ip in net for net in networks):
             return "local-network"
         return None
 
-    async def run(session: SessionInfo, sender: str) -> SpfOutcome:
-        helo = session.helo_name or ""
+    async def run(session: SessionInfo, sender: str, helo: str) -> SpfOutcome:
         try:
             return await asyncio.to_thread(check_spf, resolver, session.peer_ip, sender,
                                            helo, max_time=max_time)
@@ -497,12 +500,7 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
         session.notes.pop(_HELO_NOTE, None)
         if exempt(session):
             return None
-        saved = session.helo_name
-        session.helo_name = helo_name
-        try:
-            outcome = await run(session, "")
-        finally:
-            session.helo_name = saved
+        outcome = await run(session, "", helo_name)
         refusal = enforce(session, outcome, "helo")
         if refusal is None:
             session.notes[_HELO_NOTE] = (helo_name, outcome)
@@ -510,21 +508,30 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
 
     async def check(session: SessionInfo, transaction: Transaction, where: str) -> (
             HookResult | None):
-        if transaction.notes.get(_TX_NOTE) is not None or transaction.results.get(name):
-            return None  # checked already (rcpt stage: at the first recipient)
+        if _VERDICT_NOTE in transaction.notes:
+            # rcpt stage: checked at the first recipient; the same answer for the others
+            verdict: HookResult | None = transaction.notes[_VERDICT_NOTE]
+            return verdict
+        verdict = await evaluate(session, transaction, where)
+        transaction.notes[_VERDICT_NOTE] = verdict
+        return verdict
+
+    async def evaluate(session: SessionInfo, transaction: Transaction, where: str) -> (
+            HookResult | None):
         reason = exempt(session)
         if reason is not None:
             transaction.results.add(name, "skipped", reason=reason)
             transaction.notes[_TX_NOTE] = []
             return None
         sender = transaction.mail_from
+        helo = session.helo_name or ""
         helo_outcome: SpfOutcome | None = None
         if check_helo or not sender:
             noted = session.notes.get(_HELO_NOTE)
-            if helo_stage == "helo" and noted is not None and noted[0] == session.helo_name:
+            if helo_stage == "helo" and noted is not None and noted[0] == helo:
                 helo_outcome = dataclasses.replace(noted[1], extra=dict(noted[1].extra))
             else:
-                helo_outcome = await run(session, "")
+                helo_outcome = await run(session, "", helo)
                 refusal = enforce(session, helo_outcome, where)
                 if refusal is not None:
                     record(transaction, helo_outcome, name if not sender else f"{name}_helo")
@@ -538,7 +545,7 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
             return None
         if helo_outcome is not None:
             record(transaction, helo_outcome, f"{name}_helo")
-        outcome = await run(session, sender)
+        outcome = await run(session, sender, helo)
         refusal = enforce(session, outcome, where)
         record(transaction, outcome, name)
         return refusal
@@ -555,8 +562,11 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
         outcomes: list[SpfOutcome] = transaction.notes.get(_TX_NOTE) or []
         # RFC 7208 §9.1: one field per identity checked, prepended (trace fields).
         for outcome in outcomes:
-            transaction.add_header("Received-SPF", received_spf(outcome, session.hostname),
-                                   prepend=True)
+            try:
+                transaction.add_header("Received-SPF",
+                                       received_spf(outcome, session.hostname), prepend=True)
+            except ValueError as exc:  # an unfoldable value: keep the message, log it
+                log.warning("spf: Received-SPF not added id=%s: %s", transaction.id, exc)
 
     if helo_stage == "helo":
         registry.on("helo", helo_hook, timeout=timeout)

@@ -184,6 +184,28 @@ def test_local_network_exempt(run_app: StartApp, spf_dns: ThreadedDns,
     assert spf_dns.server.queries == []
 
 
+def authenticate(username: str, password: str) -> bool:
+    """``[auth] authenticator`` for the authenticated-client test: one user."""
+    return (username, password) == ("carol", "secret")
+
+
+def test_authenticated_client_exempt(run_app: StartApp, spf_dns: ThreadedDns,
+                                     capture: Capture) -> None:
+    cfg = _config(spf_dns)
+    cfg["auth"] = {"authenticator": f"{__name__}:authenticate", "require_tls": False}
+    app = run_app(cfg, deliver=capture)
+    with smtplib.SMTP("127.0.0.1", app.port) as s:
+        s.ehlo("badhelo.test")
+        assert s.mail("a@fail.test")[0] == 550  # not yet authenticated
+        s.rset()
+        s.login("carol", "secret")
+        s.sendmail("a@fail.test", ["bob@example.net"], MESSAGE)
+    [(_envelope, message)] = capture.messages
+    assert _headers(message, b"Received-SPF") == []
+    [results] = _headers(message, b"X-Smtpgate-Results")
+    assert b"spf=skipped (reason=authenticated)" in results
+
+
 def test_warn_mode_records_but_refuses_nothing(run_app: StartApp, spf_dns: ThreadedDns,
                                               capture: Capture,
                                               caplog: pytest.LogCaptureFixture) -> None:
@@ -233,6 +255,9 @@ def test_rcpt_stage(run_app: StartApp, spf_dns: ThreadedDns) -> None:
         client.cmd("EHLO client.test")
         assert client.cmd("MAIL FROM:<a@fail.test>").startswith(b"250 ")
         assert client.cmd("RCPT TO:<bob@example.net>").startswith(b"550 5.7.23 SPF fail: ")
+        # every recipient gets the same answer (the check runs once)
+        assert client.cmd("RCPT TO:<carl@example.net>").startswith(b"550 5.7.23 SPF fail: ")
+        assert client.cmd("DATA").startswith(b"554 ")
     finally:
         client.close()
 
