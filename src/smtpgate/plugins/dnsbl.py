@@ -85,6 +85,8 @@ class Zone:
         mask: a bitmask: an answer counts when ``int(answer) & mask`` is not 0
             (multi.surbl.org-style zones); ``None``: no mask.
         lookup: what the zone is asked about: any of :data:`LOOKUPS`.
+        default_codes: True when the zone gave neither ``codes`` nor ``mask``: any
+            127.0.0.0/8 answer but the 127.255.255.0/24 error codes counts.
     """
 
     name: str
@@ -287,13 +289,17 @@ class Assessment:
     hits: tuple[Hit, ...]
     errors: tuple[Hit, ...]
 
+    def codes(self) -> list[str]:
+        """The counted answers as ``zone=answer``, each once."""
+        return list(dict.fromkeys(f"{h.zone.name}={a}" for h in self.hits for a in h.answers))
+
     def details(self, threshold: float) -> dict[str, Detail]:
         """The finding's details: ``score``, ``threshold``, ``zones`` (listing zones),
         ``codes`` (``zone=answer``), ``temperror`` (zones that failed)."""
         out: dict[str, Detail] = {"score": self.score, "threshold": threshold}
         if self.hits:
             out["zones"] = list(dict.fromkeys(h.zone.name for h in self.hits))
-            out["codes"] = [f"{h.zone.name}={a}" for h in self.hits for a in h.answers]
+            out["codes"] = self.codes()
         if self.errors:
             out["temperror"] = list(dict.fromkeys(h.zone.name for h in self.errors))
         return out
@@ -469,7 +475,8 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
     async def ask(session: SessionInfo, checks: list[tuple[Zone, str, str, str]]) -> list[Hit]:
         """Every check at once; answers are kept for the session (one query each)."""
         known = memo(session).hits
-        todo = [c for c in checks if (c[0].name, c[3]) not in known]
+        todo = list({(c[0].name, c[3]): c for c in checks
+                     if (c[0].name, c[3]) not in known}.values())
 
         async def one(zone: Zone, kind: str, subject: str, qname: str) -> Hit:
             status, addresses = await _lookup_a(resolver, qname, limit)
@@ -494,8 +501,8 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
         for z in zones:
             if kind in z.lookup:
                 qname = domain_query_name(domain, z.name)
-                if qname is not None:
-                    out.append((z, kind, domain.lower(), qname))
+                if qname is not None:  # the subject in its checked A-label form
+                    out.append((z, kind, qname[: -len(z.name) - 1], qname))
         return out
 
     async def refusal(session: SessionInfo, verdict: Assessment, stage: str) -> (
@@ -507,7 +514,7 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
             txt = reasons[top.qname] = await _lookup_txt(resolver, top.qname, limit)
         text = (f"Service unavailable; {_SUBJECTS[top.kind].format(top.subject)} "
                 f"blocked using {top.zone.name}" + (f"; {txt}" if txt else ""))
-        codes = ",".join(f"{h.zone.name}={a}" for h in verdict.hits for a in h.answers)
+        codes = ",".join(verdict.codes())
         if warn:
             log.warning("dnsbl %s: would refuse session=%s client=%s at %s: score %g >= %g "
                         "(%s): %s", name, session.session_id, session.peer_ip, stage,

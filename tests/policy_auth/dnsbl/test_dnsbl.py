@@ -376,3 +376,14 @@ def test_answers_come_from_the_shared_cache(gate, dns_server) -> None:
         ("10.2.0.192.a.test", "A"), ("10.2.0.192.zen.test", "A"),
         ("10.2.0.192.zen.test", "TXT"), ("99.2.0.192.a.test", "A"),
         ("99.2.0.192.zen.test", "A")]
+
+
+def test_sender_domain_same_as_helo_is_asked_once(gate, dns_server) -> None:
+    app = gate(zones=[{"zone": "dbl.test", "lookup": ["helo", "sender"], "weight": 0.5}])
+    seen = findings(app)
+    c = proxied(app, "192.0.2.99")
+    assert envelope(c, sender="x@bad.example", helo="bad.example") == [
+        b"250 2.1.5 Recipient OK"]  # one zone counts once: 0.5 < 1
+    assert dns_server.queries == [("bad.example.dbl.test", "A")]
+    assert seen[0][2] == ("dnsbl=clean (score=0.5 threshold=1 zones=dbl.test "
+                          "codes=dbl.test=127.0.1.2)")
