@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import re
 import smtplib
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from smtpgate.app import Smtpgate
 from smtpgate.errors import ConfigError
+from smtpgate.plugins.spf import OPTIONS
 
 from ...support import Capture, RawClient
 from .conftest import ThreadedDns
@@ -303,3 +306,20 @@ def test_option_errors(options: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConfigError) as info:
         Smtpgate({"plugin": [{"use": "spf", **options}]})
     assert problem in info.value.problems
+
+
+def test_docs_example_and_option_table_match_the_code() -> None:
+    text = (Path(__file__).parents[3] / "docs" / "authentication.md").read_text()
+    section = text.split("## SPF", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    cfg = tomllib.loads(example)
+    [table] = cfg["plugin"]
+    assert table["use"] == "spf"
+    assert {k: v for k, v in table.items() if k != "use"} == {
+        k: o.default for k, o in OPTIONS.items()}
+    Smtpgate(cfg)  # loads as written
+    rows = section.split("### Options", 1)[1].split("###", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)`", rows, re.M))
+    documented |= set(re.findall(r"`([a-z]+)`", rows.split("| `pass`", 1)[1].split("|")[0]))
+    documented.add("pass")
+    assert documented == set(OPTIONS)
