@@ -160,8 +160,9 @@ def lookup(resolver: dns.resolver.Resolver, name: str, qtype: str,
                                   lifetime=lifetime, search=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
-    except (dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong):
-        return []
+    except (dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong,
+            dns.name.IDNAException, UnicodeError):
+        return []  # not a name that can be looked up: nothing there
     except dns.exception.Timeout as exc:
         raise spf.TempError(f"DNS timeout: {name} {qtype}: {exc}") from None
     except dns.resolver.NoNameservers:
@@ -299,6 +300,25 @@ def _clean(text: str, limit: int = 300) -> str:
     return _UNPRINTABLE.sub(" ", text).strip()[:limit]
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _one_line(text: str) -> str:
+    """``text`` without control characters (an SMTPUTF8 address keeps its UTF-8)."""
+    return _CONTROL.sub(" ", text).strip()
+
+
+def _a_label(domain: str) -> str:
+    """``domain`` in ASCII (IDNA A-labels, RFC 5890); ``""`` when it cannot be one."""
+    domain = domain.rstrip(".")
+    if domain.isascii():
+        return domain
+    try:
+        return dns.name.from_unicode(domain).to_text(omit_final_dot=True)
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return ""
+
+
 def check_spf(resolver: dns.resolver.Resolver, client_ip: str, sender: str, helo: str,
               *, max_time: float = 20.0) -> SpfOutcome:
     """Evaluate SPF for one identity (blocking: run it in a thread).
@@ -319,7 +339,11 @@ def check_spf(resolver: dns.resolver.Resolver, client_ip: str, sender: str, helo
         (RFC 7208 §2.3, §4.3); so does a sender domain that is not one.
     """
     identity = "mailfrom" if sender else "helo"
-    domain = (sender.rpartition("@")[2] if "@" in sender else helo) if sender else helo
+    ascii_helo = _a_label(helo) or helo
+    local, at, sender_domain = sender.rpartition("@")
+    domain = _a_label(sender_domain) if sender and at else ascii_helo
+    if sender and at and domain:
+        sender = f"{local}@{domain}"  # RFC 8616 §4: SPF works on A-labels
     checked = sender or (f"postmaster@{helo}" if helo else "")
 
     def outcome_of(result: str) -> SpfOutcome:
@@ -333,8 +357,8 @@ def check_spf(resolver: dns.resolver.Resolver, client_ip: str, sender: str, helo
         return outcome
     with _using(resolver):
         try:
-            query = _Query(i=client_ip, s=sender, h=helo, strict=True,
-                              querytime=max_time)
+            query = _Query(i=client_ip, s=sender, h=ascii_helo, strict=True,
+                           querytime=max_time)
             result, _code, text = query.check()
         except spf.TempError as exc:  # pragma: no cover - pyspf catches these itself
             outcome = outcome_of("temperror")
@@ -399,9 +423,9 @@ def received_spf(outcome: SpfOutcome, receiver: str) -> str:
     parts = [f"{_HEADER_NAMES[outcome.result]} ({_clean(receiver)}: {outcome.comment})",
              f"client-ip={outcome.client_ip};"]
     if outcome.sender:
-        parts.append(f"envelope-from={spf.quote_value(_clean(outcome.sender))};")
+        parts.append(f"envelope-from={spf.quote_value(_one_line(outcome.sender))};")
     if outcome.helo:
-        parts.append(f"helo={spf.quote_value(_clean(outcome.helo))};")
+        parts.append(f"helo={spf.quote_value(_one_line(outcome.helo))};")
     if outcome.problem:
         parts.append(f"problem={spf.quote_value(outcome.problem)};")
     parts.append(f"receiver={spf.quote_value(_clean(receiver))};")

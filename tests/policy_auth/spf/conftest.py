@@ -59,6 +59,7 @@ ZONE: dict[tuple[str, str], list[str]] = {
     ("host.ptr.test", "A"): ["192.0.2.5"],
     ("6.2.0.192.in-addr.arpa", "PTR"): ["liar.ptr.test."],
     ("liar.ptr.test", "A"): ["192.0.2.99"],  # forward lookup does not confirm
+    ("xn--bcher-kva.test", "TXT"): [_txt("v=spf1 ip4:192.0.2.1 -all")],
     ("split.test", "TXT"): [_txt("v=spf1 ip4:192.0.2.1", " ip4:192.0.2.2 -all")],
     # errors
     ("limit.test", "TXT"): [_txt("v=spf1 " + " ".join(f"include:l{n}.test" for n in range(11))

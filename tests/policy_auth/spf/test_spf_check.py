@@ -4,6 +4,7 @@ the result -> reply mapping and the Received-SPF text."""
 
 from __future__ import annotations
 
+import dns.name
 import dns.resolver
 import pytest
 import spf
@@ -85,6 +86,14 @@ def test_errors(resolver: dns.resolver.Resolver, sender: str, result: str,
     assert outcome.details()["problem"] == outcome.problem
 
 
+def test_utf8_sender_domain_is_checked_as_a_labels(resolver: dns.resolver.Resolver) -> None:
+    outcome = check_spf(resolver, "192.0.2.1", "jörg@bücher.test", "client.test")
+    assert (outcome.result, outcome.domain, outcome.sender) == (
+        "pass", "xn--bcher-kva.test", "jörg@xn--bcher-kva.test")
+    assert check_spf(resolver, "192.0.2.2", "jörg@bücher.test", "client.test").result == \
+        "fail"
+
+
 def test_fail_explanation_from_the_record(resolver: dns.resolver.Resolver) -> None:
     outcome = check_spf(resolver, "198.51.100.1", "a@fail.test", "client.test")
     assert outcome.result == "fail"
@@ -131,6 +140,18 @@ def test_lookups_go_to_the_configured_server_only(
     check_spf(resolver, "192.0.2.1", "a@include.test", "client.test")
     assert ("include.test", "TXT") in spf_dns.server.queries
     assert ("neutral.test", "TXT") in spf_dns.server.queries
+
+
+def test_resolver_uses_only_the_configured_nameservers() -> None:
+    from smtpgate.config import DnsConfig
+    from smtpgate.plugins.spf import sync_resolver
+
+    r = sync_resolver(DnsConfig(nameservers=("127.0.0.1:5399", "[::1]:5400"), timeout=2.5,
+                                lifetime=7.0, cache_size=0))
+    assert [(ns.address, ns.port) for ns in r.nameservers] == [  # type: ignore[union-attr]
+        ("127.0.0.1", 5399), ("::1", 5400)]
+    assert (r.timeout, r.lifetime, r.cache, r.search, r.domain) == (
+        2.5, 7.0, None, [], dns.name.root)
 
 
 def test_pyspf_keeps_its_own_lookup_outside_the_plugin() -> None:
