@@ -406,21 +406,17 @@ def reply_for(outcome: SpfOutcome, action: str) -> HookResult | None:
         text = f"SPF permanent error in the record of {outcome.domain}: {outcome.problem}"
     else:
         text = f"SPF {outcome.result} for {who} from {outcome.client_ip}"
+    text = _clean(text, 450)  # an SMTPUTF8 sender's address must not reach a reply raw
     if action == "reject":
         return reject(text, code=550, enhanced="5.7.24" if error else "5.7.23")
     return tempfail(text, code=451, enhanced="4.7.24" if error else "4.7.23")
-
-
-_HEADER_NAMES = {"pass": "pass", "fail": "fail", "softfail": "softfail",
-                 "neutral": "neutral", "none": "none", "temperror": "temperror",
-                 "permerror": "permerror"}
 
 
 def received_spf(outcome: SpfOutcome, receiver: str) -> str:
     """The value of a ``Received-SPF`` header field for ``outcome`` (RFC 7208 §9.1):
     ``result (receiver: comment) client-ip=...; envelope-from=...; helo=...;
     [problem=...;] receiver=...; [mechanism=...;] identity=...``."""
-    parts = [f"{_HEADER_NAMES[outcome.result]} ({_clean(receiver)}: {outcome.comment})",
+    parts = [f"{outcome.result} ({_clean(receiver)}: {outcome.comment})",
              f"client-ip={outcome.client_ip};"]
     if outcome.sender:
         parts.append(f"envelope-from={spf.quote_value(_one_line(outcome.sender))};")
