@@ -4,8 +4,6 @@ the store against a real redis-server."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import smtplib
 import socket
@@ -15,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from smtpgate.plugins.greylist import client_network
+from tests.policy_auth.support import free_port
 
 BASE = {"relay": {"relay_domains": ["example.net"], "local_networks": []}}
 
@@ -60,17 +57,11 @@ def test_exempt_recipients_and_warn_mode(run_app, tmp_path: Path) -> None:
     assert rcpt(warn.port, "ann@example.org", "bob@example.net")[0] == 250
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_share_the_sqlite_file(run_app, tmp_path: Path) -> None:
     store = tmp_path / "shared.sqlite"
     app = run_app(cfg(str(store)))
     assert rcpt(app.port, "ann@example.org", "bob@example.net")[0] == 451
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "other.toml"
     conf.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "mx2.test"\n'
                     f'[maildir]\npath = "{tmp_path / "mail2"}"\n'
@@ -95,33 +86,6 @@ def test_two_processes_share_the_sqlite_file(run_app, tmp_path: Path) -> None:
         proc.wait(10)
 
 
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Any:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    (tmp_path / "redis").mkdir()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path / "redis")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(10)
-
-
 def test_redis_store(run_app, redis_url: str) -> None:
     app = run_app(cfg(redis_url))
     assert rcpt(app.port, "ann@example.org", "bob@example.net")[0] == 451
@@ -133,5 +97,5 @@ def test_redis_store(run_app, redis_url: str) -> None:
 
 
 def test_store_failure_lets_mail_through(run_app) -> None:
-    app = run_app(cfg(f"redis://127.0.0.1:{_free_port()}/0"))
+    app = run_app(cfg(f"redis://127.0.0.1:{free_port()}/0"))
     assert rcpt(app.port, "ann@example.org", "bob@example.net")[0] == 250
