@@ -44,6 +44,9 @@ OPTIONS: dict[str, Option] = {
                             help="what a failing message whose domain says p=quarantine "
                                  "gets (quarantine needs quarantine_path)"),
     "quarantine_path": Option(str, default="", help="Maildir for quarantined messages"),
+    "mode": Option(str, default="enforce",
+                   check=lambda v: None if v in ("enforce", "warn") else "enforce|warn",
+                   help="warn: record and log what would be done, refuse nothing"),
     "spf_result": Option(str, default="spf", help="the finding of the SPF plugin"),
     "dkim_result": Option(str, default="dkim", help="the finding of the DKIM plugin"),
 }
@@ -110,6 +113,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     if "quarantine" in (options["on_reject"], options["on_quarantine"]) and not \
             quarantine_path:
         raise OptionError("quarantine_path", "needed when an action is quarantine")
+    warn = options["mode"] == "warn"
     spf_name: str = options["spf_result"]
     dkim_name: str = options["dkim_result"]
 
@@ -174,8 +178,10 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
                        else "none", spf_aligned=spf_ok, dkim_aligned=dkim_ok)
         if disposition == "none" or action == "tag":
             return None
-        log.info("transaction %s: DMARC %s for %s (p=%s): %s", tx.id, result, domain,
-                 policy, action)
+        log.info("transaction %s: DMARC %s for %s (p=%s): %s%s", tx.id, result, domain,
+                 policy, action, " (warn only)" if warn else "")
+        if warn:
+            return None
         if action == "reject":
             reply = Reply(550, "5.7.1", REJECTED.text.format(domain=domain))
             return HookResult(Verdict.DENY, reply, reason="dmarc")

@@ -153,3 +153,9 @@ def test_quarantine_needs_a_path(run_app) -> None:
 
     with pytest.raises(ConfigError, match="quarantine_path"):
         run_app({"plugin": [{"use": "dmarc", "on_reject": "quarantine"}]})
+
+
+def test_warn_mode_refuses_nothing(run_app, dns_server, tmp_path: Path) -> None:
+    app, got, seen = start(run_app, dns_server, tmp_path, ("fail", "example.org"), mode="warn")
+    assert send(app, message("ann@example.org"), sender="a@example.org")[0] == 250
+    assert (seen[0].result, seen[0].details["disposition"]) == ("fail", "reject")
