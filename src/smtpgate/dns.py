@@ -81,29 +81,36 @@ def _split(server: str, default_port: int) -> tuple[str, int]:
 
 
 def sync_resolver(config: DnsConfig | None = None) -> dns.resolver.Resolver:
-    """A blocking resolver with the ``[dns]`` settings, for libraries that look names up
-    themselves in a worker thread (pyspf, dkimpy); it shares the answer cache of
-    :func:`shared_resolver` (dnspython's LRU cache is thread-safe).
+    """The blocking resolver with the ``[dns]`` settings (one per configuration), for
+    libraries that look names up themselves in worker threads (pyspf, dkimpy); it shares
+    the answer cache of :func:`shared_resolver` (dnspython's LRU cache is thread-safe).
+    Only without configured nameservers is ``/etc/resolv.conf`` read.
 
     Raises:
         ConfigError: as :func:`make_resolver`.
     """
     cfg = config or DnsConfig()
     shared = shared_resolver(cfg)
-    try:
-        resolver = dns.resolver.Resolver(configure=not cfg.nameservers)
-    except (dns.resolver.NoResolverConfiguration, OSError) as exc:
-        raise ConfigError(f"DNS resolver: {exc}") from None
-    if cfg.nameservers:
-        resolver.nameservers = list(shared.nameservers)
-    resolver.port = cfg.port
-    resolver.timeout = cfg.timeout
-    resolver.lifetime = cfg.lifetime
-    resolver.cache = shared.cache
-    return resolver
+    with _lock:
+        resolver = _sync.get(cfg)
+        if resolver is not None:
+            return resolver
+        try:
+            resolver = dns.resolver.Resolver(configure=not cfg.nameservers)
+        except (dns.resolver.NoResolverConfiguration, OSError) as exc:
+            raise ConfigError(f"DNS resolver: {exc}") from None
+        if cfg.nameservers:
+            resolver.nameservers = list(shared.nameservers)
+        resolver.port = cfg.port
+        resolver.timeout = cfg.timeout
+        resolver.lifetime = cfg.lifetime
+        resolver.cache = shared.cache
+        _sync[cfg] = resolver
+        return resolver
 
 
 _shared: dict[DnsConfig, dns.asyncresolver.Resolver] = {}
+_sync: dict[DnsConfig, dns.resolver.Resolver] = {}
 _lock = threading.Lock()
 
 

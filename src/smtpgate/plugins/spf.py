@@ -10,10 +10,10 @@ the HELO identity), applies a configurable action per result (RFC 7372 codes:
 
 pyspf evaluates the record in a worker thread (:func:`asyncio.to_thread`); its DNS
 lookups (``spf.DNSLookup``) go through a synchronous dnspython resolver built from
-``[dns]`` (:func:`sync_resolver`) and never through ``/etc/resolv.conf`` when nameservers
-are configured. The replacement is installed once (:func:`install_lookup`) and only
-affects threads running :func:`check_spf`; other users of pyspf in the process keep its
-own lookup.
+``[dns]`` (:func:`smtpgate.dns.sync_resolver`, sharing the cache of the other
+lookups) and never through ``/etc/resolv.conf`` when nameservers are configured. The
+replacement is installed once (:func:`install_lookup`) and only affects threads
+running :func:`check_spf`; other users of pyspf in the process keep its own lookup.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ import dns.name
 import dns.resolver
 import spf
 
-from ..config import DnsConfig
-from ..dns import make_resolver
+from ..dns import sync_resolver
 from ..envelope import Recipient, SessionInfo
 from ..hooks import HookResult, Transaction, reject, tempfail
 from ..results import Detail
@@ -43,7 +42,7 @@ from . import Option, OptionError, PluginRegistry
 
 __all__ = [
     "ACTIONS", "RESULTS", "SpfOutcome", "check_spf", "install_lookup", "received_spf",
-    "register", "reply_for", "sync_resolver",
+    "register", "reply_for",
 ]
 
 log = logging.getLogger("smtpgate.plugins.spf")
@@ -99,37 +98,6 @@ OPTIONS: dict[str, Option] = {
 _local = threading.local()
 _original_lookup: Callable[..., Any] | None = None
 _install_lock = threading.Lock()
-_resolvers: dict[DnsConfig, dns.resolver.Resolver] = {}
-
-
-def sync_resolver(config: DnsConfig) -> dns.resolver.Resolver:
-    """The synchronous dnspython resolver for ``config`` (one per configuration, with
-    its own TTL-honouring LRU cache of ``config.cache_size`` answers), used by pyspf in
-    the worker threads.
-
-    The nameservers (with their ports), ``timeout`` and ``lifetime`` are those of
-    ``[dns]``; only without configured nameservers is the system configuration
-    (``/etc/resolv.conf``) read.
-
-    Raises:
-        ConfigError: as :func:`smtpgate.dns.make_resolver` (a bad address, no system
-            configuration).
-    """
-    with _install_lock:
-        resolver = _resolvers.get(config)
-        if resolver is not None:
-            return resolver
-        base = make_resolver(config.nameservers, port=config.port, timeout=config.timeout,
-                             lifetime=config.lifetime)
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = list(base.nameservers)
-        resolver.port = base.port
-        resolver.timeout = config.timeout
-        resolver.lifetime = config.lifetime
-        if config.cache_size:
-            resolver.cache = dns.resolver.LRUCache(config.cache_size)
-        _resolvers[config] = resolver
-        return resolver
 
 
 def lookup(resolver: dns.resolver.Resolver, name: str, qtype: str,

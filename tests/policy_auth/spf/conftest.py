@@ -13,7 +13,7 @@ import dns.resolver
 import pytest
 
 from smtpgate.config import DnsConfig
-from smtpgate.plugins.spf import sync_resolver
+from smtpgate.dns import sync_resolver
 
 from ...delivery.dns_server import DnsServer, Records
 

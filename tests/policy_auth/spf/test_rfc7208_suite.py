@@ -28,7 +28,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from smtpgate.plugins.spf import check_spf, sync_resolver
+from smtpgate.dns import sync_resolver
+from smtpgate.plugins.spf import check_spf
 
 from ...delivery.dns_server import DnsServer
 from .conftest import ThreadedDns, dns_config

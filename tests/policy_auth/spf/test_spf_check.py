@@ -144,7 +144,7 @@ def test_lookups_go_to_the_configured_server_only(
 
 def test_resolver_uses_only_the_configured_nameservers() -> None:
     from smtpgate.config import DnsConfig
-    from smtpgate.plugins.spf import sync_resolver
+    from smtpgate.dns import sync_resolver
 
     r = sync_resolver(DnsConfig(nameservers=("127.0.0.1:5399", "[::1]:5400"), timeout=2.5,
                                 lifetime=7.0, cache_size=0))
