@@ -25,7 +25,15 @@ OPTIONS: dict[str, Option] = {
 }
 
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
-_RESULT = re.compile(r"^[a-z]+$")
+# The result values each method may report (RFC 8601 §2.7, RFC 8617 §4.4); a finding with
+# another word (an SPF check "skipped" for a local client) is left out.
+_RESULTS = {
+    "spf": {"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror",
+            "policy"},
+    "dkim": {"none", "pass", "fail", "policy", "neutral", "temperror", "permerror"},
+    "dmarc": {"none", "pass", "fail", "temperror", "permerror"},
+    "arc": {"none", "pass", "fail"},
+}
 
 
 def _value(text: object) -> str:
@@ -39,13 +47,13 @@ def _value(text: object) -> str:
 def _methods(results: Results) -> list[str]:
     out: list[str] = []
     spf = results.get("spf")
-    if spf is not None and _RESULT.match(spf.result):
+    if spf is not None and spf.result in _RESULTS["spf"]:
         domain = spf.details.get("domain") or ""
         prop = "smtp.helo" if spf.details.get("identity") == "helo" else "smtp.mailfrom"
         out.append(f"spf={spf.result} {prop}={_value(domain)}" if domain
                    else f"spf={spf.result}")
     helo = results.get("spf_helo")
-    if helo is not None and _RESULT.match(helo.result) and helo.details.get("domain"):
+    if helo is not None and helo.result in _RESULTS["spf"] and helo.details.get("domain"):
         out.append(f"spf={helo.result} smtp.helo={_value(helo.details['domain'])}")
     dkim = results.get("dkim")
     if dkim is not None:
@@ -53,21 +61,23 @@ def _methods(results: Results) -> list[str]:
         if isinstance(sigs, list | tuple) and sigs:
             for sig in sigs:
                 where, _, result = str(sig).rpartition("=")
+                if result not in _RESULTS["dkim"]:
+                    continue
                 domain, _, selector = where.partition(":")
                 props = f" header.d={_value(domain)}" if domain else ""
                 props += f" header.s={_value(selector)}" if selector else ""
                 out.append(f"dkim={result}{props}")
-        elif _RESULT.match(dkim.result):
+        elif dkim.result in _RESULTS["dkim"]:
             out.append(f"dkim={dkim.result}")
     dmarc = results.get("dmarc")
-    if dmarc is not None and _RESULT.match(dmarc.result):
+    if dmarc is not None and dmarc.result in _RESULTS["dmarc"]:
         frm = dmarc.details.get("header_from")
         policy = dmarc.details.get("policy")
         comment = f" (p={policy})" if policy else ""
         out.append(f"dmarc={dmarc.result}{comment}" +
                    (f" header.from={_value(frm)}" if frm else ""))
     arc = results.get("arc")
-    if arc is not None and _RESULT.match(arc.result):
+    if arc is not None and arc.result in _RESULTS["arc"]:
         out.append(f"arc={arc.result}")
     return out
 

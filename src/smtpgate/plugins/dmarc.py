@@ -64,9 +64,21 @@ def organizational_domain(domain: str) -> str:
     return _PSL.privatesuffix(domain) or domain
 
 
+def a_label(domain: str) -> str:
+    """The domain in A-label (ASCII) form, as SPF records it (RFC 8616 §4); lower case."""
+    domain = domain.lower().rstrip(".")
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
 def aligned(a: str, b: str, strict: bool) -> bool:
-    """RFC 7489 §3.1: identical domains (strict), or the same organisational domain."""
-    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    """RFC 7489 §3.1: identical domains (strict), or the same organisational domain;
+    compared in A-label form."""
+    a, b = a_label(a), a_label(b)
     if strict or not a or not b:
         return a == b and bool(a)
     return organizational_domain(a) == organizational_domain(b)
@@ -96,7 +108,7 @@ def header_from_domain(tx: Transaction) -> str | None:
                for _, addr in getaddresses(values) if "@" in addr}
     if len(domains) != 1:
         return None
-    domain = domains.pop()
+    domain = a_label(domains.pop())
     return domain or None
 
 

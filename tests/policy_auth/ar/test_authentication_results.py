@@ -68,3 +68,17 @@ def test_remove_header_where_keeps_the_others_in_place() -> None:
     assert tx.remove_header("X-B", where=lambda v: v == "drop") == 1
     assert tx.raw == b"X-A: 1\r\nX-B: keep\r\nX-A: 2\r\nX-C: 3\r\n\r\nbody\r\n"
     assert isinstance(tx.results, Results)
+
+
+def test_results_that_are_not_rfc_8601_results_are_left_out(run_app) -> None:
+    got: list[bytes] = []
+    app = run_app({"plugin": [{"use": "authentication-results"}]},
+                  deliver=lambda e, m: got.append(m))
+
+    def data(session: Any, tx: Transaction) -> None:
+        tx.results.add("spf", "skipped", reason="local-network")
+
+    app.hooks.register("data", data)
+    with smtplib.SMTP("127.0.0.1", app.port, timeout=30) as c:
+        c.sendmail("a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nbody\r\n")
+    assert b"Authentication-Results: mx.test;\r\n\tnone\r\n" in got[0]

@@ -159,3 +159,10 @@ def test_warn_mode_refuses_nothing(run_app, dns_server, tmp_path: Path) -> None:
     app, got, seen = start(run_app, dns_server, tmp_path, ("fail", "example.org"), mode="warn")
     assert send(app, message("ann@example.org"), sender="a@example.org")[0] == 250
     assert (seen[0].result, seen[0].details["disposition"]) == ("fail", "reject")
+
+
+def test_international_domains_align_in_a_label_form() -> None:
+    from smtpgate.plugins.dmarc import a_label
+
+    assert a_label("bücher.example") == "xn--bcher-kva.example"
+    assert aligned("xn--bcher-kva.example", "Bücher.example", strict=True)
