@@ -57,6 +57,9 @@ OPTIONS: dict[str, Option] = {
     "quarantine_path": Option(str, default="", help="Maildir of frozen messages"),
     "local_hosts": Option(list, default=[], items=str,
                           help="more names of this host, for acceptifmx"),
+    "mode": Option(str, default="enforce",
+                   check=lambda v: None if v in ("enforce", "warn") else "enforce|warn",
+                   help="warn: record and log the refusals, refuse (and freeze) nothing"),
 }
 
 ATTRIBUTES = frozenset({
@@ -166,14 +169,23 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     ours = {registry.config.server.hostname.lower().rstrip(".")} | {
         str(h).lower().rstrip(".") for h in options["local_hosts"]}
 
+    warn = options["mode"] == "warn"
+
+    def refuse(result: HookResult) -> HookResult | None:
+        """The refusal, or in warn mode nothing (logged)."""
+        if warn:
+            log.warning("policy-db would refuse: %s (warn only)", result.reply)
+            return None
+        return result
+
     def connect(session: SessionInfo) -> HookResult | None:
         attrs = db.client(session.peer_ip)
         session.notes[_NOTE] = attrs
         if attrs.get("rejectnet") and not attrs.get("fulltrustnet"):
             session.results.add(name, "rejectnet", client=session.peer_ip)
-            return HookResult(Verdict.DENY_DISCONNECT,
-                              Reply(554, "5.7.1", "Access denied by local policy"),
-                              reason="policy-db rejectnet")
+            return refuse(HookResult(Verdict.DENY_DISCONNECT,
+                                     Reply(554, "5.7.1", "Access denied by local policy"),
+                                     reason="policy-db rejectnet"))
         return None
 
     def client_attrs(session: SessionInfo) -> dict[str, bool]:
@@ -201,18 +213,18 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
         attrs = db.address(tx.mail_from) if tx.mail_from else {}
         if attrs.get("rejectsource"):
             tx.results.add(name, "rejectsource", sender=tx.mail_from)
-            return HookResult(Verdict.DENY, Reply(553, "5.7.1",
-                                                  "Sender address rejected by local policy"))
+            return refuse(HookResult(Verdict.DENY, Reply(
+                553, "5.7.1", "Sender address rejected by local policy")))
         if attrs.get("senderokwithdns") and tx.mail_from:
             domain = tx.mail_from.rpartition("@")[2]
             exists = await domain_exists(domain)
             if exists is None:
-                return HookResult(Verdict.DENYSOFT, Reply(
-                    450, "4.4.3", f"Cannot check the sender domain {domain} in the DNS"))
+                return refuse(HookResult(Verdict.DENYSOFT, Reply(
+                    450, "4.4.3", f"Cannot check the sender domain {domain} in the DNS")))
             if not exists:
                 tx.results.add(name, "senderokwithdns", sender=tx.mail_from, exists=False)
-                return HookResult(Verdict.DENY, Reply(
-                    553, "5.1.8", f"Sender domain {domain} does not exist"))
+                return refuse(HookResult(Verdict.DENY, Reply(
+                    553, "5.1.8", f"Sender domain {domain} does not exist")))
         if attrs.get("freeze") or client.get("freeze"):
             tx.notes["policy-db:freeze"] = True
         return None
@@ -230,8 +242,8 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
         attrs = db.address(recipient.address)
         if attrs.get("rejectrecipient") and not client.get("fulltrustnet"):
             tx.results.add(name, "rejectrecipient", recipient=recipient.address)
-            return HookResult(Verdict.DENY, Reply(550, "5.7.1",
-                                                  "Recipient address rejected by local policy"))
+            return refuse(HookResult(Verdict.DENY, Reply(
+                550, "5.7.1", "Recipient address rejected by local policy")))
         if attrs.get("freeze"):
             tx.notes["policy-db:freeze"] = True
         why = next((a for a in ("fulltrustnet", "relaycustomer", "trustrecipient")
@@ -250,8 +262,8 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
         if not tx.notes.get("policy-db:freeze"):
             return None
         tx.results.add(name, "freeze")
-        return HookResult(Verdict.QUARANTINE, Reply(250, "2.0.0", "Message accepted"),
-                          reason="policy-db freeze", quarantine=quarantine)
+        return refuse(HookResult(Verdict.QUARANTINE, Reply(250, "2.0.0", "Message accepted"),
+                                 reason="policy-db freeze", quarantine=quarantine))
 
     registry.on("connect", connect)
     registry.on("mail", mail)

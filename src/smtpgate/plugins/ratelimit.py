@@ -5,7 +5,7 @@ per authenticated user and per sender, in a sliding window (Postfix anvil's
 
 Entry point: :func:`register`. Each limit counts events in the last ``window`` seconds;
 the event that goes over the limit is refused: a connection with ``421 4.7.0`` (and the
-connection closed), a message (MAIL) or a recipient (RCPT) with ``450 4.7.1``, so a
+connection closed), a message (MAIL) or a recipient (RCPT) with ``451 4.7.1``, so a
 well-behaved client retries later. Refused events are counted too, so a client that keeps
 trying stays limited until it slows down. Clients on ``[server] limit_exceptions``
 (default: ``[relay] local_networks``) are not limited.
@@ -230,7 +230,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
                 continue
             count = await over(kind, key, options[option])
             if count is not None:
-                reply = Reply(450, "4.7.1", TOO_MANY.format(who=key))
+                reply = Reply(451, "4.7.1", TOO_MANY.format(who=key))
                 return refuse(session, tx, option, key, options[option], count,
                               Verdict.DENYSOFT, reply)
         return None
@@ -246,7 +246,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
                 continue
             count = await over(kind, key, options[option])
             if count is not None:
-                reply = Reply(450, "4.7.1", TOO_MANY.format(who=key))
+                reply = Reply(451, "4.7.1", TOO_MANY.format(who=key))
                 return refuse(session, tx, option, key, options[option], count,
                               Verdict.DENYSOFT, reply)
         return None

@@ -145,3 +145,12 @@ def test_bad_files(run_app, tmp_path: Path, dns_server) -> None:
     with pytest.raises(ConfigError, match="quarantine_path"):
         (tmp_path / "p2.toml").write_text('["a.example"]\nfreeze = true\n')
         run_app({"plugin": [{"use": "policy-db", "file": str(tmp_path / "p2.toml")}]})
+
+
+def test_warn_mode_refuses_nothing(run_app, tmp_path, dns_server) -> None:
+    app = start(run_app, tmp_path, dns_server, mode="warn")
+    got = session(app.port, "x@spam.example", "blocked@ours.example")
+    assert got[0][0] == 250  # rejectsource: only logged
+    # rejectrecipient: only logged; relay control then decides (the address entry has no
+    # relaytarget), so the refusal is relay control's, not the policy's
+    assert b"local policy" not in got[1][1] and b"Relaying denied" in got[1][1]

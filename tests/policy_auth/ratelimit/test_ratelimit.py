@@ -31,7 +31,7 @@ def test_messages_per_client_and_reset(run_app, tmp_path: Path, store: str) -> N
     assert mail(app.port)[0] == 250
     assert mail(app.port)[0] == 250
     code, text = mail(app.port)
-    assert (code, text[:5]) == (450, b"4.7.1") and b"127.0.0.1" in text
+    assert (code, text[:5]) == (451, b"4.7.1") and b"127.0.0.1" in text
     time.sleep(1.1)  # the window passes (the configured window, not a timing assertion)
     assert mail(app.port)[0] == 250
 
@@ -50,13 +50,13 @@ def test_recipients_per_client(run_app) -> None:
     with smtplib.SMTP("127.0.0.1", app.port, timeout=30) as c:
         c.ehlo("client.test")
         c.mail("ann@example.org")
-        assert [c.rcpt(f"r{i}@example.net")[0] for i in range(3)] == [250, 250, 450]
+        assert [c.rcpt(f"r{i}@example.net")[0] for i in range(3)] == [250, 250, 451]
 
 
 def test_messages_per_sender(run_app) -> None:
     app = run_app(cfg(messages_per_sender=1))
     assert mail(app.port, "a@example.org")[0] == 250
-    assert mail(app.port, "a@example.org")[0] == 450
+    assert mail(app.port, "a@example.org")[0] == 451
     assert mail(app.port, "b@example.org")[0] == 250
 
 
@@ -70,4 +70,4 @@ def test_exceptions_and_warn_mode(run_app) -> None:
 def test_redis_store_shared_by_two_instances(run_app, redis_url: str) -> None:
     a = run_app(cfg(messages_per_client=2, store=redis_url))
     b = run_app(cfg(messages_per_client=2, store=redis_url))
-    assert [mail(a.port)[0], mail(b.port)[0], mail(a.port)[0]] == [250, 250, 450]
+    assert [mail(a.port)[0], mail(b.port)[0], mail(a.port)[0]] == [250, 250, 451]
