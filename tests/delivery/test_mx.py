@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -319,3 +320,36 @@ def test_config_errors() -> None:
         MxDelivery(ports={"mx.test": 70000})
     with pytest.raises(ConfigError):
         MxDelivery(max_attempts=0)
+
+
+async def test_message_file_is_streamed_to_the_mx(
+    dns_server: DnsServer, start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """A long message from the spool goes to the MX host from its file, in pieces, and
+    again from the start to the next host when the first fails."""
+    import os
+
+    from smtpgate.message import MessageFile
+
+    big = b"Subject: big\r\n\r\n" + b"".join(
+        (b"." if i % 7 == 0 else b"") + b"line %07d of a long message\r\n" % i
+        for i in range(120_000))
+    path = tmp_path / "m"
+    path.write_bytes(b"HEADER-LINE\n" + big)
+    live = start_upstream()
+    mx = MxDelivery(
+        helo_name="gate.test",
+        resolver=make_resolver(["127.0.0.1"], port=dns_server.port),
+        ports={"mx1.example.test": free_port(), "mx1b.example.test": free_port(),
+               "mx2.example.test": live.port},
+        timeout=10,
+    )
+    fd = os.open(path, os.O_RDONLY)
+    msg = MessageFile(fd, len(big), offset=len(b"HEADER-LINE\n"))
+    try:
+        results = await mx.deliver_recipients(env("b@example.test"), msg)
+    finally:
+        msg.close()
+    assert results["b@example.test"].code == 250
+    [got] = live.handler.messages
+    assert got.content == big

@@ -23,6 +23,7 @@ import dns.resolver
 
 from ..envelope import Envelope, SessionInfo
 from ..errors import ConfigError, DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
+from ..message import Message
 from ..reply import Reply
 from .outbound import (
     NETWORK_ERRORS,
@@ -349,7 +350,7 @@ class MxDelivery:
     async def deliver_recipients(
         self,
         envelope: Envelope,
-        message: bytes,
+        message: Message,
         session: SessionInfo | None = None,
         *,
         domain: str | None = None,
@@ -360,7 +361,8 @@ class MxDelivery:
             envelope: reverse-path, MAIL parameters and recipients (all routed
                 through ``domain``; parameters passed on as in the relay path).
             message: the complete message: CRLF line endings, not dot-stuffed,
-                trace header already prepended.
+                trace header already prepended; bytes, or a
+                :class:`~smtpgate.message.MessageFile` sent from its file in pieces.
             session: the SMTP session, for logging.
             domain: the destination domain or address literal; default: the one
                 domain all recipients share.

@@ -7,7 +7,6 @@ RFC 5321 §5.1 (MX), RFC 3461/3464 (DSN).
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 
@@ -16,7 +15,7 @@ from ..delivery.mx import MxDelivery
 from ..delivery.outbound import RecipientResults
 from ..delivery.upstream import UpstreamDelivery
 from ..envelope import Envelope
-from ..message import Message, MessageFile
+from ..message import Message
 from ..reply import Reply
 from .manager import DsnFactory, Outcome
 from .schedule import RetrySchedule
@@ -95,13 +94,10 @@ class MxOutbound:
         self, destination: str, envelope: Envelope, message: Message
     ) -> dict[str, Outcome]:
         """Per-recipient outcome from the domain's MX hosts (a
-        :class:`~smtpgate.message.MessageFile` is loaded whole here: MX
-        delivery does not stream yet)."""
+        :class:`~smtpgate.message.MessageFile` is streamed from its file)."""
         if not destination:
             return {r.address: Outcome(Reply(550, "5.1.2", "Recipient has no domain"), "")
                     for r in envelope.rcpt_to}
-        if isinstance(message, MessageFile):
-            message = await asyncio.to_thread(message.read)
         results = await self.mx.deliver_recipients(envelope, message, domain=destination)
         return _results(results)
 
