@@ -64,10 +64,12 @@ class Scanner(Protocol):
     Attributes:
         name: scanner type, as in :attr:`ScanResult.scanner`.
         kind: ``"spam"`` or ``"virus"``.
+        max_size: bytes; a longer message is not sent (verdict ``"skipped"``).
     """
 
     name: str
     kind: Kind
+    max_size: int
 
     async def scan(
         self,

@@ -124,11 +124,21 @@ class ScannerSet:
 
         assert isinstance(tx, Transaction)
         tx.scanners = self
-        message = tx.raw
-        envelope = tx.envelope
-        outcomes = await asyncio.gather(
-            *(self._scan_one(c, message, envelope, session) for c in self.scanners)
-        )
+        # A long message stays in its file when every scanner would skip it for its size
+        # (each client answers "skipped" for a message over its max_size).
+        size = tx.size
+        if any(size <= c.client.max_size for c in self.scanners):
+            message = tx.raw
+            envelope = tx.envelope
+            outcomes = await asyncio.gather(
+                *(self._scan_one(c, message, envelope, session) for c in self.scanners)
+            )
+        else:
+            log.info("message of %d bytes over every scanner's max_size, not scanned", size)
+            outcomes = [(ScanResult(c.client.name, c.client.kind, "skipped",
+                                    detail=f"message size {size} > max_size "
+                                           f"{c.client.max_size}"), None, [], "")
+                        for c in self.scanners]
         decision: ScanDecision | None = None
         summary: list[str] = []
         for conf, (result, dec, headers, subject_prefix) in zip(
