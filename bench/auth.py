@@ -13,37 +13,26 @@ and its retry (``delay = 0``, ``auto_whitelist = 1``), so the client is whitelis
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import smtplib
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serve_run import serve, source  # noqa: E402  (bench/ is the script's directory)
 from tests.policy_auth.support import ThreadedDns  # noqa: E402
 
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
-SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 ZONE = {
     ("example.com", "TXT"): ['"v=spf1 ip4:127.0.0.1 -all"'],
     ("_dmarc.example.com", "TXT"): ['"v=DMARC1; p=none"'],
     ("example.com", "MX"): ["10 mx.example.com."],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config(port: int, dns_port: int, plugins: bool, wd: Path) -> str:
@@ -63,48 +52,13 @@ def config(port: int, dns_port: int, plugins: bool, wd: Path) -> str:
     return text
 
 
-@contextmanager
-def server(wd: Path, name: str, dns_port: int, plugins: bool) -> Iterator[int]:
-    port = free_port()
-    cfg = wd / f"{name}.toml"
-    cfg.write_text(config(port, dns_port, plugins, wd))
-    log = open(wd / f"{name}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([PYTHON, "-m", "smtpgate", "serve", "-c", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=wd)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start: see {wd / (name + '.log')}"
-                                       ) from None
-                time.sleep(0.1)
-        for _ in range(2):  # greylisting: the first attempt, then its retry
-            with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
-                c.ehlo("bench.client")
-                c.mail("a@example.com")
-                c.rcpt("b@example.com")
-        source(port, 300, 10)  # warm-up
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def source(port: int, messages: int, sessions: int) -> float:
-    """Run smtp-source; returns msgs/s. Raises on an unexpected reply."""
-    start = time.monotonic()
-    subprocess.run([SMTP_SOURCE, "-d", "-s", str(sessions), "-l", "4096", "-m", str(messages),
-                    "-f", "a@example.com", "-t", "b@example.com", f"127.0.0.1:{port}"],
-                   check=True, capture_output=True, timeout=600)
-    return messages / (time.monotonic() - start)
+def warm_greylist(port: int) -> None:
+    """Greylisting: the first attempt, then its retry (delay 0): the client is whitelisted."""
+    for _ in range(2):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+            c.ehlo("bench.client")
+            c.mail("a@example.com")
+            c.rcpt("b@example.com")
 
 
 def main() -> int:
@@ -117,7 +71,9 @@ def main() -> int:
     with ThreadedDns(dict(ZONE), zone="com") as dns:
         for r in range(rounds):
             for name in (["none", "auth"] if r % 2 == 0 else ["auth", "none"]):
-                with server(wd, name, dns.port, name == "auth") as port:
+                with serve(wd, name, functools.partial(
+                        config, dns_port=dns.port, plugins=name == "auth", wd=wd),
+                        warm_greylist) as port:
                     before = len(dns.server.queries)
                     rates[name].append(source(port, messages, sessions))
                     if name == "auth":

@@ -15,74 +15,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serve_run import serve, source  # noqa: E402  (bench/ is the script's directory)
 from tests.filters.milter.daemons import make_key, opendkim  # noqa: E402
-
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
-SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config(port: int, extra: str) -> str:
     return (f'[server]\nhostname = "bench.test"\nlisten = ["127.0.0.1:{port}"]\n'
             "max_connections = 5000\nmax_connections_per_ip = 5000\n"
             '[relay]\nurl = "discard:"\n[logging]\nlevel = "WARNING"\n' + extra)
-
-
-@contextmanager
-def server(wd: Path, name: str, extra: str) -> Iterator[int]:
-    port = free_port()
-    cfg = wd / f"{name}.toml"
-    cfg.write_text(config(port, extra))
-    log = open(wd / f"{name}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([PYTHON, "-m", "smtpgate", "serve", "-c", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=wd)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{name} did not start: see {wd / (name + '.log')}") from None
-                time.sleep(0.1)
-        source(port, 300, 10)  # warm-up
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def source(port: int, messages: int, sessions: int) -> float:
-    """Run smtp-source; returns msgs/s. Raises on an unexpected reply."""
-    start = time.monotonic()
-    subprocess.run([SMTP_SOURCE, "-d", "-s", str(sessions), "-l", "4096", "-m", str(messages),
-                    "-f", "a@example.com", "-t", "b@example.com", f"127.0.0.1:{port}"],
-                   check=True, capture_output=True, timeout=600)
-    return messages / (time.monotonic() - start)
 
 
 def main() -> int:
@@ -110,7 +59,7 @@ def main() -> int:
             order = names[r % 3:] + names[: r % 3]
             got: dict[str, float] = {}
             for name in order:
-                with server(wd, name, extras[name]) as port:
+                with serve(wd, name, lambda p, e=extras[name]: config(p, e)) as port:
                     got[name] = source(port, messages, sessions)
                 rates[name].append(got[name])
             for name in ratios:

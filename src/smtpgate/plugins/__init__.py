@@ -21,6 +21,7 @@ for one shipped in :mod:`smtpgate.plugins`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -174,6 +175,18 @@ class PluginRegistry:
     provides: dict[str, object] = field(default_factory=dict)
     stages: list[Stage] = field(default_factory=list)
     decides_relay: bool = True
+
+    def path(self, value: str) -> str:
+        """A file or directory option as a path: ``~`` expanded, and a relative path taken
+        relative to the configuration file's directory (the current directory for a
+        configuration that did not come from a file), as ``[maildir] path`` is."""
+        path = os.path.expanduser(value)
+        if os.path.isabs(path) or not path:
+            return path
+        source = self.config.source
+        base = os.getcwd() if source.startswith("<") else \
+            os.path.dirname(os.path.abspath(source))
+        return os.path.join(base, path)
 
     def on(
         self,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 import dkim
@@ -82,10 +81,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
                for t in registry.config.plugins):
         raise OptionError("seal", "sealing needs the authentication-results plugin "
                                   "(its header carries the results being sealed)")
-    key_dir = os.path.expanduser(options["key_dir"])
-    source = registry.config.source
-    if not os.path.isabs(key_dir) and not source.startswith("<"):
-        key_dir = os.path.join(os.path.dirname(os.path.abspath(source)), key_dir)
+    key_dir = registry.path(options["key_dir"])
     try:
         key = load_key(key_dir, options["domain"], options["selector"])
     except ConfigError as exc:

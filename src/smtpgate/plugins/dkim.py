@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 from email.utils import getaddresses
 from typing import Any
 
@@ -138,10 +137,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     registry.decides_relay = False
     sign_domains = [str(d).lower().rstrip(".") for d in options["sign_domains"]]
     keys: dict[str, SigningKey] = {}
-    key_dir = os.path.expanduser(options["key_dir"])
-    source = registry.config.source
-    if key_dir and not os.path.isabs(key_dir) and not source.startswith("<"):
-        key_dir = os.path.join(os.path.dirname(os.path.abspath(source)), key_dir)
+    key_dir = registry.path(options["key_dir"])
     if sign_domains:
         if not options["key_dir"] or not options["selector"]:
             raise OptionError("sign_domains", "signing needs key_dir and selector")

@@ -24,7 +24,6 @@ import asyncio
 import concurrent.futures
 import ipaddress
 import logging
-import os
 import sqlite3
 import time
 from typing import Any, Protocol
@@ -228,10 +227,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     if store_spec.startswith(("redis://", "rediss://", "unix://")):
         store = RedisStore(store_spec)
     else:
-        path = os.path.expanduser(store_spec)
-        source = registry.config.source
-        if not os.path.isabs(path) and not source.startswith("<"):
-            path = os.path.join(os.path.dirname(os.path.abspath(source)), path)
+        path = registry.path(store_spec)
         sqlite_store = SqliteStore(path)
         try:
             sqlite_store.open()

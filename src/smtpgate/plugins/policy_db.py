@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,10 +154,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
         OptionError: as :func:`load_policy`; ``freeze`` used without ``quarantine_path``.
     """
     name = registry.name
-    path = os.path.expanduser(options["file"])
-    source = registry.config.source
-    if not os.path.isabs(path) and not source.startswith("<"):
-        path = os.path.join(os.path.dirname(os.path.abspath(source)), path)
+    path = registry.path(options["file"])
     db = load_policy(path)
     quarantine: str = options["quarantine_path"]
     uses_freeze = any(a.get("freeze") for _, a in db.networks) or \

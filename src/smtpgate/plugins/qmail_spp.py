@@ -237,10 +237,7 @@ def register(registry: PluginRegistry, options: dict[str, object]) -> None:
         path = os.path.abspath(conffile)
         origin = f"SPPCONFFILE={conffile}"
     else:
-        source = registry.config.source
-        base = os.path.dirname(os.path.abspath(source)) if not source.startswith("<") \
-            else os.getcwd()
-        path = os.path.join(base, os.path.expanduser(plugins_file))
+        path = registry.path(plugins_file)
         origin = path
     try:
         spp = load_spp_file(path)

@@ -23,7 +23,6 @@ import collections
 import concurrent.futures
 import ipaddress
 import logging
-import os
 import sqlite3
 import time
 import uuid
@@ -167,10 +166,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     elif spec.startswith(("redis://", "rediss://", "unix://")):
         counter = RedisCounter(spec)
     else:
-        path = os.path.expanduser(spec)
-        source = registry.config.source
-        if not os.path.isabs(path) and not source.startswith("<"):
-            path = os.path.join(os.path.dirname(os.path.abspath(source)), path)
+        path = registry.path(spec)
         sqlite_counter = SqliteCounter(path)
         try:
             sqlite_counter.open()
