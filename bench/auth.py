@@ -41,7 +41,7 @@ def config(port: int, dns_port: int, plugins: bool, wd: Path) -> str:
             '[relay]\nurl = "discard:"\nrelay_domains = ["example.com"]\n'
             "local_networks = []\n"
             f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
-            '[logging]\nlevel = "WARNING"\n')
+            '[log]\nlevel = "WARNING"\n')
     if plugins:
         text += ('[[plugin]]\nuse = "spf"\n[[plugin]]\nuse = "dkim"\n'
                  '[[plugin]]\nuse = "dmarc"\n'

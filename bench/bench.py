@@ -267,7 +267,7 @@ class Server:
                     "max_connections = 5000\n"
                     "max_connections_per_ip = 5000\n"
                     f"use_uvloop = {'true' if spec.uvloop else 'false'}\n"
-                    "[logging]\n"
+                    "[log]\n"
                     'level = "WARNING"\n'
                     "[relay]\n")
             if spec.relay:

@@ -31,7 +31,7 @@ from tests.filters.milter.daemons import make_key, opendkim  # noqa: E402
 def config(port: int, extra: str) -> str:
     return (f'[server]\nhostname = "bench.test"\nlisten = ["127.0.0.1:{port}"]\n'
             "max_connections = 5000\nmax_connections_per_ip = 5000\n"
-            '[relay]\nurl = "discard:"\n[logging]\nlevel = "WARNING"\n' + extra)
+            '[relay]\nurl = "discard:"\n[log]\nlevel = "WARNING"\n' + extra)
 
 
 def main() -> int:

@@ -50,7 +50,7 @@ def _start(src: str | None, workdir: Path) -> tuple[subprocess.Popen[bytes], int
         "max_connections = 20000\n"
         "max_connections_per_ip = 20000\n"
         "use_uvloop = true\n"
-        "[logging]\n"
+        "[log]\n"
         'level = "WARNING"\n'
         "[relay]\n"
         'url = "discard:"\n'

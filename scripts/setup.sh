@@ -5,7 +5,7 @@
 #     the tests start on private ports: spamassassin + spamc (spamd), clamav-daemon +
 #     clamav-testfiles (clamd), rspamd (+ redis-server for its Bayes), haproxy (PROXY tests),
 #     and the external filters the filter tests run (opendkim, opendmarc, clamav-milter, spamass-milter, postgrey,
-#     postfix-policyd-spf-python);
+#     postfix-policyd-spf-python), and headless Chromium + chromedriver (admin page tests);
 #   - a virtualenv in .venv with smtpgate installed editable, plus the test/uvloop extras.
 # Usage: scripts/setup.sh [--no-apt]
 set -euo pipefail
@@ -34,6 +34,9 @@ if [ "$want_apt" = 1 ]; then
   command -v spamass-milter >/dev/null 2>&1 || missing+=(spamass-milter)
   command -v postgrey >/dev/null 2>&1 || missing+=(postgrey)
   [ -x /usr/bin/policyd-spf ] || missing+=(postfix-policyd-spf-python)
+  # the admin web page's browser tests (docs/operations.md): headless Chromium + its driver
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
   if [ "${#missing[@]}" -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 
 from smtpgate.config import (
+    AdminConfig,
     AuthConfig,
+    CaptureConfig,
     Config,
     DeliveryConfig,
     HooksConfig,
     ListenAddress,
-    LoggingConfig,
+    LogConfig,
     MaildirConfig,
     QueueConfig,
     RelayConfig,
@@ -45,7 +47,9 @@ SECTIONS: dict[str, type[Any]] = {
     "relay": RelayConfig,
     "maildir": MaildirConfig,
     "hooks": HooksConfig,
-    "logging": LoggingConfig,
+    "log": LogConfig,
+    "admin": AdminConfig,
+    "capture": CaptureConfig,
     "delivery": DeliveryConfig,
     "queue": QueueConfig,
 }
@@ -120,7 +124,12 @@ EXPECTED_DEFAULTS: dict[str, dict[str, Any]] = {
         "address_check": (),
         "timeout": 30.0,
     },
-    "logging": {"level": "INFO"},
+    "log": {"level": "INFO", "format": "text", "file": "", "max_size": 0, "roll_hour": -1,
+            "max_backups": 10, "roll_format": "", "roll_on_start": False,
+            "roll_on_signal": False, "send_log": ""},
+    "admin": {"listen": "", "token_file": ""},
+    "capture": {"database": "smtpgate-capture.sqlite", "max_messages": 10000, "max_bytes": 0,
+                "relay_url": ""},
 }
 EXPECTED_DEFAULTS["server"].update({
     "help_text": "",
@@ -230,7 +239,7 @@ def test_values_are_stored_normalised() -> None:
     assert cfg.relay.timeout == 2.0
     assert cfg.hooks.rcpt == ("pkg.mod:check",)
     assert cfg.hooks.by_point() == {"rcpt": ("pkg.mod:check",), "data": ("a:b", "c.d:e.f")}
-    assert cfg.logging.level == "DEBUG"
+    assert cfg.log.level == "DEBUG"
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,8 +311,23 @@ BAD_VALUES = [
     ("hooks", "quit", ["mod.func"], "must look like"),
     ("hooks", "error", ["a b:c"], "must look like"),
     ("hooks", "timeout", -1, "must be a positive number of seconds"),
-    ("logging", "level", "verbose", 'must be one of "DEBUG", "INFO", "WARNING", "ERROR"'),
-    ("logging", "level", 10, "must be a string, got 10"),
+    ("log", "level", "verbose", 'must be one of "DEBUG", "INFO", "WARNING", "ERROR"'),
+    ("log", "level", 10, "must be a string, got 10"),
+    ("log", "format", "xml", 'must be one of "text", "json"'),
+    ("log", "file", 3, "must be a string"),
+    ("log", "max_size", -1, "must be"),
+    ("log", "roll_hour", 24, "must be an hour of the day"),
+    ("log", "max_backups", -2, "must be"),
+    ("log", "roll_format", "a b", "must be"),
+    ("log", "roll_on_start", "yes", "must be true or false"),
+    ("log", "roll_on_signal", 1, "must be true or false"),
+    ("log", "send_log", [], "must be a string"),
+    ("admin", "listen", "nowhere", "missing port"),
+    ("admin", "token_file", "/nonexistent/token", "not"),
+    ("capture", "database", 5, "must be a string"),
+    ("capture", "max_messages", -1, "must be"),
+    ("capture", "max_bytes", "many", "must be"),
+    ("capture", "relay_url", "ftp://x", "unsupported scheme"),
     ("server", "help_text", 5, "must be a string"),
     ("server", "multiline_replies", "no", "must be true or false"),
     ("server", "disable_extensions", ["NOPE"], "unknown extension"),
@@ -477,7 +501,7 @@ def test_several_problems_reported_together_in_file_order() -> None:
         "server.vrfy",
         "server.listen[0]",
         "tls.min_version",
-        "logging.level",
+        "log.level",
         "sever",
     ]
     assert problems[0] == "server.max_recipients: must be a positive integer, got -1"
@@ -517,8 +541,8 @@ def test_unknown_with_suggestion(data: dict[str, Any], expected: str) -> None:
 
 
 def test_unknown_without_close_match_lists_known_names() -> None:
-    (problem,) = problems_of({"logging": {"zzzz": 1}})
-    assert problem == "logging.zzzz: unknown key; known: level"
+    (problem,) = problems_of({"log": {"zzzz": 1}})
+    assert problem.startswith("log.zzzz: unknown key; known: file, format, level, ")
     (problem,) = problems_of({"qqqqqq": {}})
     assert problem.startswith("qqqqqq: unknown section; known: ")
     assert "server" in problem
@@ -818,10 +842,10 @@ def test_with_overrides() -> None:
     base = config_from_mapping({"server": {"max_recipients": 9}})
     cfg = base.with_overrides(listen=["[::1]:0", "127.0.0.1:2526"], log_level="debug")
     assert cfg.server.listen == (ListenAddress("::1", 0), ListenAddress("127.0.0.1", 2526))
-    assert cfg.logging.level == "DEBUG"
+    assert cfg.log.level == "DEBUG"
     assert cfg.server.max_recipients == 9
     assert base.server.listen == (ListenAddress("127.0.0.1", 2525),)
-    assert base.logging.level == "INFO"
+    assert base.log.level == "INFO"
     assert base.with_overrides() == base
     assert base.with_overrides(log_level="ERROR").server == base.server
 
@@ -832,7 +856,7 @@ def test_with_overrides_errors_name_the_key() -> None:
         base.with_overrides(listen=["localhost", "[::1]:1"], log_level="chatty")
     assert [p.split(" ")[0] for p in info.value.problems] == [
         "server.listen[0]",
-        "logging.level",
+        "log.level",
     ]
     assert "missing port" in info.value.problems[0]
     with pytest.raises(ConfigError) as info:
@@ -888,3 +912,30 @@ def test_reference_documents_every_key_with_its_section() -> None:
         assert f"| `{f.name}` |" in part, f"scanner.{f.name}"
     assert "smtpgate serve -c FILE [--listen ADDR ...] [--log-level LEVEL]" in reference
     assert "smtpgate check-config -c FILE" in reference
+
+
+def test_logging_is_the_older_name_of_log() -> None:
+    assert config_from_mapping({"logging": {"level": "DEBUG"}}).log.level == "DEBUG"
+    assert problems_of({"logging": {"level": "DEBUG"}, "log": {}}) == [
+        "logging: [logging] is the older name of [log]; use one of them"]
+    assert problems_of({"logging": {"level": "loud"}})[0].startswith("log.level: ")
+
+
+def test_admin_listen_needs_a_token_off_loopback(tmp_path: Path) -> None:
+    assert config_from_mapping({"admin": {"listen": "127.0.0.1:8025"}}).admin.listen
+    assert config_from_mapping({"admin": {"listen": "[::1]:8025"}}).admin.listen
+    assert problems_of({"admin": {"listen": "0.0.0.0:8025"}}) == [
+        "admin.listen: 0.0.0.0:8025 is not a loopback address; set admin.token_file to "
+        "serve the admin API on other addresses"]
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    cfg = config_from_mapping({"admin": {"listen": "0.0.0.0:8025", "token_file": str(token)}})
+    assert cfg.admin.token_file == str(token)
+
+
+def test_capture_mode_and_database_default(tmp_path: Path) -> None:
+    conf = tmp_path / "smtpgate.toml"
+    conf.write_text('[delivery]\nmode = "capture"\n')
+    cfg = load_config(conf)
+    assert cfg.delivery_mode == "capture"
+    assert cfg.capture.database == str(tmp_path / "smtpgate-capture.sqlite")

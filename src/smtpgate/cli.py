@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     starts, with exit code 2.
     """
     cfg = _load(args)
-    _setup_logging(cfg.logging.level)
+    _setup_logging(cfg.log.level)
     app = _checked_app(cfg)
     if cfg.server.use_uvloop:
         try:
@@ -317,7 +317,7 @@ def cmd_stdio(args: argparse.Namespace) -> int:
         raise UsageError("inetd: standard input is not a socket (inetd mode is started by "
                          "inetd or systemd with Accept=yes; use 'smtpgate bsmtp' for a batch)")
     cfg = _load(args)
-    level = "DEBUG" if args.command == "policy-test" else cfg.logging.level
+    level = "DEBUG" if args.command == "policy-test" else cfg.log.level
     if args.command == "bsmtp" and level == "INFO":
         level = "WARNING"  # keep stdout for replies and stderr quiet in batch mode
     _setup_logging(level)

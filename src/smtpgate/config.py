@@ -778,15 +778,98 @@ class HooksConfig:
         return {p: getattr(self, p) for p in self.POINTS if getattr(self, p)}
 
 
+def _roll_hour(value: object, _ctx: _Context) -> int:
+    n = _int(value)
+    if not -1 <= n <= 23:
+        raise _Invalid(f"must be an hour of the day, 0 to 23, or -1 for none, got {n}")
+    return n
+
+
+def _roll_format(value: object, ctx: _Context) -> str:
+    text = _str(value, ctx)
+    if not all(c.isascii() and c.isprintable() and c not in " /" for c in text):
+        raise _Invalid(f"must be a strftime suffix without spaces or '/', got {_show(text)}")
+    return text
+
+
 @dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    """``[logging]``.
+class LogConfig:
+    """``[log]`` (``[logging]`` is accepted as its older name): the server log and the
+    send log (docs/operations.md). NaviServer nssmtpd's log parameters map as
+    ``logfile`` = ``file``, ``logroll`` = ``roll_on_start``, ``logrollfmt`` =
+    ``roll_format``, ``logmaxbackup`` = ``max_backups``, ``logrollonsignal`` =
+    ``roll_on_signal``, ``logrollhour`` = ``roll_hour``.
 
     Attributes:
         level: ``"DEBUG"``, ``"INFO"``, ``"WARNING"`` or ``"ERROR"`` (upper case).
+        format: ``"text"`` (``key=value`` fields, values with spaces quoted) or
+            ``"json"`` (one JSON object per line with the same fields).
+        file: the log file (resolved against the configuration file's directory);
+            ``""`` = standard error. Reopened on SIGUSR1 and SIGHUP (for logrotate).
+        max_size: bytes; roll the file when a record would take it past this (0 = never).
+        roll_hour: roll the file once a day at this local hour, 0-23 (-1 = never).
+        max_backups: rolled files kept (``file.1`` ... or by ``roll_format``); older
+            ones are removed.
+        roll_format: a :func:`time.strftime` suffix for rolled files (``"%Y-%m-%d"``
+            gives ``smtpgate.log.2026-12-04``); ``""`` = numbered ``.1``, ``.2``, ...
+        roll_on_start: roll an existing non-empty file when the server starts.
+        roll_on_signal: on SIGUSR1/SIGHUP roll the file instead of only reopening it.
+        send_log: nssmtpd's send log: one line per relayed message (time, queue id,
+            sender, recipients, upstream, reply), rolled like ``file``; ``""`` = off.
     """
 
     level: str = _opt("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    format: str = _opt("text", _choice("text", "json"))
+    file: str = _opt("", _new_file_path)
+    max_size: int = _opt(0, _nonnegative_int)
+    roll_hour: int = _opt(-1, _roll_hour)
+    max_backups: int = _opt(10, _nonnegative_int)
+    roll_format: str = _opt("", _roll_format)
+    roll_on_start: bool = _opt(False, _bool)
+    roll_on_signal: bool = _opt(False, _bool)
+    send_log: str = _opt("", _new_file_path)
+
+
+def _admin_listen(value: object, ctx: _Context) -> str:
+    text = _str(value, ctx).strip()
+    if text:
+        _listen_entry(text)
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the administration HTTP listener (API, web page, ``/metrics``;
+    docs/operations.md). Off unless ``listen`` is set.
+
+    Attributes:
+        listen: ``host:port`` of the admin listener; ``""`` = no listener. Bind it to
+            loopback unless ``token_file`` is set.
+        token_file: a file holding the bearer token required for everything but
+            ``/metrics``; ``""`` = no token (then only loopback addresses may be listened on).
+    """
+
+    listen: str = _opt("", _admin_listen)
+    token_file: str = _opt("", _path("file"))
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """``[capture]``: capture mode (``[delivery] mode = "capture"``, like Mailpit):
+    accepted messages are stored in an SQLite database, shown on the admin page and API.
+
+    Attributes:
+        database: the SQLite file (resolved against the configuration file's directory).
+        max_messages: messages kept; the oldest are removed first (0 = no limit).
+        max_bytes: bytes of message text kept; the oldest are removed first (0 = no limit).
+        relay_url: where "relay this message" sends a captured message (same forms as
+            ``relay.url``); ``""`` = ``relay.url``.
+    """
+
+    database: str = _opt("smtpgate-capture.sqlite", _new_file_path)
+    max_messages: int = _opt(10000, _nonnegative_int)
+    max_bytes: int = _opt(0, _nonnegative_int)
+    relay_url: str = _opt("", _relay_url)
 
 
 def _scanner_address(value: object, ctx: _Context) -> str:
@@ -896,7 +979,7 @@ class DeliveryConfig:
         mx_port: TCP port used for MX delivery (25; tests use another).
     """
 
-    mode: str = _opt("", _choice("", "queue", "proxy"))
+    mode: str = _opt("", _choice("", "queue", "proxy", "capture"))
     mx_port: int = _opt(25, _positive_int)
 
 
@@ -994,7 +1077,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "relay": RelayConfig,
     "maildir": MaildirConfig,
     "hooks": HooksConfig,
-    "logging": LoggingConfig,
+    "log": LogConfig,
+    "admin": AdminConfig,
+    "capture": CaptureConfig,
     "delivery": DeliveryConfig,
     "queue": QueueConfig,
     "dns": DnsConfig,
@@ -1009,7 +1094,7 @@ class Config:
     Lists from the file are stored as tuples.
 
     Attributes:
-        server, tls, auth, relay, maildir, hooks, logging, delivery, queue, dns: the
+        server, tls, auth, relay, maildir, hooks, log, admin, capture, delivery, queue, dns: the
             sections.
         source: where it came from (a file path, ``"<mapping>"`` or ``"<defaults>"``);
             ignored by ``==``.
@@ -1021,7 +1106,9 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     maildir: MaildirConfig = field(default_factory=MaildirConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -1033,10 +1120,13 @@ class Config:
 
     @property
     def delivery_mode(self) -> str:
-        """The effective delivery mode: ``"queue"``, ``"proxy"`` or ``"local"``.
+        """The effective delivery mode: ``"queue"``, ``"proxy"``, ``"capture"`` or ``"local"``.
 
-        ``local`` (Maildir, a callable, or ``discard:``) answers after storing locally.
+        ``local`` (Maildir, a callable, or ``discard:``) answers after storing locally;
+        ``capture`` stores in the ``[capture]`` database.
         """
+        if self.delivery.mode == "capture":
+            return "capture"
         url = self.relay.url
         if not url or url == "discard:":
             return "local" if self.delivery.mode != "queue" or not url else "queue"
@@ -1065,13 +1155,13 @@ class Config:
 
         Args:
             listen: replaces ``server.listen`` when not None (must hold at least one address).
-            log_level: replaces ``logging.level`` when not None (case-insensitive).
+            log_level: replaces ``log.level`` when not None (case-insensitive).
 
         Returns:
             A new :class:`Config`; ``self`` is unchanged.
 
         Raises:
-            ConfigError: naming ``server.listen`` / ``logging.level`` for bad values.
+            ConfigError: naming ``server.listen`` / ``log.level`` for bad values.
         """
         ctx = _Context(base_dir=os.getcwd())
         problems: list[str] = []
@@ -1087,9 +1177,9 @@ class Config:
             try:
                 level = _choice("DEBUG", "INFO", "WARNING", "ERROR")(log_level, ctx)
             except _Invalid as exc:
-                problems += [f"logging.level (--log-level): {msg}" for _, msg in exc.problems]
+                problems += [f"log.level (--log-level): {msg}" for _, msg in exc.problems]
             else:
-                result = replace(result, logging=replace(result.logging, level=level))
+                result = replace(result, log=replace(result.log, level=level))
         if problems:
             raise ConfigError(problems)
         return result
@@ -1287,6 +1377,16 @@ def _int_between(low: int, high: int) -> _Check:
 
 
 def _cross_checks(sections: Mapping[str, Any], problems: list[str]) -> None:
+    admin = sections.get("admin")
+    if isinstance(admin, AdminConfig) and admin.listen and not admin.token_file:
+        host = parse_listen(admin.listen).host
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            problems.append(f"admin.listen: {admin.listen} is not a loopback address; set "
+                            "admin.token_file to serve the admin API on other addresses")
     tls = sections.get("tls")
     if isinstance(tls, TlsConfig) and not tls.certificate:
         for key in ("key", "cafile", "capath"):
@@ -1313,7 +1413,8 @@ def _cross_checks(sections: Mapping[str, Any], problems: list[str]) -> None:
 
 #: Directory keys whose default is resolved against the config file's directory when a
 #: file is loaded (see :func:`config_from_mapping`).
-_DEFAULT_DIRS: tuple[tuple[str, str], ...] = (("maildir", "path"), ("queue", "path"))
+_DEFAULT_DIRS: tuple[tuple[str, str], ...] = (
+    ("maildir", "path"), ("queue", "path"), ("capture", "database"))
 
 
 def _resolve_default_dirs(sections: dict[str, Any], base_dir: str) -> None:
@@ -1376,9 +1477,14 @@ def config_from_mapping(
             else:
                 sections["helo_rules"] = tuple(dict(t) for t in tables)
             continue
+        if name == "logging":  # the older name of [log]
+            if "log" in data:
+                problems.append("logging: [logging] is the older name of [log]; use one of them")
+                continue
+            name = "log"
         cls = _SECTIONS.get(name)
         if cls is None:
-            known = [*_SECTIONS, "scanner", "listener", "helo_rule", "plugin"]
+            known = [*_SECTIONS, "logging", "scanner", "listener", "helo_rule", "plugin"]
             problems.append(_unknown("section", str(name), str(name), known))
             continue
         section = _load_section(name, cls, raw, ctx, problems)
@@ -1447,7 +1553,7 @@ __all__ = [
     "Config",
     "HooksConfig",
     "ListenAddress",
-    "LoggingConfig",
+    "LogConfig",
     "MaildirConfig",
     "RelayConfig",
     "ServerConfig",

@@ -105,7 +105,7 @@ def _delivered_stage(hooks: HookRunner) -> OutcomeHook:
 def _child_main(cfg: Config, commands: Connection, events: Connection, clean: bool) -> None:
     """Entry point of the delivery process (multiprocessing, spawn start method)."""
     logging.basicConfig(
-        level=getattr(logging, cfg.logging.level, logging.INFO),
+        level=getattr(logging, cfg.log.level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s[delivery]: %(message)s",
         stream=sys.stderr,
     )

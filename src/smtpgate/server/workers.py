@@ -121,7 +121,7 @@ def _worker_main(cfg: Config, args: argparse.Namespace, index: int, control: Con
                  events: Connection) -> None:
     """Entry point of a worker process (multiprocessing, spawn start method)."""
     logging.basicConfig(
-        level=getattr(logging, cfg.logging.level, logging.INFO),
+        level=getattr(logging, cfg.log.level, logging.INFO),
         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
         stream=sys.stderr,
         force=True,
