@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from .admin import AdminServer
 from .auth import Authenticator, CallableAuthenticator, FailureLimiter, UsersFileAuthenticator
 from .config import Config, ListenAddress, ListenerConfig, config_from_mapping
 from .delivery import CallableDelivery, Delivery, make_delivery
@@ -101,6 +102,7 @@ class Smtpgate:
             else None
         )
         self.server: SmtpServer | None = None
+        self.admin: AdminServer | None = None
         self.queue: QueueScheduler | None = None
         self._ownership: SpoolOwnership | None = None
         self._delivery_lock: SpoolOwnership | None = None
@@ -397,6 +399,14 @@ class Smtpgate:
             self.server = None
             await self.stop()
             raise
+        if self.config.admin.listen and role == "server":
+            try:
+                admin = AdminServer(self, self.config.admin)
+                await admin.start()
+            except BaseException:
+                await self.stop(0)
+                raise
+            self.admin = admin
 
     def reload(self, config: Config) -> list[str]:
         """Apply a new configuration to a running server (SIGHUP), gracefully.
@@ -531,6 +541,9 @@ class Smtpgate:
         Args:
             timeout: seconds for transactions in flight; default ``server.shutdown_timeout``.
         """
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
         if self.server is not None:
             try:
                 await self.server.close(

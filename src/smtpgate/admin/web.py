@@ -1,0 +1,9 @@
+"""Admin routes: web (docs/operations.md)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def add_routes(app: web.Application) -> None:
+    """Add this module's routes to the admin application app."""
