@@ -89,7 +89,8 @@ async def _metrics(_request: web.Request) -> web.Response:
 def make_app(gate: Smtpgate, token: str = "") -> web.Application:
     """Build the admin application for ``gate`` (routes of :mod:`.api`, :mod:`.messages`,
     :mod:`.web`, and ``/metrics``), requiring ``token`` when not empty."""
-    from . import api, messages, web as page
+    from . import api, messages
+    from . import web as page
 
     app = web.Application(middlewares=[_require_token], client_max_size=1 << 20)
     app[GATE] = gate
