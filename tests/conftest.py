@@ -30,7 +30,7 @@ LOOP_KINDS = ["asyncio", "uvloop"]
 
 #: Test directories whose async tests run once per event loop (pytest-asyncio's loop
 #: is then the one the test starts the server in).
-_SERVER_LEVEL = ("server", "e2e", "queue")
+_SERVER_LEVEL = ("server", "e2e", "queue", "ops")
 
 
 def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -47,7 +47,7 @@ def _loop_factories(
     """pytest-asyncio hook (``pytest_asyncio_loop_factories``, pytest-asyncio >= 1.4,
     which deprecates overriding ``event_loop_policy``): the loops an async test runs in.
 
-    Server-level tests (``tests/server``, ``tests/e2e``, ``tests/queue``) run under
+    Server-level tests (``tests/server``, ``tests/e2e``, ``tests/queue``, ``tests/ops``) run under
     both loops (ids ``[asyncio]`` / ``[uvloop]``) unless they use :func:`run_app`,
     which runs the server in its own thread and is parametrised itself; the others
     run under the stdlib loop only.

@@ -1,0 +1,1 @@
+"""Operations (issue 12): logs, metrics, admin API and page, capture mode, CLI."""
