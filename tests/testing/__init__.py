@@ -1,0 +1,1 @@
+"""smtpgate.testing, the pytest plugin for users (issue 14)."""
