@@ -2,12 +2,14 @@
 
 Entry points: :class:`RspamdScanner` (implements ``Scanner`` and ``SpamLearner``),
 :data:`SPAM_ACTIONS`. Protocol: rspamd's HTTP protocol (rspamd.com/doc/developers/protocol.html)
-over HTTP/1.1 (RFC 9110/9112), one request per TCP or Unix-socket connection.
+over HTTP/1.1 (RFC 9110/9112) with aiohttp's client (the project's one HTTP stack), one
+request per TCP or Unix-socket connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -19,7 +21,7 @@ from typing import Any
 
 from ..envelope import Envelope, SessionInfo
 from ..errors import ScannerError, ScannerTimeout, ScannerUnavailable
-from .base import Kind, ScanResult, Verdict, open_scanner_connection, parse_scanner_address
+from .base import Kind, ScanResult, Verdict, parse_scanner_address
 
 __all__ = [
     "CLEAN_ACTIONS",
@@ -38,8 +40,6 @@ DEFAULT_PORT = 11333
 DEFAULT_CONTROLLER_PORT = 11334
 #: Largest HTTP reply accepted (status line, headers and body), in bytes.
 MAX_REPLY = 16 << 20
-#: Most header lines accepted in one HTTP reply.
-_MAX_REPLY_HEADERS = 100
 
 #: rspamd actions that make the verdict ``"spam"``: each one asks the MTA to do something
 #: about the message (reject it, defer it, or mark it). Any action rspamd may add later
@@ -49,7 +49,6 @@ SPAM_ACTIONS = frozenset({"reject", "soft reject", "rewrite subject", "add heade
 CLEAN_ACTIONS = frozenset({"no action"})
 
 _HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,128}$")  # RFC 5322 §2.2 field-name (ftext)
-_STATUS_RE = re.compile(rb"^HTTP/1\.[01] +(\d{3})(?: +(.*))?$")
 _CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _CTL_NO_TAB_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _LINEBREAK_RE = re.compile(r"\r\n|\r|\n")
@@ -58,7 +57,7 @@ _ALREADY_LEARNED = "already learned"
 
 @dataclass(frozen=True, slots=True)
 class _HttpReply:
-    """One HTTP reply read by :func:`_read_reply`.
+    """One HTTP reply, as :meth:`RspamdScanner._exchange` read it with aiohttp's client.
 
     Attributes:
         status: the status code (``200``).
@@ -387,127 +386,118 @@ class RspamdScanner:
         headers: Sequence[tuple[str, str]],
         body: bytes,
     ) -> _HttpReply:
-        """One HTTP/1.1 request on a fresh connection, bounded by ``timeout`` overall.
+        """One HTTP/1.1 request on a fresh connection through aiohttp's client, bounded by
+        ``timeout`` seconds overall (connect, send, read the whole reply).
 
-        Sends ``Content-Length`` (for POST) and ``Connection: close``; reads a reply framed
-        by ``Content-Length``, chunked coding or the end of the connection.
+        aiohttp frames the request (``Host``, ``Content-Length`` for POST,
+        ``Connection: close``) and parses the reply (RFC 9112: ``Content-Length``, chunked
+        coding, or the end of the connection); the body is read up to :data:`MAX_REPLY`
+        bytes.
+
+        Raises:
+            ScannerUnavailable: cannot connect (refused, missing socket, DNS), or the
+                connection ended before a complete reply.
+            ScannerTimeout: no complete reply within ``timeout`` seconds.
+            ScannerError: the reply is not HTTP, is malformed or is over :data:`MAX_REPLY`.
         """
-        head = [f"{method} {path} HTTP/1.1", f"Host: {_host_header(target)}"]
-        head.extend(f"{name}: {value}" for name, value in headers)
-        if method == "POST":
-            head.append(f"Content-Length: {len(body)}")
-        head.append("Connection: close")
-        request = ("\r\n".join(head) + "\r\n\r\n").encode("utf-8")
+        import aiohttp
+
+        if isinstance(target, str):
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=target, force_close=True)
+            where = target
+        else:
+            connector = aiohttp.TCPConnector(force_close=True, use_dns_cache=False)
+            where = _host_header(target)
+        _use_head_first_protocol(connector)
+        url = f"http://{_host_header(target)}{path}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        writer: asyncio.StreamWriter | None = None
         try:
-            async with asyncio.timeout_at(deadline):
-                reader, writer = await open_scanner_connection(target, self.timeout, self.name)
-                writer.write(request)
-                if body:
-                    writer.write(body)
-                await writer.drain()
-                reply = await _read_reply(reader)
+            async with asyncio.timeout_at(deadline), aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                skip_auto_headers=("Accept-Encoding", "Content-Type"),
+                auto_decompress=False,
+            ) as http, http.request(
+                method, url, headers=list(headers), data=body if method == "POST" else None,
+                allow_redirects=False,
+            ) as response:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > MAX_REPLY:
+                        raise ScannerError(f"rspamd: reply to {method} {path} is too large "
+                                           f"(over {MAX_REPLY} bytes)")
+                    chunks.append(chunk)
+                return _HttpReply(
+                    status=response.status,
+                    reason=response.reason or "",
+                    headers={k.lower(): v for k, v in response.headers.items()},
+                    body=b"".join(chunks),
+                )
         except TimeoutError as exc:
             raise ScannerTimeout(
                 f"rspamd: no reply to {method} {path} within {self.timeout:g}s"
             ) from exc
-        except asyncio.IncompleteReadError as exc:
+        except aiohttp.ClientConnectorError as exc:
+            raise ScannerUnavailable(
+                f"rspamd: cannot connect to {where}: {exc.os_error.strerror or exc.os_error}"
+            ) from exc
+        except aiohttp.ClientResponseError as exc:  # aiohttp could not parse the reply
+            text = _CTL_RE.sub(" ", exc.message.split("\n", 1)[0]).strip()[:120]
+            if "content-length" in exc.message.lower():
+                what = "bad Content-Length in the reply"
+            elif "status line" in exc.message.lower():
+                what = "not an HTTP reply"
+            else:
+                what = "malformed HTTP reply"
+            raise ScannerError(f"rspamd: {what} to {method} {path}: {text}") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
             raise ScannerUnavailable(
                 f"rspamd: connection closed before a complete reply to {method} {path}"
             ) from exc
-        except OSError as exc:  # reset, broken pipe
+        except (aiohttp.ClientError, OSError) as exc:  # reset, broken pipe
             raise ScannerUnavailable(
                 f"rspamd: connection failed during {method} {path}: {exc}"
             ) from exc
-        finally:
-            if writer is not None:
-                # abort(): never wait on a peer that stopped reading; the reply is complete.
-                writer.transport.abort()
-        return reply
 
 
-async def _read_reply(reader: asyncio.StreamReader) -> _HttpReply:
-    """Read one HTTP/1.x reply (RFC 9112 §4-§7) of at most :data:`MAX_REPLY` bytes.
+def _use_head_first_protocol(connector: Any) -> None:
+    """Make ``connector``'s connections hand aiohttp's parser the reply head on its own.
 
-    Raises:
-        asyncio.IncompleteReadError: the connection ended early.
-        ScannerError: malformed or oversized reply.
+    rspamd 3.x answers ``204`` (e.g. "contains less tokens than required") with a JSON
+    body as well, which RFC 9112 §6.3 forbids: aiohttp's parser, given the head and that
+    body in one read, refuses the whole read ("Data after `Connection: close`") and the
+    reply is lost. Fed the head first, it completes the bodiless reply (which is all
+    rspamd means: the text is in its reason phrase too); the stray body is then refused
+    on a connection whose reply is already complete and is discarded with it. Replies
+    with a body are parsed exactly as before (the parser is incremental).
+
+    Uses aiohttp's ``BaseConnector._factory`` (the protocol factory).
     """
-    try:
-        status_line = await reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError as exc:
-        raise ScannerError("rspamd: reply status line too long") from exc
-    m = _STATUS_RE.match(status_line.rstrip(b"\r\n"))
-    if not m:
-        raise ScannerError(f"rspamd: not an HTTP reply: {status_line[:60]!r}")
-    status = int(m.group(1))
-    reason = (m.group(2) or b"").decode("utf-8", "replace").strip()
-    headers: dict[str, str] = {}
-    size = len(status_line)
-    for _ in range(_MAX_REPLY_HEADERS + 1):
-        try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            raise ScannerError("rspamd: reply header line too long") from exc
-        size += len(line)
-        line = line.rstrip(b"\r\n")
-        if not line:
-            break
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep or not name.strip():
-            raise ScannerError(f"rspamd: malformed reply header {line[:60]!r}")
-        headers[name.strip().lower()] = value.strip()
-    else:
-        raise ScannerError("rspamd: too many reply headers")
-    if status in (204, 304) or 100 <= status < 200:
-        body = b""
-    elif "chunked" in headers.get("transfer-encoding", "").lower():
-        body = await _read_chunked(reader, MAX_REPLY - size)
-    elif "content-length" in headers:
-        length_s = headers["content-length"]
-        if not length_s.isdigit():
-            raise ScannerError(f"rspamd: bad Content-Length {length_s[:20]!r}")
-        length = int(length_s)
-        if length > MAX_REPLY - size:
-            raise ScannerError(f"rspamd: reply of {length} bytes is too large")
-        body = await reader.readexactly(length)
-    else:
-        chunks: list[bytes] = []
-        total = size
-        while more := await reader.read(1 << 16):
-            total += len(more)
-            if total > MAX_REPLY:
-                raise ScannerError("rspamd: reply too large")
-            chunks.append(more)
-        body = b"".join(chunks)
-    return _HttpReply(status, reason, headers, body)
+    from aiohttp.client_proto import ResponseHandler
 
+    class _HeadFirst(ResponseHandler):
+        _head_seen = False
+        _carry = b""
 
-async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """Decode the chunked transfer coding (RFC 9112 §7.1); trailers are discarded."""
-    parts: list[bytes] = []
-    total = 0
-    while True:
-        size_line = (await reader.readuntil(b"\n")).rstrip(b"\r\n")
-        size_s = size_line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_s, 16) if size_s.isalnum() else -1
-            if size < 0:
-                raise ValueError(size_s)
-        except ValueError as exc:
-            raise ScannerError(f"rspamd: bad chunk size {size_line[:20]!r}") from exc
-        if size == 0:
-            break
-        total += size
-        if total > limit:
-            raise ScannerError("rspamd: reply too large")
-        parts.append(await reader.readexactly(size))
-        await reader.readuntil(b"\n")
-    while (await reader.readuntil(b"\n")).rstrip(b"\r\n"):  # trailer section
-        pass
-    return b"".join(parts)
+        def data_received(self, data: bytes) -> None:
+            if not self._head_seen and data:
+                joined = self._carry + data
+                end = joined.find(b"\r\n\r\n")
+                if end >= 0:
+                    self._head_seen = True
+                    split = end + 4 - len(self._carry)
+                    if 0 < split < len(data):
+                        super().data_received(data[:split])
+                        data = data[split:]
+                else:
+                    self._carry = joined[-3:]
+            super().data_received(data)
+
+    loop = connector._loop
+    connector._factory = functools.partial(_HeadFirst, loop=loop)  # noqa: SLF001
 
 
 def _parse_check_reply(data: Any, scanner: str, kind: Kind, elapsed: float) -> ScanResult:
