@@ -1,4 +1,5 @@
-"""Delivery: where an accepted transaction goes (upstream relay, Maildir, discard, callable).
+"""Delivery: where an accepted transaction goes (upstream relay, Maildir, discard, callable,
+capture database).
 
 Entry points: :class:`Delivery` (protocol), :func:`make_delivery`, :func:`parse_relay_url`,
 :func:`build_received`, :func:`send_message`. RFC 5321 §6.1: success only once accepted/stored.
@@ -12,6 +13,7 @@ from ..envelope import Envelope, SessionInfo
 from ..errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from ..message import Message
 from ..reply import Reply
+from .capture import CaptureDelivery, CaptureStore
 from .local import CallableDelivery, DeliveryFunc, DiscardDelivery
 from .maildir import MaildirDelivery
 from .received import build_received, protocol_keyword
@@ -21,6 +23,8 @@ from .url import RelayUrl, parse_relay_url
 
 __all__ = [
     "CallableDelivery",
+    "CaptureDelivery",
+    "CaptureStore",
     "Delivery",
     "DeliveryError",
     "DeliveryFunc",
