@@ -418,6 +418,7 @@ class CaptureDelivery:
         self.store = store
         self._changed = asyncio.Condition()
         self._generation = 0
+        self._waiting = 0
 
     def __repr__(self) -> str:
         return f"CaptureDelivery({self.store!r})"
@@ -448,6 +449,12 @@ class CaptureDelivery:
         await self.notify()
         return Reply(250, "2.0.0", f"Message captured as {stored.id}")
 
+    @property
+    def waiting(self) -> int:
+        """How many :meth:`wait` calls are waiting (each past the point from which a new
+        message counts)."""
+        return self._waiting
+
     async def notify(self) -> None:
         """Wake every :meth:`wait` (something was stored)."""
         async with self._changed:
@@ -476,6 +483,15 @@ class CaptureDelivery:
         deadline = loop.time() + timeout
         if after_id is None:
             after_id = await asyncio.to_thread(self.store.last_id)
+        self._waiting += 1  # counted once the starting point is fixed
+        try:
+            return await self._wait(flt, deadline, since, after_id)
+        finally:
+            self._waiting -= 1
+
+    async def _wait(self, flt: MessageFilter, deadline: float, since: float | None,
+                    after_id: int) -> StoredMessage | None:
+        loop = asyncio.get_running_loop()
         while True:
             generation = self._generation
             found = await asyncio.to_thread(self.store.first_after, flt, after_id, since)
