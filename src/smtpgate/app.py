@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,13 @@ class Smtpgate:
         self._background: set[asyncio.Task[int]] = set()
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
+        #: When :meth:`start` was called (epoch seconds; 0.0 before), for ``/api/info``.
+        self.started = 0.0
+        #: How :meth:`reload_file` reads the configuration again; ``None``: the file
+        #: :attr:`config` came from (``config.source``). The CLI sets it to re-apply its
+        #: command-line overrides.
+        self.config_loader: Callable[[], Config] | None = None
+        self._reload_lock: asyncio.Lock | None = None
 
     def _make_authenticator(
         self, authenticator: Authenticator | Callable[..., Any] | None
@@ -378,6 +386,7 @@ class Smtpgate:
         """
         if role not in ("server", "supervisor", "worker"):
             raise ValueError(f"unknown role {role!r}")
+        self.started = time.time()
         s = self.config.server
         self._ctx_extra = await self._prepare_delivery(owner=role != "worker", notify=notify)
         if role == "supervisor":
@@ -477,6 +486,67 @@ class Smtpgate:
         if self.server is not None:
             self.server.replace_contexts([ctx for _, _, ctx in self._listener_specs()])
         return restart
+
+    @property
+    def config_file(self) -> str | None:
+        """The configuration file :meth:`reload_file` reads (``None``: the configuration
+        was given as a mapping or the defaults, so there is nothing to re-read)."""
+        source = self.config.source
+        if not source or source.startswith("<"):
+            return None
+        return source
+
+    async def reload_file(self) -> list[str]:
+        """Re-read, validate and apply the configuration file (SIGHUP and
+        ``POST /api/reload`` both come here).
+
+        The file is read again with :attr:`config_loader` (default: ``load_config`` of
+        :attr:`config_file`), checked like ``check-config`` (:func:`smtpgate.preflight.
+        preflight` without the listener checks: the listeners are bound), then applied
+        with :meth:`reload`: new sessions use it, sessions in flight keep their
+        settings. Reloads run one at a time. A failure is logged at ERROR on
+        ``smtpgate`` and the running configuration stays in force.
+
+        Returns:
+            The settings that changed but need a restart (see :meth:`reload`; also
+            ``[admin]``: the admin listener and its token are set up at start), each
+            logged at WARNING.
+
+        Raises:
+            ConfigError: no configuration file to re-read, or the new configuration is
+                invalid (every problem listed); TLS files or hooks that cannot be loaded.
+            OSError / ssl.SSLError: a file named by the configuration cannot be read.
+        """
+        from .config import load_config
+        from .preflight import preflight
+
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            where = self.config_file or "<defaults>"
+            log.info("reloading the configuration from %s", where)
+            try:
+                path = self.config_file
+                if self.config_loader is not None:
+                    cfg = await asyncio.to_thread(self.config_loader)
+                elif path is not None:
+                    cfg = await asyncio.to_thread(load_config, path)
+                else:
+                    raise ConfigError(f"no configuration file to reload (the running "
+                                      f"configuration came from {self.config.source})")
+                await asyncio.to_thread(preflight, cfg, listeners=False)
+                old_admin = self.config.admin
+                restart = self.reload(cfg)
+            except Exception as exc:  # ConfigError, OSError, ssl.SSLError: keep what runs
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                raise
+            if cfg.admin != old_admin:
+                restart.append("[admin]")
+                self.config = dataclasses.replace(self.config, admin=old_admin)
+            for key in restart:
+                log.warning("reload: %s changed; it takes effect after a restart", key)
+            log.info("configuration reloaded from %s", where)
+            return restart
 
     async def _prepare_delivery(
         self, *, owner: bool, notify: Callable[[str], None] | None = None

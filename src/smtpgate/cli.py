@@ -277,23 +277,17 @@ def _listen_targets(cfg: Config) -> list[tuple[str, int]]:
 async def _reload(app: Smtpgate, args: argparse.Namespace) -> None:
     """SIGHUP: re-read and validate the configuration file, then apply it gracefully.
 
-    An invalid new configuration is logged and the running one kept; settings that
-    need a restart are logged as such (see :meth:`smtpgate.app.Smtpgate.reload`).
+    The same path as ``POST /api/reload`` (:meth:`smtpgate.app.Smtpgate.reload_file`),
+    with this command line's ``--listen``/``--log-level`` applied again. An invalid new
+    configuration is logged and the running one kept; settings that need a restart are
+    logged as such (see :meth:`smtpgate.app.Smtpgate.reload`).
     """
     log.info("SIGHUP: reloading the configuration from %s", args.config or "<defaults>")
-    from .preflight import preflight
-
+    app.config_loader = lambda: _load(args)
     try:
-        cfg = await asyncio.to_thread(_load, args)
-        # the same checks as serve and check-config; the listeners are already bound
-        await asyncio.to_thread(preflight, cfg, listeners=False)
-        restart = app.reload(cfg)
-    except Exception as exc:  # ConfigError, OSError, ssl.SSLError: keep what runs
-        log.error("reload failed, keeping the running configuration: %s", exc)
+        await app.reload_file()
+    except Exception:  # ConfigError, OSError, ssl.SSLError: logged there; keep what runs
         return
-    for key in restart:
-        log.warning("reload: %s changed; it takes effect after a restart", key)
-    log.info("configuration reloaded from %s", args.config or "<defaults>")
 
 
 def _stdin_is_socket() -> bool:

@@ -81,6 +81,31 @@ async def _require_token(request: web.Request, handler: Handler) -> web.StreamRe
     raise web.HTTPSeeOther("/login")
 
 
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Under ``/api/``, answer every error as JSON ``{"error": "..."}`` with its status
+    (unknown route 404, wrong method 405 with ``Allow``, a body over 1 MiB 413) and an
+    unexpected exception as 500 (logged with its traceback): never an HTML page or a
+    traceback to the client."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items()
+                   if k.lower() in ("allow", "www-authenticate", "retry-after")}
+        return web.json_response({"error": exc.reason if exc.text is None
+                                  or exc.text.startswith(f"{exc.status}:")
+                                  else exc.text},
+                                 status=exc.status, headers=headers)
+    except Exception:
+        log.exception("admin: %s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error (logged by the server)"},
+                                 status=500)
+
+
 async def _metrics(_request: web.Request) -> web.Response:
     body, content_type = exposition()
     return web.Response(body=body, headers={"Content-Type": content_type})
@@ -92,7 +117,8 @@ def make_app(gate: Smtpgate, token: str = "") -> web.Application:
     from . import api, messages
     from . import web as page
 
-    app = web.Application(middlewares=[_require_token], client_max_size=1 << 20)
+    app = web.Application(middlewares=[_json_errors, _require_token],
+                          client_max_size=1 << 20)
     app[GATE] = gate
     app[TOKEN] = token
     app.router.add_get("/metrics", _metrics)

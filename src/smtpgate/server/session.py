@@ -65,6 +65,8 @@ log = logging.getLogger("smtpgate.session")
 _STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
 _STORAGE_FAILED = Reply(451, "4.3.0", "Local error writing the message, try again later")
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+# Session.kill() (admin API): RFC 5321 §3.8 421, RFC 3463 X.3.2 "system not accepting".
+_KILLED = Reply(421, "4.3.2", "Connection closed by the administrator")
 
 _PAUSE_AT = 1 << 20  # bytes of unprocessed command input before we stop reading
 _REFUSED_HOLD = 2.0  # seconds a refused connection keeps its slot (see connection_made)
@@ -219,7 +221,7 @@ class Session(asyncio.Protocol):
         "_proxy_buf", "_proxy_done", "_shutdown", "_spool", "_spool_error", "_task",
         "_timer", "_deadlines", "_tls",
         "_tls_early", "_tls_leftover", "_tls_wait", "_tx_count", "_upstream", "_waiter",
-        "_write_paused", "__weakref__",
+        "_write_paused", "_bytes_in", "_bytes_out", "_killed", "__weakref__",
     )
 
     def __init__(self, server: SmtpServer, ctx: ServerContext) -> None:
@@ -268,6 +270,10 @@ class Session(asyncio.Protocol):
         # end of data when writing it failed.
         self._spool: MessageSpool | None = None
         self._spool_error: Reply | None = None
+        # Bytes read from / written to the client (after TLS), for the admin API.
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._killed = False  # ended by kill(): 421 _KILLED instead of R.SHUTDOWN
 
     # ----------------------------------------------------------- asyncio glue
 
@@ -330,6 +336,7 @@ class Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """asyncio callback: feed bytes to the PROXY parser or the core; pause on a backlog."""
+        self._bytes_in += len(data)
         if self._proxy_buf is not None:
             self._proxy_data(data)
             return
@@ -466,6 +473,7 @@ class Session(asyncio.Protocol):
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out.clear()
             if self.transport is not None and not self._lost:
+                self._bytes_out += len(data)
                 self.transport.write(data)
 
     async def _drain(self) -> None:
@@ -702,8 +710,8 @@ class Session(asyncio.Protocol):
             reason = "disconnected"
         except asyncio.CancelledError:
             if not self._lost:
-                self._out.append(conn.close_reply(R.SHUTDOWN))
-            reason = "shutdown"
+                self._out.append(conn.close_reply(_KILLED if self._killed else R.SHUTDOWN))
+            reason = "killed" if self._killed else "shutdown"
         except Exception:
             log.exception("session %s: internal error", info.session_id)
             if not self._lost:
@@ -1248,6 +1256,31 @@ class Session(asyncio.Protocol):
         """End the session now (graceful shutdown bound exceeded): 421 and close."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    def kill(self) -> bool:
+        """End the session now at an administrator's request (admin API): the client
+        gets ``421 4.3.2`` (RFC 5321 §3.8, RFC 3463 X.3.2) and the connection is closed,
+        whatever the session was doing (a transaction in flight is abandoned; a message
+        whose end of data had not been answered with 250 was not accepted).
+
+        Returns:
+            False when the session had already ended (nothing done).
+        """
+        if self._task is None or self._task.done():
+            return False
+        self._killed = True
+        self._task.cancel()
+        return True
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes received from the client so far (after TLS decryption)."""
+        return self._bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes of replies written to the client so far (before TLS encryption)."""
+        return self._bytes_out
 
     @property
     def task(self) -> asyncio.Task[None] | None:
