@@ -252,7 +252,9 @@ def test_queue_list_reads_the_spool_named_by_the_config_file(tmp_path: Path) -> 
     cwd.mkdir()
     out = run("queue", "list", "-c", str(conf), cwd=cwd)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(qid) and "-- 1 message(s)" in out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("-Queue ID-") and lines[1].startswith(qid)
+    assert lines[-1].endswith("Kbytes in 1 Request.")
     assert os.listdir(cwd) == []
 
 
@@ -283,7 +285,7 @@ def test_list_and_show_change_nothing(tmp_path: Path) -> None:
     bad.write_text("{not json")
     before = tree(spool)
     out = run("queue", "list", "--spool", str(spool), cwd=tmp_path)
-    assert out.returncode == 0 and qid in out.stdout and "-- 1 message(s)" in out.stdout
+    assert out.returncode == 0 and qid in out.stdout and "Kbytes in 1 Request." in out.stdout
     assert "BROKEN" in out.stderr and "Traceback" not in out.stderr  # reported, not moved
     out = run("queue", "list", "--json", "--spool", str(spool), cwd=tmp_path)
     assert [e["id"] for e in json.loads(out.stdout)] == [qid]

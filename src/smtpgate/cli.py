@@ -25,6 +25,8 @@ from . import __version__
 from .errors import ConfigError, DeliveryError, QueueError, SmtpgateError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .app import Smtpgate
     from .config import Config
 
@@ -67,7 +69,7 @@ def _in_file(exc: ConfigError, source: str | None) -> ConfigError:
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """Load ``-c FILE`` (or the defaults) and apply ``--listen``/``--log-level``.
+    """Load ``-c FILE`` (or the defaults) and apply ``--listen``/``--log-level``/``--admin``.
 
     Raises:
         ConfigError: every problem, each prefixed with the file name.
@@ -81,8 +83,12 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise _in_file(exc, path) from None
     listen = getattr(args, "listen", None)
     level = getattr(args, "log_level", None)
-    if listen or level:
-        cfg = cfg.with_overrides(listen=listen or None, log_level=level)
+    admin = getattr(args, "admin", None)  # serve --admin HOST:PORT
+    if listen or level or admin is not None:
+        try:
+            cfg = cfg.with_overrides(listen=listen or None, log_level=level, admin=admin)
+        except ConfigError as exc:
+            raise _in_file(exc, path) from None
     return cfg
 
 
@@ -568,6 +574,134 @@ def cmd_scanner_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- administrators' commands: config show, sessions, reload (issue 12) -----------------
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the effective configuration of ``-c FILE`` as TOML, defaults included
+    (``postconf``); ``-n`` only the keys that differ from the defaults (``postconf -n``).
+
+    The output is a configuration file ``check-config`` accepts (see
+    :mod:`smtpgate.config_show`).
+
+    Raises:
+        ConfigError: the file is invalid (exit 2).
+    """
+    from .config_show import render_config
+
+    sys.stdout.write(render_config(_load(args), only_changed=args.non_default))
+    return 0
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str) -> tuple[int, object]:
+    """One admin API request for ``sessions``/``reload``: ``(0, reply JSON)``, or the exit
+    code after printing ``smtpgate: WHERE: CAUSE`` (1: unreachable or an error reply,
+    2: the token was refused).
+
+    Raises:
+        ConfigError: no admin listener configured, unreadable token file (exit 2).
+    """
+    from .admin_client import AdminCallError, admin_target, call
+
+    target = admin_target(_load(args), getattr(args, "admin_url", None))
+    try:
+        return 0, call(target, method, path)
+    except AdminCallError as exc:
+        print(f"smtpgate: {_one_line(str(exc))}", file=sys.stderr, flush=True)
+        return exc.exit_code, None
+
+
+def _age_text(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    """List the live SMTP sessions of a running server (``GET /api/sessions``; nssmtpd
+    ``ns_smtpd sessions``): id, client, HELO, TLS, AUTH user, state, bytes in/out, age.
+
+    Exit codes: 0 listed, 1 the server cannot be reached or answered an error, 2 no admin
+    listener configured or the token was refused.
+    """
+    import json
+
+    status, reply = _admin_call(args, "GET", "/api/sessions")
+    if status:
+        return status
+    sessions = reply if isinstance(reply, list) else []
+    if args.json:
+        json.dump(sessions, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{'-Session ID-':<14} {'-Client-':<24} {'-HELO-':<20} {'-TLS-':<8} "
+          f"{'-AUTH-':<12} {'-State-':<10} {'-In-':>9} {'-Out-':>9} {'-Age-':>5}")
+    for s in sessions:
+        if not isinstance(s, dict):
+            continue
+        client = f"{s.get('client')}:{s.get('client_port')}"
+        print(f"{str(s.get('id')):<14} {client:<24} {str(s.get('helo') or '-'):<20} "
+              f"{str(s.get('tls') or '-'):<8} {str(s.get('auth_user') or '-'):<12} "
+              f"{str(s.get('state')):<10} {s.get('bytes_in', 0):>9} {s.get('bytes_out', 0):>9} "
+              f"{_age_text(s.get('age')):>5}")
+    print(f"-- {len(sessions)} session{'s' if len(sessions) != 1 else ''}.")
+    return 0
+
+
+def cmd_reload_remote(args: argparse.Namespace) -> int:
+    """Ask a running server to reload its configuration file (``POST /api/reload``; the
+    same as SIGHUP). Prints ``reloaded`` and each setting that needs a restart.
+
+    Exit codes: 0 reloaded, 1 the server refused the new configuration (it keeps the
+    running one; its error is printed) or cannot be reached, 2 no admin listener
+    configured or the token was refused.
+    """
+    status, reply = _admin_call(args, "POST", "/api/reload")
+    if status:
+        return status
+    restart = reply.get("restart_needed", []) if isinstance(reply, dict) else []
+    print("reloaded")
+    for key in restart if isinstance(restart, list) else []:
+        print(f"restart needed: {key} changed; it takes effect after a restart")
+    return 0
+
+
+def _add_admin_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    command: Callable[[argparse._SubParsersAction[argparse.ArgumentParser], str, str],
+                      argparse.ArgumentParser],
+) -> None:
+    """Add ``config show``, ``sessions`` and ``reload`` (``command`` builds a sub-command
+    with the common options and the exit-code epilog)."""
+    cf = sub.add_parser("config", help="show the effective configuration")
+    cfsub = cf.add_subparsers(dest="config_command", required=True)
+    cs = command(cfsub, "show", "print the effective configuration as TOML, defaults "
+                                "included; changed keys end with '# default: X' (postconf)")
+    cs.add_argument("-c", "--config", help="TOML configuration file (default: embedded "
+                                           "defaults)")
+    cs.add_argument("-n", dest="non_default", action="store_true",
+                    help="only the keys set to a non-default value (postconf -n)")
+    cs.set_defaults(func=cmd_config_show)
+
+    for name, doc, func in (
+        ("sessions", "list the live SMTP sessions of a running server (admin API)",
+         cmd_sessions),
+        ("reload", "make a running server reload its configuration file (admin API; "
+                   "like SIGHUP)", cmd_reload_remote),
+    ):
+        p = command(sub, name, doc)
+        p.add_argument("-c", "--config", help="the server's configuration file (for "
+                                              "[admin] listen and token_file)")
+        p.add_argument("--admin-url", metavar="URL",
+                       help="the admin listener, http://HOST:PORT (instead of admin.listen)")
+        if name == "sessions":
+            p.add_argument("--json", action="store_true", help="the API's JSON list")
+        p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests).
 
@@ -595,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", help="TOML configuration file (default: embedded defaults)")
     s.add_argument("--listen", action="append", metavar="ADDR",
                    help="listen address host:port, [v6]:port (repeatable; replaces server.listen)")
+    s.add_argument("--admin", metavar="HOST:PORT",
+                   help="open the admin listener (web page, API, /metrics) on HOST:PORT "
+                        "(replaces admin.listen; loopback unless admin.token_file is set)")
     s.set_defaults(func=cmd_serve)
 
     for name, doc in (
@@ -678,6 +815,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .queue.cli import add_queue_commands
 
     add_queue_commands(sub, parents=parents, epilog=EXIT_CODES)
+    _add_admin_commands(sub, command)
+
+    from .util_commands import add_util_commands
+
+    add_util_commands(sub, parents=parents, epilog=EXIT_CODES)
 
     v = command(sub, "version", "print the version")
     v.set_defaults(func=lambda a: print(f"smtpgate {__version__}") or 0)

@@ -1149,19 +1149,25 @@ class Config:
         return cls()
 
     def with_overrides(
-        self, listen: list[str] | None = None, log_level: str | None = None
+        self, listen: list[str] | None = None, log_level: str | None = None,
+        admin: str | None = None,
     ) -> Config:
-        """Apply the CLI flags ``--listen ADDR`` (repeatable) and ``--log-level LEVEL``.
+        """Apply the CLI flags ``--listen ADDR`` (repeatable), ``--log-level LEVEL`` and
+        ``--admin HOST:PORT``.
 
         Args:
             listen: replaces ``server.listen`` when not None (must hold at least one address).
             log_level: replaces ``log.level`` when not None (case-insensitive).
+            admin: replaces ``admin.listen`` when not None (``""`` turns the listener off);
+                checked like the file's key, including "loopback only without
+                ``admin.token_file``".
 
         Returns:
             A new :class:`Config`; ``self`` is unchanged.
 
         Raises:
-            ConfigError: naming ``server.listen`` / ``log.level`` for bad values.
+            ConfigError: naming ``server.listen`` / ``log.level`` / ``admin.listen`` for bad
+                values.
         """
         ctx = _Context(base_dir=os.getcwd())
         problems: list[str] = []
@@ -1180,6 +1186,18 @@ class Config:
                 problems += [f"log.level (--log-level): {msg}" for _, msg in exc.problems]
             else:
                 result = replace(result, log=replace(result.log, level=level))
+        if admin is not None:
+            try:
+                address = _admin_listen(admin, ctx)
+            except _Invalid as exc:
+                problems += [f"admin.listen (--admin): {msg}" for _, msg in exc.problems]
+            else:
+                section = replace(result.admin, listen=address)
+                cross: list[str] = []
+                _cross_checks({"admin": section}, cross)
+                problems += [p.replace("admin.listen:", "admin.listen (--admin):", 1)
+                             for p in cross]
+                result = replace(result, admin=section)
         if problems:
             raise ConfigError(problems)
         return result

@@ -208,7 +208,7 @@ def test_queue_cli_commands(tmp_path: Path) -> None:
     a = store.enqueue(env("a@example.com"), MSG)
     b = store.enqueue(env("b@example.com"), MSG)
     out = run_cli("list", "--spool", str(tmp_path))
-    assert out.returncode == 0 and a.id in out.stdout and "2 message(s)" in out.stdout
+    assert out.returncode == 0 and a.id in out.stdout and "Kbytes in 2 Requests." in out.stdout
     listed = json.loads(run_cli("list", "--spool", str(tmp_path), "--json").stdout)
     assert {e["id"] for e in listed} == {a.id, b.id}
     shown = run_cli("show", "--spool", str(tmp_path), a.id)

@@ -53,8 +53,26 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+#: ``queue list``'s header line, as Postfix's ``mailq`` prints it.
+LIST_HEADER = "-Queue ID- --Size-- ----Arrival Time---- -Sender/Recipient-------"
+#: State marks after the queue id, as ``mailq``: ``*`` active (incoming: due for
+#: delivery now), ``!`` on hold; deferred messages have none.
+_MARKS = {"incoming": "*", "hold": "!", "deferred": ""}
+
+
+def _kbytes(total: int) -> int:
+    """Bytes as ``mailq``'s Kbytes (rounded up)."""
+    return (total + 1023) // 1024
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    """List queued messages: id, state, age, size, sender, recipients, attempts, last reply.
+    """List queued messages like Postfix's ``mailq``.
+
+    A header line, then per message: queue id with its state mark (``*`` active, ``!``
+    on hold), size in bytes, arrival time, sender (``MAILER-DAEMON`` for the null
+    sender); the last delivery reply in parentheses with the number of attempts; one line
+    per pending recipient; a blank line. Last, ``-- N Kbytes in M Requests.`` (or
+    ``Mail queue is empty``). ``--json`` prints the envelopes as a JSON list instead.
 
     Read-only: an unreadable envelope is logged and skipped, never moved.
     """
@@ -64,13 +82,31 @@ def cmd_list(args: argparse.Namespace) -> int:
         json.dump([entry_dict(e) for e in entries], sys.stdout, indent=2)
         print()
         return 0
-    now = time.time()
+    if not entries:
+        print("Mail queue is empty")
+        return 0
+    width = max(10, *(len(e.id) + 1 for e in entries))
+    print(LIST_HEADER if width == 10 else LIST_HEADER.replace("-Queue ID-",
+                                                             "-Queue ID-".ljust(width), 1))
+    indent = " " * (width + 31)
     for e in entries:
-        rcpts = ",".join(r.address for r in e.pending) or "-"
-        print(f"{e.id} {e.state:<8} {_age(now - e.created):>6} {e.size:>9} <{e.mail_from}> "
-              f"{rcpts} attempts={e.attempts} {e.last_reply[:80]}")
-    print(f"-- {len(entries)} message(s)")
+        arrival = time.strftime("%a %b %e %H:%M:%S", time.localtime(e.created))
+        qid = e.id + _MARKS.get(e.state, "")
+        print(f"{qid:<{width}} {e.size:>8} {arrival:>20} {e.mail_from or 'MAILER-DAEMON'}")
+        if e.last_reply:
+            tries = f"{e.attempts} attempt{'s' if e.attempts != 1 else ''}"
+            print(f"{indent}    ({_one_line(e.last_reply)}; {tries})")
+        for r in e.pending:
+            print(f"{indent}{r.address}")
+        print()
+    total = sum(e.size for e in entries)
+    count = len(entries)
+    print(f"-- {_kbytes(total)} Kbytes in {count} Request{'s' if count != 1 else ''}.")
     return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -93,7 +129,39 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ids(args: argparse.Namespace, store: QueueStore, what: str) -> list[str]:
+    """The queue ids a change command names, like Postfix's ``postsuper``.
+
+    ``ALL`` is every message the change applies to (``delete``: all; ``hold``/``flush``/
+    ``bounce``: those not on hold; ``release``: those on hold); ``-`` reads ids from
+    standard input, one per line (the first word of a line; blank lines skipped, a
+    ``*``/``!`` state mark after the id removed). ``flush`` without an id is ``ALL``.
+    """
+    given = list(getattr(args, "ids", None) or [])
+    if not given and what == "flush":
+        given = ["ALL"]
+    ids: list[str] = []
+    for item in given:
+        if item == "ALL":
+            states = {"delete": ("incoming", "deferred", "hold"),
+                      "release": ("hold",)}.get(what, ("deferred", "incoming"))
+            ids += [e.id for e in sorted(store.entries(states, repair=False),
+                                         key=lambda e: e.created)]
+        elif item == "-":
+            for line in sys.stdin:
+                words = line.split()
+                if words and not words[0].startswith("-"):
+                    ids.append(words[0].rstrip("*!"))
+        else:
+            ids.append(item)
+    return list(dict.fromkeys(ids))  # each once, in order
+
+
 def _change(args: argparse.Namespace, what: str) -> int:
+    """``hold``, ``release``, ``flush``, ``bounce`` or ``delete`` each named message
+    (:func:`_ids`) under the spool lock; prints ``ID: WHAT`` per message changed and, for
+    several, ``WHAT: N messages``. Exit 1 when an id names no message (the others are
+    still changed)."""
     store = _store(args)
 
     def change(e: QueueEntry) -> str | None:
@@ -111,9 +179,9 @@ def _change(args: argparse.Namespace, what: str) -> int:
             return "deferred" if e.state == "hold" else None
         return None
 
-    ids = [args.id] if getattr(args, "id", None) else [
-        e.id for e in store.entries(("deferred", "incoming"), repair=False)]
+    ids = _ids(args, store, what)
     status = 0
+    done = 0
     for qid in ids:
         if what == "delete":
             with store.locked():
@@ -130,7 +198,10 @@ def _change(args: argparse.Namespace, what: str) -> int:
                 print(f"smtpgate: {store.path}: no such message: {qid}", file=sys.stderr)
                 status = 1
                 continue
+        done += 1
         print(f"{qid}: {what}")
+    if len(ids) != 1:
+        print(f"{what}: {done} message{'s' if done != 1 else ''}")
     if what in ("flush", "release", "bounce", "delete", "hold"):
         request_flush(store.path)
     return status
@@ -161,19 +232,21 @@ def add_queue_commands(
         g.add_argument("--spool", help="spool directory (instead of -c); must exist")
         return p
 
-    p = command("list", "list queued messages (read-only)")
-    p.add_argument("--json", action="store_true")
+    p = command("list", "list queued messages like mailq (read-only)")
+    p.add_argument("--json", action="store_true", help="the envelopes as a JSON list")
     p.set_defaults(func=cmd_list)
     p = command("show", "show a message's envelope and headers (read-only)")
     p.add_argument("id")
     p.set_defaults(func=cmd_show)
+    ids_help = "queue ids; ALL: every message it applies to; -: ids from stdin, one a line"
     for name, doc, optional in (
         ("flush", "deliver now (all deferred messages without ID)", True),
-        ("delete", "delete a message (no bounce)", False),
-        ("hold", "put a message on hold (not delivered until released)", False),
-        ("release", "release a held message", False),
-        ("bounce", "return a message to its sender now", False),
+        ("delete", "delete messages (no bounce), like postsuper -d", False),
+        ("hold", "put messages on hold (not delivered until released), like postsuper -h",
+         False),
+        ("release", "release held messages, like postsuper -H", False),
+        ("bounce", "return messages to their senders now", False),
     ):
         p = command(name, doc)
-        p.add_argument("id", nargs="?" if optional else None)
+        p.add_argument("ids", metavar="ID", nargs="*" if optional else "+", help=ids_help)
         p.set_defaults(func=lambda a, w=name: _change(a, w))
