@@ -289,9 +289,8 @@ async def _reload(app: Smtpgate, args: argparse.Namespace) -> None:
     logged as such (see :meth:`smtpgate.app.Smtpgate.reload`).
     """
     log.info("SIGHUP: reloading the configuration from %s", args.config or "<defaults>")
-    app.config_loader = lambda: _load(args)
     try:
-        await app.reload_file()
+        await app.reload_file(lambda: _load(args))
     except Exception:  # ConfigError, OSError, ssl.SSLError: logged there; keep what runs
         return
 

@@ -126,7 +126,9 @@ def test_info(start: Callable[..., tuple[Smtpgate, Api, Path]]) -> None:
     assert info["delivery_mode"] == "local"
     assert info["listeners"] == [{"address": f"127.0.0.1:{app.port}", "protocol": "smtp",
                                   "tls": "none"}]
-    assert info["admin"] == "%s:%d" % app.admin.address  # type: ignore[union-attr]
+    assert app.admin is not None
+    host, port = app.admin.address
+    assert info["admin"] == f"{host}:{port}"
     assert info["started"] == app.started and info["uptime"] >= 0
 
 
@@ -371,7 +373,8 @@ def test_reload_without_a_file_is_409(tmp_path: Path, loop_kind: str) -> None:
     app.start_thread()
     try:
         assert app.admin is not None
-        api = Api("http://%s:%d" % app.admin.address)
+        host, port = app.admin.address
+        api = Api(f"http://{host}:{port}")
         status, body, _ = api("POST", "/api/reload")
         assert status == 409 and body["reloaded"] is False and "<mapping>" in body["error"]
     finally:
