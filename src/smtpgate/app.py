@@ -24,7 +24,6 @@ from .delivery import CallableDelivery, Delivery, make_delivery
 from .envelope import SessionInfo
 from .errors import ConfigError
 from .hooks import HookRunner, Stage, load_callable
-from .milter.server import MilterServer
 from .plugins import load_plugins
 from .policy import RelayPolicy
 from .protocol import ProtocolConfig
@@ -33,7 +32,6 @@ from .queue.store import DELIVERY_LOCK, QueueStore, SpoolOwnership
 from .reply import Reply
 from .scanners.stage import ScannerSet
 from .server import ServerContext, SmtpServer, server_tls_context
-from .server.policy_server import PolicyServer
 from .server.stdio import StdioOutcome
 
 log = logging.getLogger("smtpgate")
@@ -106,7 +104,6 @@ class Smtpgate:
         )
         self.server: SmtpServer | None = None
         self.admin: AdminServer | None = None
-        self.chain_servers: list[MilterServer | PolicyServer] = []  # [[listener]] milter/policy
         self.queue: QueueScheduler | None = None
         self._ownership: SpoolOwnership | None = None
         self._delivery_lock: SpoolOwnership | None = None
@@ -173,9 +170,6 @@ class Smtpgate:
             scheduler = SpoolDrop(store)
         else:
             self._ownership = store.acquire_owner()
-            from . import metrics  # smtpgate_queue_messages{state}, read at scrape time
-
-            metrics.watch_spool(q.path)
             remote: RemoteQueue | None = None
             try:
                 if q.delivery_process:
@@ -344,8 +338,7 @@ class Smtpgate:
         """
         s = self.config.server
         targets: list[tuple[ListenAddress, ListenerConfig | None]] = [(a, None) for a in s.listen]
-        targets += [(lc.listen, lc) for lc in self.config.listeners
-                    if lc.protocol not in ("milter", "policy")]
+        targets += [(lc.listen, lc) for lc in self.config.listeners]
         delivery = self.delivery
         assert delivery is not None
         specs: list[tuple[str, int, ServerContext]] = []
@@ -430,25 +423,6 @@ class Smtpgate:
                 await self.stop(0)
                 raise
             self.admin = admin
-        try:
-            for lc in self.config.listeners:
-                if lc.protocol not in ("milter", "policy"):
-                    continue
-                cls = MilterServer if lc.protocol == "milter" else PolicyServer
-                chain_server = cls(self, lc.listen.host, lc.listen.port,
-                                   reuse_port=role == "worker",
-                                   timeout=self.config.server.command_timeout)
-                await chain_server.start()
-                self.chain_servers.append(chain_server)
-        except BaseException:
-            await self.stop(0)
-            raise
-
-    @property
-    def chain_addresses(self) -> list[tuple[str, str, int]]:
-        """``(protocol, host, port)`` of every milter and policy listener (port 0 resolved)."""
-        return [("milter" if isinstance(c, MilterServer) else "policy", *c.address)
-                for c in self.chain_servers]
 
     def reload(self, config: Config) -> list[str]:
         """Apply a new configuration to a running server (SIGHUP), gracefully.
@@ -653,9 +627,6 @@ class Smtpgate:
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
-        for chain_server in self.chain_servers:
-            await chain_server.close()
-        self.chain_servers = []
         if self.server is not None:
             try:
                 await self.server.close(
