@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import smtplib
 import socket
 import time
@@ -324,7 +325,9 @@ def test_plugins_chain(start: Callable[..., tuple[Smtpgate, Api, Path]]) -> None
 # --------------------------------------------------------------------- reload
 
 
-def test_reload_valid_then_invalid(start: Callable[..., tuple[Smtpgate, Api, Path]]) -> None:
+def test_reload_valid_then_invalid(start: Callable[..., tuple[Smtpgate, Api, Path]],
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="smtpgate")
     app, api, path = start(greeting="old banner")
     before = RawClient(app.port)
     clients = [before]
@@ -354,6 +357,9 @@ def test_reload_valid_then_invalid(start: Callable[..., tuple[Smtpgate, Api, Pat
         status, body, _ = api("POST", "/api/reload")
         assert status == 422 and body["reloaded"] is False
         assert "server.max_recipients" in body["error"]
+        assert any(r.levelno == logging.ERROR and "reload failed, keeping the running "
+                   "configuration" in r.getMessage() and "server.max_recipients"
+                   in r.getMessage() for r in caplog.records)
         path.write_text("[server\n")
         status, body, _ = api("POST", "/api/reload")
         assert status == 422 and "line 1" in body["error"]
