@@ -189,9 +189,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         target = _delivery_target(cfg)
         print(f"smtpgate {__version__} listening on {where}; delivering to {target}",
               file=sys.stderr, flush=True)
+        _announce_ready(app, f"listening on {where}")
         try:
             await stop.wait()
         finally:
+            _notify_stopping()
             log.info("shutting down")
             for task in list(reloads):
                 task.cancel()
@@ -264,14 +266,37 @@ async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -
     print(f"smtpgate {__version__} listening on {where} with {cfg.server.workers} workers "
           f"(pids {', '.join(map(str, pool.pids))}); delivering to {_delivery_target(cfg)}",
           file=sys.stderr, flush=True)
+    _announce_ready(app, f"listening on {where} with {cfg.server.workers} workers")
     try:
         await stop.wait()
     finally:
+        _notify_stopping()
         log.info("shutting down")
         await pool.stop()
         await app.stop()
         unlink_pid()
     return 0
+
+
+def _announce_ready(app: Smtpgate, status: str) -> None:
+    """The server is up: print the admin page's URL when the admin listener runs, and
+    tell systemd ``READY=1`` (``Type=notify``; :mod:`smtpgate.sdnotify`)."""
+    from .sdnotify import notify
+
+    admin = app.admin
+    if admin is not None:
+        host, port = admin.address
+        shown = f"[{host}]" if ":" in host else host
+        print(f"smtpgate: admin page, API and /metrics on http://{shown}:{port}/",
+              file=sys.stderr, flush=True)
+    notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+
+def _notify_stopping() -> None:
+    """Tell systemd a graceful shutdown began (``STOPPING=1``)."""
+    from .sdnotify import notify
+
+    notify("STOPPING=1", "STATUS=shutting down")
 
 
 def _listen_targets(cfg: Config) -> list[tuple[str, int]]:
