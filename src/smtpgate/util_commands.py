@@ -7,7 +7,8 @@ nssmtpd's ``ns_smtpd encode|decode base64|hex|qprint``, ``ns_smtpd checkemail`` 
 - ``util encode|decode base64|hex|qprint``: standard input to standard output, as bytes
   (binary safe). base64: RFC 4648 §4 (encoded output in lines of 76 characters, as
   RFC 2045 §6.8 asks of MIME); hex: RFC 4648 §8 (lower case); qprint: quoted-printable,
-  RFC 2045 §6.7 (Python's :mod:`quopri`).
+  RFC 2045 §6.7, in binary mode (:func:`binascii.b2a_qp` with ``istext=False``: line
+  breaks are encoded as ``=0D``/``=0A``, so every byte comes back as it was).
 - ``util check-email ADDRESS``: RFC 5321 §4.1.2 ``Mailbox`` syntax (with RFC 6531 UTF-8),
   checked by the SMTP server's own grammar (:func:`smtpgate.protocol.grammar.parse_path`);
   prints the address as ``local@domain``.
@@ -28,7 +29,6 @@ import argparse
 import asyncio
 import base64
 import binascii
-import quopri
 import sys
 from collections.abc import Sequence
 
@@ -60,9 +60,10 @@ def encode(kind: str, data: bytes) -> bytes:
     """Encode ``data`` as ``kind`` (``base64``, ``hex`` or ``qprint``).
 
     Returns:
-        ASCII bytes ending in a newline: base64 in lines of 76 characters (RFC 2045 §6.8),
-        hex as one line, quoted-printable per RFC 2045 §6.7 (lines of at most 76
-        characters, soft line breaks ``=``; spaces and tabs before a line end encoded).
+        ASCII bytes ending in a newline (empty for empty input): base64 in lines of 76
+        characters (RFC 2045 §6.8), hex as one line, quoted-printable per RFC 2045 §6.7
+        in binary mode (CR and LF encoded as ``=0D``/``=0A``; lines of at most 76
+        characters joined by soft line breaks ``=``, one ending the output).
 
     Raises:
         ValueError: an unknown ``kind``.
@@ -72,7 +73,10 @@ def encode(kind: str, data: bytes) -> bytes:
     if kind == "hex":
         return binascii.hexlify(data) + b"\n" if data else b""
     if kind == "qprint":
-        return quopri.encodestring(data)
+        # binary mode: CR and LF are encoded too (=0D, =0A), so any bytes come back as
+        # they were; the soft line break "=" ends the output with a newline that decodes
+        # to nothing.
+        return binascii.b2a_qp(data, istext=False) + b"=\n" if data else b""
     raise ValueError(f"unknown encoding {kind!r}")
 
 
@@ -98,7 +102,7 @@ def decode(kind: str, data: bytes) -> bytes:
         except binascii.Error as exc:
             raise ValueError(f"not hex: {exc}") from None
     if kind == "qprint":
-        return quopri.decodestring(data)
+        return binascii.a2b_qp(data)
     raise ValueError(f"unknown encoding {kind!r}")
 
 
