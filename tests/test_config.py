@@ -250,7 +250,7 @@ BAD_VALUES = [
     ("server", "hostname", 5, "must be a string, got 5"),
     ("server", "hostname", "", "must not be empty"),
     ("server", "hostname", "mx example", "printable ASCII"),
-    ("server", "listen", [], "at least one"),
+    ("server", "listen", [], "nothing to listen on"),
     ("server", "listen", 2525, "must be a string or an array of strings, got 2525"),
     ("server", "max_message_size", 0, "must be a positive integer, got 0"),
     ("server", "max_message_size", 1.5, "must be an integer, got 1.5"),

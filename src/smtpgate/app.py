@@ -24,6 +24,7 @@ from .delivery import CallableDelivery, Delivery, make_delivery
 from .envelope import SessionInfo
 from .errors import ConfigError
 from .hooks import HookRunner, Stage, load_callable
+from .milter.server import MilterServer
 from .plugins import load_plugins
 from .policy import RelayPolicy
 from .protocol import ProtocolConfig
@@ -32,6 +33,7 @@ from .queue.store import DELIVERY_LOCK, QueueStore, SpoolOwnership
 from .reply import Reply
 from .scanners.stage import ScannerSet
 from .server import ServerContext, SmtpServer, server_tls_context
+from .server.policy_server import PolicyServer
 from .server.stdio import StdioOutcome
 
 log = logging.getLogger("smtpgate")
@@ -104,6 +106,7 @@ class Smtpgate:
         )
         self.server: SmtpServer | None = None
         self.admin: AdminServer | None = None
+        self.chain_servers: list[MilterServer | PolicyServer] = []  # [[listener]] milter/policy
         self.queue: QueueScheduler | None = None
         self._ownership: SpoolOwnership | None = None
         self._delivery_lock: SpoolOwnership | None = None
@@ -338,7 +341,8 @@ class Smtpgate:
         """
         s = self.config.server
         targets: list[tuple[ListenAddress, ListenerConfig | None]] = [(a, None) for a in s.listen]
-        targets += [(lc.listen, lc) for lc in self.config.listeners]
+        targets += [(lc.listen, lc) for lc in self.config.listeners
+                    if lc.protocol not in ("milter", "policy")]
         delivery = self.delivery
         assert delivery is not None
         specs: list[tuple[str, int, ServerContext]] = []
@@ -423,6 +427,25 @@ class Smtpgate:
                 await self.stop(0)
                 raise
             self.admin = admin
+        try:
+            for lc in self.config.listeners:
+                if lc.protocol not in ("milter", "policy"):
+                    continue
+                cls = MilterServer if lc.protocol == "milter" else PolicyServer
+                chain_server = cls(self, lc.listen.host, lc.listen.port,
+                                   reuse_port=role == "worker",
+                                   timeout=self.config.server.command_timeout)
+                await chain_server.start()
+                self.chain_servers.append(chain_server)
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    @property
+    def chain_addresses(self) -> list[tuple[str, str, int]]:
+        """``(protocol, host, port)`` of every milter and policy listener (port 0 resolved)."""
+        return [("milter" if isinstance(c, MilterServer) else "policy", *c.address)
+                for c in self.chain_servers]
 
     def reload(self, config: Config) -> list[str]:
         """Apply a new configuration to a running server (SIGHUP), gracefully.
@@ -627,6 +650,9 @@ class Smtpgate:
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
+        for chain_server in self.chain_servers:
+            await chain_server.close()
+        self.chain_servers = []
         if self.server is not None:
             try:
                 await self.server.close(

@@ -351,7 +351,7 @@ def _extension_name(text: str) -> str:
 
 
 def _listen(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
-    addresses: tuple[ListenAddress, ...] = _each(_listen_entry, nonempty=True)(value, ctx)
+    addresses: tuple[ListenAddress, ...] = _each(_listen_entry)(value, ctx)
     seen: set[ListenAddress] = set()
     for addr in addresses:
         if addr in seen and addr.port != 0:
@@ -946,7 +946,10 @@ class ListenerConfig:
 
     Attributes:
         address: ``host:port`` (``[v6]:port`` for IPv6; port 0 = any free port).
-        protocol: ``smtp`` or ``lmtp`` (RFC 2033).
+        protocol: ``smtp``, ``lmtp`` (RFC 2033), ``milter`` (the plugin chain served to
+            an MTA as a milter, protocol version 6) or ``policy`` (served to Postfix as a
+            policy server, SMTPD_POLICY_README); see docs/postfix.md. ``milter`` and
+            ``policy`` take none of the other keys.
         tls: ``none``, ``starttls`` (RFC 3207; needs ``[tls]``) or ``implicit``
             (TLS from the first byte, RFC 8314, port 465; ZMailer listen-ssmtp).
         require_auth: submission mode (ZMailer MSA-mode): MAIL needs AUTH first.
@@ -955,7 +958,7 @@ class ListenerConfig:
     """
 
     address: str = _opt("", _str)
-    protocol: str = _opt("smtp", _choice("smtp", "lmtp"))
+    protocol: str = _opt("smtp", _choice("smtp", "lmtp", "milter", "policy"))
     tls: str = _opt("starttls", _choice("none", "starttls", "implicit"))
     require_auth: bool = _opt(False, _bool)
     proxy_protocol: bool = _opt(False, _bool)
@@ -1175,6 +1178,8 @@ class Config:
         if listen is not None:
             try:
                 addrs = _listen(list(listen), ctx)
+                if not addrs:
+                    raise _Invalid("must list at least one address")
             except _Invalid as exc:
                 problems += [f"server.listen{sfx} (--listen): {msg}" for sfx, msg in exc.problems]
             else:
@@ -1284,6 +1289,14 @@ def _load_listeners(
             continue
         if section.proxy_protocol and not section.trusted_proxies:
             problems.append(f"{name}.trusted_proxies: required when proxy_protocol = true")
+        if section.protocol in ("milter", "policy") and isinstance(table, Mapping):
+            extra = [k for k in ("tls", "require_auth", "proxy_protocol", "trusted_proxies")
+                     if k in table]
+            if extra:
+                problems.extend(f"{name}.{k}: not used by protocol {section.protocol!r} "
+                                "(the MTA talks to its clients)" for k in extra)
+                continue
+            section = replace(section, tls="none")
         out.append(section)
     return tuple(out)
 
@@ -1395,6 +1408,9 @@ def _int_between(low: int, high: int) -> _Check:
 
 
 def _cross_checks(sections: Mapping[str, Any], problems: list[str]) -> None:
+    server = sections.get("server")
+    if isinstance(server, ServerConfig) and not server.listen and not sections.get("listeners"):
+        problems.append("server.listen: empty, and no [[listener]]: nothing to listen on")
     admin = sections.get("admin")
     if isinstance(admin, AdminConfig) and admin.listen and not admin.token_file:
         host = parse_listen(admin.listen).host

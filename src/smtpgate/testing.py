@@ -202,9 +202,10 @@ class RunningServer:
 
     Attributes:
         app: the running :class:`~smtpgate.app.Smtpgate` (``app.relay``, ``app.hooks``,
-            ``app.admin`` ...).
+            ``app.admin``, ``app.chain_addresses`` ...).
         host: the loopback address it listens on.
-        port: its (first) port.
+        port: its first SMTP port (the first milter or policy port when it has no SMTP
+            listener).
     """
 
     app: Smtpgate
@@ -349,7 +350,7 @@ def _with_test_defaults(data: Mapping[str, Any], tmp: Path,
     out: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v
                            for k, v in data.items()}
     server = out.setdefault("server", {})
-    server.setdefault("listen", ["127.0.0.1:0"])
+    server.setdefault("listen", [] if out.get("listener") else ["127.0.0.1:0"])
     server.setdefault("hostname", "mx.test")
     out.setdefault("maildir", {}).setdefault("path", str(tmp / "mail"))
     out.setdefault("queue", {}).setdefault("path", str(tmp / "queue"))
@@ -382,7 +383,8 @@ def smtpgate_server(tmp_path: Path) -> Iterator[StartServer]:
 
     - ``config``: a mapping with the TOML structure, a TOML file path, or a
       :class:`~smtpgate.config.Config`. For a mapping, what it leaves out is filled
-      for a test: ``server.listen = ["127.0.0.1:0"]`` (a free port),
+      for a test: ``server.listen = ["127.0.0.1:0"]`` (a free port; ``[]`` when the
+      mapping has ``[[listener]]`` tables, which then give every address),
       ``server.hostname = "mx.test"``, the Maildir, queue and capture paths under the
       test's ``tmp_path``.
     - ``deliver``: a :class:`~smtpgate.delivery.Delivery` or a callable
@@ -411,7 +413,8 @@ def smtpgate_server(tmp_path: Path) -> Iterator[StartServer]:
                 cfg = replace(cfg, relay=replace(cfg.relay, url=relay_to.url))
         app = Smtpgate(cfg, deliver=deliver, authenticator=authenticator)
         app.start_thread()
-        host, port = app.addresses[0]
+        bound = app.addresses or [(h, p) for _, h, p in app.chain_addresses]
+        host, port = bound[0]
         server = RunningServer(app=app, host=host, port=port)
         started.append(server)
         return server

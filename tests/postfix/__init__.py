@@ -1,0 +1,1 @@
+"""smtpgate's chain served to a real Postfix: milter and policy listeners (issue 14)."""
