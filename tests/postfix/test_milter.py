@@ -9,8 +9,6 @@ import pytest
 
 from smtpgate.testing import CaptureUpstream
 
-from .conftest import StartPostfix
-
 MSG = (b"From: ann@example.org\r\nTo: bob@example.com\r\nSubject: {subject}\r\n"
        b"\r\nHello through Postfix.\r\n")
 
