@@ -173,6 +173,9 @@ class Smtpgate:
             scheduler = SpoolDrop(store)
         else:
             self._ownership = store.acquire_owner()
+            from . import metrics  # smtpgate_queue_messages{state}, read at scrape time
+
+            metrics.watch_spool(q.path)
             remote: RemoteQueue | None = None
             try:
                 if q.delivery_process:

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ConfigError, DeliveryError, QueueError, SmtpgateError
+from .logs import reopen_logs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .app import Smtpgate
-    from .config import Config
+    from .config import Config, LogConfig
 
 log = logging.getLogger("smtpgate")
 
@@ -52,13 +53,24 @@ class UsageError(SmtpgateError):
     """An argument given on the command line cannot be used (exit code 2)."""
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+def _setup_logging(level: str, log_cfg: LogConfig | None = None, *,
+                   server: bool = False) -> None:
+    """Set up this process's logging (:func:`smtpgate.logs.setup_logging`: ``[log]``
+    format, file and send log when ``log_cfg`` is given, else text on standard error at
+    ``level``). ``server`` (``serve``): this process rolls the log files, and the metrics
+    directory its worker and delivery processes share is chosen now, before any of them
+    starts (:func:`smtpgate.metrics.setup`).
+
+    Raises:
+        OSError: the log file, the send log or the metrics directory cannot be set up.
+    """
+    from .logs import setup_logging
+
+    setup_logging(log_cfg, level=level, roller=True)
+    if server:
+        from . import metrics
+
+        metrics.setup()
 
 
 def _in_file(exc: ConfigError, source: str | None) -> ConfigError:
@@ -131,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     starts, with exit code 2.
     """
     cfg = _load(args)
-    _setup_logging(cfg.log.level)
+    _setup_logging(cfg.log.level, cfg.log, server=True)
     app = _checked_app(cfg)
     if cfg.server.use_uvloop:
         try:
@@ -151,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reloads: set[asyncio.Task[None]] = set()
 
         def hangup() -> None:  # SIGHUP: reload, like Postfix and most daemons
+            reopen_logs()  # and reopen (or roll, [log] roll_on_signal) the log files
             task = loop.create_task(_reload(app, args))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
@@ -162,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 pass
         try:
             loop.add_signal_handler(signal.SIGHUP, hangup)
+            loop.add_signal_handler(signal.SIGUSR1, reopen_logs)  # logrotate: reopen only
         except (NotImplementedError, RuntimeError):
             pass
         pid_file = cfg.server.pid_file
@@ -233,12 +247,14 @@ async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -
     pools: list[WorkerPool] = []
 
     def hangup() -> None:  # before the workers run there is nothing to reload
+        reopen_logs()  # the workers and the delivery process follow within a second
         for pool in pools:
             pool.reload()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, hangup)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
     try:
         await app.start(role="supervisor", before_listen=write_pid)
     except (QueueError, RuntimeError) as exc:

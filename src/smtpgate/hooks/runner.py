@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import metrics as _metrics
 from ..reply import R, Reply
 from .verdict import (
     CONT_RESULT,
@@ -306,6 +307,7 @@ class HookRunner:
 
     async def _call(self, stage: Stage, hook: RegisteredHook, args: tuple[Any, ...]) -> HookResult:
         session_id = getattr(args[0], "session_id", "-") if args else "-"
+        started = time.monotonic()
         try:
             result = normalise_result(stage, await self._invoke(hook, args))
         except HookVerdictException as exc:
@@ -339,6 +341,9 @@ class HookRunner:
             log.error("hook %s at %s answered QUARANTINE, which only the headers and data "
                       "stages allow (session %s)", hook.name, stage.value, session_id)
             result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
+        # smtpgate_plugin_duration_seconds / smtpgate_plugin_verdicts_total
+        _metrics.M.plugin(hook.plugin or hook.name, stage.value, result.verdict.name,
+                          time.monotonic() - started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "hook decision stage=%s hook=%s verdict=%s reply=%s session=%s",

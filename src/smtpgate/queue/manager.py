@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from .. import metrics as _metrics
 from ..envelope import Envelope, Recipient
 from ..errors import QueueError
+from ..logs import send_log
 from ..message import Message, MessageFile
 from ..reply import Reply
 from .schedule import RetrySchedule
@@ -449,11 +451,13 @@ class QueueManager:
                 results = {r.address: Outcome(Reply(451, "4.3.0",
                                                     f"Local delivery error: {exc}"[:200]), "")
                            for r in rcpts}
+        sent: dict[tuple[str, str, int], list[str]] = {}  # the send log's lines
         for r in rcpts:
             out = results.get(r.address)
             if out is None:
                 out = Outcome(Reply(451, "4.4.1", "No result for this recipient"), "")
             reply, remote = out[0], out[1]
+            _metrics.M.delivery(dest, reply.code)  # smtpgate_delivery_attempts_total
             relayed = len(out) > 2 and bool(out[2])
             r.attempts += 1
             r.last_reply = f"{reply.code} {reply.enhanced or ''} {reply.text}".replace("  ", " ")
@@ -468,11 +472,15 @@ class QueueManager:
                 failed.append(r)
             log.info("queue id=%s to=<%s> dest=%s remote=%s reply=%r", entry.id, r.address,
                      dest, remote or "-", r.last_reply[:200])
+            sent.setdefault((remote or dest, r.last_reply, reply.code), []).append(r.address)
             if self.on_outcome is not None:
                 try:
                     await self.on_outcome(entry, r, reply, await _whole(message))
                 except Exception:
                     log.exception("queue id=%s: delivered notification failed", entry.id)
+        for (upstream, text, code), addresses in sent.items():
+            send_log(entry.id, entry.mail_from, addresses, upstream, text, status=(
+                "sent" if code < 400 else "deferred" if code < 500 else "bounced"))
 
     async def _notify(
         self, entry: QueueEntry, message: Message, failed: list[QueuedRecipient],

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import sys
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -104,11 +103,9 @@ def _delivered_stage(hooks: HookRunner) -> OutcomeHook:
 
 def _child_main(cfg: Config, commands: Connection, events: Connection, clean: bool) -> None:
     """Entry point of the delivery process (multiprocessing, spawn start method)."""
-    logging.basicConfig(
-        level=getattr(logging, cfg.log.level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s[delivery]: %(message)s",
-        stream=sys.stderr,
-    )
+    from ..logs import setup_logging
+
+    setup_logging(cfg.log, process="delivery", roller=False)  # serve's process rolls
     try:
         import uvloop
 

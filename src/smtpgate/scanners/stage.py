@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from .. import metrics as _metrics
 from ..config import ScannerConfig
 from ..envelope import Envelope, SessionInfo
 from ..errors import ScannerError, ScannerTimeout
@@ -145,6 +146,8 @@ class ScannerSet:
             self.scanners, outcomes, strict=True
         ):
             tx.scan_results.append(result)
+            # smtpgate_scanner_duration_seconds / smtpgate_scanner_verdicts_total
+            _metrics.M.scanner(conf.config.type, result.verdict, result.elapsed)
             summary.append(_summary_item(result))
             for name, value in headers:
                 if name.lower() == "subject":

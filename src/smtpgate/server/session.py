@@ -26,10 +26,12 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, cast
 
+from .. import metrics as _metrics
 from ..delivery.received import build_received
 from ..envelope import Envelope, Recipient, SessionInfo
 from ..errors import AuthError, DeliveryError
 from ..hooks import HookResult, Stage, Transaction, Verdict, default_reply
+from ..logs import Event, send_log
 from ..message import Message, MessageSpool
 from ..net import client_key
 from ..protocol import (
@@ -72,6 +74,26 @@ _PAUSE_AT = 1 << 20  # bytes of unprocessed command input before we stop reading
 _REFUSED_HOLD = 2.0  # seconds a refused connection keeps its slot (see connection_made)
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid() & 0xFFFF:04X}{int(time.time()) & 0xFFFFFF:06X}"
+
+
+# The ``stage`` of a reply in the logs and in ``smtpgate_replies_total`` (a bounded set).
+_STAGE_OF: dict[type, str] = {
+    RcptTo: "rcpt", MailFrom: "mail", Data: "data", BdatStart: "data",
+    DataComplete: "message", Helo: "helo", Rset: "rset", Quit: "quit", StartTls: "starttls",
+    AuthCredentials: "auth", Vrfy: "vrfy", Expn: "expn", UnknownCommand: "unknown",
+    Etrn: "etrn",
+}
+_VERBS = {"helo": "helo", "ehlo": "helo", "lhlo": "helo", "mail": "mail", "rcpt": "rcpt",
+          "data": "data", "bdat": "data", "rset": "rset", "noop": "noop", "quit": "quit",
+          "vrfy": "vrfy", "expn": "expn", "help": "help", "starttls": "starttls",
+          "auth": "auth", "etrn": "etrn"}
+
+
+def _stage_of_line(command: str) -> str:
+    """The stage of an automatic reply from its command line (``"other"`` for any verb
+    not in :data:`_VERBS`: a bounded label)."""
+    verb = command.split(None, 1)[0].lower() if command.strip() else ""
+    return _VERBS.get(verb, "other")
 
 
 def _new_session_id() -> str:
@@ -301,7 +323,10 @@ class Session(asyncio.Protocol):
         refusal = admission.reply
         if refusal is not None:
             self.transport.write(refusal.to_bytes())
-            log.info("refused client=%s reason=%r", ip, refusal.text)
+            _metrics.M.connections_refused_total.inc()
+            if log.isEnabledFor(logging.INFO):
+                log.info(Event("reject", stage="connect", client=ip, code=refusal.code,
+                               reply=str(refusal), reason="admission"))
             if refusal is R.SHUTDOWN or exempt:
                 self.transport.close()
                 return
@@ -571,6 +596,10 @@ class Session(asyncio.Protocol):
         ctx = self.ctx
         hooks = ctx.hooks
         reason = "quit"
+        m = _metrics.M
+        done_tx: Transaction | None = None
+        m.sessions_total.inc()
+        m.sessions_open.inc()
         try:
             if self._proxy_done is not None:
                 try:
@@ -591,11 +620,13 @@ class Session(asyncio.Protocol):
                     if greeting.is_transient and greeting.code != 421:
                         # RFC 5321 §3.1/§3.8: the only 4xx greeting is 421 (then close)
                         greeting = Reply(421, greeting.enhanced, greeting.text)
+                    self._refused("connect", greeting)
                     if result.disconnect or greeting.code == 421:
                         self._out.append(conn.close_reply(greeting))
                         reason = "rejected"
                         return
             self._out.append(conn.send(greeting))
+            m.reply("connect", greeting.code)
             # This frame lives as long as the session: keep no reply (the EHLO reply is
             # the largest) alive while waiting for the client (issue 13, idle memory).
             reply = greeting = R.OK
@@ -628,17 +659,23 @@ class Session(asyncio.Protocol):
                 if t is AutoReply:
                     assert isinstance(ev, AutoReply)
                     reply = ev.reply
+                    stage = _stage_of_line(ev.command)
+                    m.reply(stage, reply.code)
                     if reply.code >= 400:
+                        self._refused(stage, reply)
                         await self._error_stage(reply, ev.command)
                     self._out.append(self._render(conn.send(reply), reply))
                     continue
                 if t is DataComplete:
                     assert isinstance(ev, DataComplete)
                     self._flush()
+                    done_tx = self.transaction
                     reply = await self._on_message(ev)
                     if conn.config.lmtp:
                         # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
+                        m.reply("message", reply.code)
                         if reply.code >= 400:
+                            self._refused("message", reply, done_tx)
                             await self._error_stage(reply, "DATA")
                         self._out.append(conn.send_lmtp([reply] * conn.lmtp_reply_count))
                         continue
@@ -659,13 +696,14 @@ class Session(asyncio.Protocol):
                     assert isinstance(ev, Helo)
                     reply = await self._on_helo(ev)
                 elif t is Rset:
-                    self.transaction = None
+                    self._drop_transaction()
                     await self._abort_upstream()
                     if hooks.has(Stage.RSET):
                         await hooks.run(Stage.RSET, info)
                     reply = R.RESET
                 elif t is Quit:
                     self._out.append(conn.send(R.BYE))
+                    m.reply("quit", 221)
                     reason = "quit"
                     break
                 elif t is StartTls:
@@ -690,7 +728,10 @@ class Session(asyncio.Protocol):
                     reply = R.TEMP_ERROR
                 disconnect = self._disconnect_after
                 self._disconnect_after = False
+                stage = _STAGE_OF.get(t, "other")
+                m.reply(stage, reply.code)
                 if reply.code >= 400:
+                    self._refused(stage, reply, done_tx if t is DataComplete else None, ev)
                     await self._error_stage(reply, type(ev).__name__)
                 self._out.append(self._render(conn.send(reply), reply))
                 if disconnect and not conn.closed:
@@ -755,6 +796,7 @@ class Session(asyncio.Protocol):
                 _feed_protocol(raw.get_protocol(), leftover)
             new_transport = await handshake
         except Exception as exc:
+            _metrics.M.tls_failures_total.inc()
             log.info("implicit TLS handshake with %s failed: %s", self._ip, exc)
             self._lost = True
             raw.abort()
@@ -778,25 +820,61 @@ class Session(asyncio.Protocol):
         if self._spool is not None:  # the client went away in the middle of a message
             self._spool.close()
             self._spool = None
+        self._drop_transaction()
+        _metrics.M.sessions_open.dec()
         if self.ctx.hooks.has(Stage.QUIT):
             try:
                 await self.ctx.hooks.run(Stage.QUIT, info)
             except Exception:  # the runner logs hook errors; never let them escape
                 log.exception("session %s: quit hook failed", info.session_id)
-        log.info(
-            "session id=%s client=%s helo=%s tls=%s auth=%s messages=%d errors=%d "
-            "duration=%.3fs end=%s results=%s",
-            info.session_id,
-            info.peer_ip,
-            info.helo_name or "-",
-            info.tls_version or "-",
-            info.auth_user or "-",
-            self._messages,
-            self.conn.errors,
-            time.time() - info.start_time,
-            reason,
-            repr(info.results.summary()) if info.results else "-",
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(Event(
+                "session", id=info.session_id, client=info.peer_ip,
+                helo=info.helo_name or "-", tls=info.tls_version or "-",
+                auth=info.auth_user or "-", messages=self._messages, errors=self.conn.errors,
+                duration=f"{time.time() - info.start_time:.3f}s", end=reason,
+                results=info.results.summary() if info.results else "-"))
+
+    def _drop_transaction(self) -> None:
+        """Forget the open transaction (RSET, HELO, STARTTLS, end of session): counted as
+        ``aborted`` in ``smtpgate_transactions_total`` when there was one."""
+        if self.transaction is not None:
+            self.transaction = None
+            _metrics.M.transactions_total.labels("aborted").inc()
+
+    def _refused(self, stage: str, reply: Reply, tx: Transaction | None = None,
+                 ev: object = None) -> None:
+        """Log a refusal (a 4xx/5xx reply to a command) at INFO, whatever refused it (the
+        core, a plugin, the upstream): the stage, client, HELO name, sender, recipient
+        (at RCPT) and the reply, as Postfix's ``NOQUEUE: reject: RCPT from ...`` line."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        info = self.info
+        assert info is not None
+        tx = tx or self.transaction
+        sender: str | None = None
+        rcpt: str | None = None
+        if type(ev) is MailFrom:
+            sender = ev.address
+        elif tx is not None:
+            sender = tx.envelope.mail_from
+        if type(ev) is RcptTo:
+            rcpt = f"<{ev.address}>"
+        elif tx is not None and stage == "message":
+            rcpt = ",".join(f"<{r.address}>" for r in tx.envelope.rcpt_to) or None
+        fields: dict[str, object] = {
+            "session": info.session_id, "stage": stage, "client": info.peer_ip,
+            "helo": info.helo_name or "-",
+        }
+        if sender is not None:
+            fields["from"] = f"<{sender}>"
+        if rcpt is not None:
+            fields["to"] = rcpt
+        if tx is not None and stage == "message":
+            fields["id"] = tx.id
+        fields["code"] = reply.code
+        fields["reply"] = str(reply)
+        log.info(Event("reject", **fields))
 
     def _denial(self, stage: Stage, result: HookResult) -> Reply:
         reply = result.reply or default_reply(stage, result.verdict)
@@ -832,7 +910,7 @@ class Session(asyncio.Protocol):
         self.conn.allow_sloppy_paths = info.allow_sloppy_paths
         info.helo_name = ev.name
         info.esmtp = ev.esmtp
-        self.transaction = None
+        self._drop_transaction()
         await self._abort_upstream()
         return self.conn.helo_reply(ev)
 
@@ -982,6 +1060,7 @@ class Session(asyncio.Protocol):
             )
         except (TimeoutError, OSError, ConnectionError, Exception) as exc:
             self._tls_early = None
+            _metrics.M.tls_failures_total.inc()
             log.info("session %s: TLS handshake failed: %s", info.session_id, exc)
             conn.close_reply(R.TLS_NOT_AVAILABLE)
             self._lost = True
@@ -996,7 +1075,7 @@ class Session(asyncio.Protocol):
         conn.tls_established()
         if early:
             conn.receive_data(bytes(early))
-        self.transaction = None
+        self._drop_transaction()
         await self._abort_upstream()
         info.helo_name = None
         info.esmtp = False
@@ -1009,6 +1088,7 @@ class Session(asyncio.Protocol):
         sslobj: Any = transport.get_extra_info("ssl_object")
         if sslobj is not None:
             info.tls_version = sslobj.version()
+            _metrics.M.tls_total.labels(info.tls_version or "unknown").inc()
             cipher = sslobj.cipher()
             info.tls_cipher = cipher[0] if cipher else None
             try:
@@ -1037,9 +1117,11 @@ class Session(asyncio.Protocol):
                 ok = await ctx.authenticator.authenticate(ev.username, ev.password, info)
             except AuthError as exc:
                 log.error("auth back end failed client=%s: %s", info.peer_ip, exc)
+                _metrics.M.auth_total.labels("error", ev.mechanism).inc()
                 return R.AUTH_TEMP
             except Exception:
                 log.exception("auth back end raised client=%s", info.peer_ip)
+                _metrics.M.auth_total.labels("error", ev.mechanism).inc()
                 return R.AUTH_TEMP
         hooks = ctx.hooks
         if hooks.has(Stage.AUTH):
@@ -1047,14 +1129,17 @@ class Session(asyncio.Protocol):
             if result.verdict.is_denial:
                 log.info("auth refused by plugin id=%s client=%s user=%r mechanism=%s",
                          info.session_id, info.peer_ip, ev.username[:64], ev.mechanism)
+                _metrics.M.auth_total.labels("failure", ev.mechanism).inc()
                 return self._denial(Stage.AUTH, result)
         if ok:
+            _metrics.M.auth_total.labels("success", ev.mechanism).inc()
             limiter.record_success(info.peer_ip)
             info.auth_user = ev.username
             log.info("auth ok id=%s client=%s user=%s mechanism=%s",
                      info.session_id, info.peer_ip, ev.username, ev.mechanism)
             return R.AUTH_OK
         limiter.record_failure(info.peer_ip)
+        _metrics.M.auth_total.labels("failure", ev.mechanism).inc()
         log.warning("auth failed id=%s client=%s user=%r mechanism=%s",
                     info.session_id, info.peer_ip, ev.username[:64], ev.mechanism)
         return R.AUTH_FAILED
@@ -1172,7 +1257,12 @@ class Session(asyncio.Protocol):
         message = tx.source(received)
         try:
             if utx is not None:
-                reply = await utx.data(envelope, message)
+                try:
+                    reply = await utx.data(envelope, message)
+                except DeliveryError as exc:
+                    self._relayed(tx, utx, exc.reply)
+                    raise
+                self._relayed(tx, utx, reply)
             else:
                 reply = await self.ctx.delivery.deliver(envelope, message, info)
         except DeliveryError as exc:
@@ -1195,6 +1285,17 @@ class Session(asyncio.Protocol):
             reply = tx.reply
         self._log_tx(tx, tx.size, reply, started, "delivered")
         return reply
+
+    @staticmethod
+    def _relayed(tx: Transaction, utx: Any, reply: Reply) -> None:
+        """Proxy mode: the upstream answered the message: count the attempt per recipient
+        (``smtpgate_delivery_attempts_total``) and write the send-log line."""
+        upstream = str(getattr(utx, "_label", "") or "upstream")
+        rcpts = [r.address for r in tx.envelope.rcpt_to]
+        for _ in rcpts:
+            _metrics.M.delivery(upstream, reply.code)
+        send_log(tx.id, tx.envelope.mail_from, rcpts, upstream, reply, status=(
+            "sent" if reply.code < 400 else "tempfailed" if reply.code < 500 else "refused"))
 
     async def _delivered(self, tx: Transaction, reply: Reply) -> None:
         """The ``delivered`` stage, per recipient, when the outcome is known here (local
@@ -1224,25 +1325,32 @@ class Session(asyncio.Protocol):
         return reply
 
     def _log_tx(self, tx: Transaction, size: int, reply: Reply, started: float, what: str) -> None:
+        """Count the transaction's outcome (``smtpgate_transactions_total``, bytes received)
+        and log its line at INFO (with the Message-ID header field's value)."""
+        m = _metrics.M
+        code = reply.code
+        outcome = ("quarantined" if what.startswith("quarantined") else "accepted"
+                   if code < 400 else "tempfailed" if code < 500 else "rejected")
+        m.transactions_total.labels(outcome).inc()
+        if size:
+            m.received_bytes_total.inc(size)
         if not log.isEnabledFor(logging.INFO):  # hot path: build nothing for no record
             return
         info = self.info
         assert info is not None
         env = tx.envelope
-        log.info(
-            "transaction id=%s client=%s helo=%s from=<%s> to=%s size=%d result=%r "
-            "outcome=%s results=%s time=%.3fs",
-            tx.id,
-            info.peer_ip,
-            info.helo_name or "-",
-            env.mail_from,
-            ",".join(f"<{r.address}>" for r in env.rcpt_to) or "-",
-            size,
-            f"{reply.code} {reply.enhanced or ''} {reply.text}".replace("  ", " ")[:300],
-            what,
-            repr(tx.results.summary()) if tx.results else "-",
-            time.monotonic() - started,
-        )
+        try:
+            message_id = tx.get_header("Message-ID") if size else None
+        except (RuntimeError, ValueError):
+            message_id = None
+        log.info(Event(
+            "transaction", id=tx.id, client=info.peer_ip, helo=info.helo_name or "-",
+            **{"from": f"<{env.mail_from}>"},
+            to=",".join(f"<{r.address}>" for r in env.rcpt_to) or "-",
+            size=size, message_id=message_id[:200] if message_id else "-",
+            result=f"{reply.code} {reply.enhanced or ''} {reply.text}".replace("  ", " ")[:300],
+            outcome=what, results=tx.results.summary() if tx.results else "-",
+            time=f"{time.monotonic() - started:.3f}s"))
 
     # -------------------------------------------------------------- shutdown
 

@@ -120,12 +120,9 @@ async def probe_listeners(cfg: Config) -> None:
 def _worker_main(cfg: Config, args: argparse.Namespace, index: int, control: Connection,
                  events: Connection) -> None:
     """Entry point of a worker process (multiprocessing, spawn start method)."""
-    logging.basicConfig(
-        level=getattr(logging, cfg.log.level, logging.INFO),
-        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    from ..logs import setup_logging
+
+    setup_logging(cfg.log, process=f"worker {index}", roller=False)  # serve's process rolls
     try:
         import uvloop
 
