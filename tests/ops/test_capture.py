@@ -269,3 +269,18 @@ def test_quarantine_listed_read_only(run_app, tmp_path: Path, spamd_server: str)
     status, body = api(app, "POST", f"/api/messages/{q['id']}/train", {"as": "spam"})
     assert status == 200 and body["answers"][0].startswith("spamassassin: ")
 
+
+
+def test_stop_ends_a_pending_wait(run_app, tmp_path: Path) -> None:
+    app = run_app(capture_cfg(tmp_path))
+    result: list[tuple[int, Any]] = []
+    waiter = threading.Thread(target=lambda: result.append(
+        api(app, "GET", "/api/messages/wait?subject=never&timeout=3600")))
+    waiter.start()
+    delivery = app.delivery
+    assert isinstance(delivery, CaptureDelivery)
+    while delivery.waiting == 0 and waiter.is_alive():
+        time.sleep(0.01)
+    app.stop_thread(timeout=2)
+    waiter.join()
+    assert result[0] == (503, {"error": "the server is shutting down"})

@@ -381,6 +381,8 @@ async def _wait(request: web.Request) -> web.Response:
         found = await delivery.wait(_filter(request), timeout=timeout, since=since_value)
     except (sqlite3.Error, OSError) as exc:
         return _error(500, f"capture database: {exc}")
+    if found is None and delivery.closing:
+        return _error(503, "the server is shutting down")
     if found is None:
         return _error(408, f"no matching message within {timeout:g} s")
     return web.json_response(found.summary())
@@ -489,9 +491,17 @@ async def _train(request: web.Request) -> web.Response:
     return web.json_response({"trained": summary.id, "as": kind, "answers": answers})
 
 
+async def _release_waiters(app: web.Application) -> None:
+    """On shutdown: end the long polls at once (503) instead of holding the stop up."""
+    delivery = capture_delivery(app[GATE])
+    if delivery is not None:
+        await delivery.release_waiters()
+
+
 def add_routes(app: web.Application) -> None:
     """Add the ``/api/messages`` routes (see the module docstring) to ``app``."""
     app[QUARANTINE] = _Folders()
+    app.on_shutdown.append(_release_waiters)
     r = app.router
     r.add_get("/api/messages", _list)
     r.add_delete("/api/messages", _delete_all)

@@ -419,6 +419,7 @@ class CaptureDelivery:
         self._changed = asyncio.Condition()
         self._generation = 0
         self._waiting = 0
+        self.closing = False
 
     def __repr__(self) -> str:
         return f"CaptureDelivery({self.store!r})"
@@ -455,6 +456,12 @@ class CaptureDelivery:
         message counts)."""
         return self._waiting
 
+    async def release_waiters(self) -> None:
+        """End every :meth:`wait` now (it returns ``None``) and any later one at once:
+        the server is stopping."""
+        self.closing = True
+        await self.notify()
+
     async def notify(self) -> None:
         """Wake every :meth:`wait` (something was stored)."""
         async with self._changed:
@@ -474,7 +481,8 @@ class CaptureDelivery:
                 when the call starts, i.e. messages arriving from now on).
 
         Returns:
-            The oldest matching message, ``None`` after ``timeout``.
+            The oldest matching message, ``None`` after ``timeout`` (or once
+            :meth:`release_waiters` was called).
 
         Raises:
             sqlite3.Error / OSError: the database cannot be read.
@@ -498,7 +506,7 @@ class CaptureDelivery:
             if found is not None:
                 return found
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self.closing:
                 return None
             async with self._changed:
                 if self._generation != generation:
