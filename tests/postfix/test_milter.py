@@ -13,8 +13,9 @@ MSG = (b"From: ann@example.org\r\nTo: bob@example.com\r\nSubject: {subject}\r\n"
        b"\r\nHello through Postfix.\r\n")
 
 
-def _milter_gate(smtpgate_server, site_plugin: str):  # type: ignore[no-untyped-def]
-    return smtpgate_server({"listener": [{"address": "127.0.0.1:0", "protocol": "milter"}],
+def _milter_gate(smtpgate_server, site_plugin: str, loop_kind: str = "uvloop"):  # type: ignore[no-untyped-def]
+    return smtpgate_server({"server": {"use_uvloop": loop_kind == "uvloop"},
+                            "listener": [{"address": "127.0.0.1:0", "protocol": "milter"}],
                             "plugin": [{"module": site_plugin}]})
 
 
@@ -38,8 +39,9 @@ def test_plugin_rejection_reaches_postfix_client(smtpgate_server, site_plugin, p
 
 
 def test_header_added_changed_and_recipient_removed(smtpgate_server, site_plugin, postfix,  # type: ignore[no-untyped-def]
-                                                    capture_upstream: CaptureUpstream) -> None:
-    gate = _milter_gate(smtpgate_server, site_plugin)
+                                                    capture_upstream: CaptureUpstream,
+                                                    loop_kind: str) -> None:
+    gate = _milter_gate(smtpgate_server, site_plugin, loop_kind)
     pf = postfix(relay_port=capture_upstream.port,
                  smtpd_milters=f"inet:127.0.0.1:{gate.port}",
                  milter_default_action="tempfail")

@@ -21,8 +21,10 @@ def _restrictions(port: int) -> str:
 
 
 def test_plugin_refusal_at_rcpt_and_dunno(smtpgate_server, site_plugin, postfix: StartPostfix,  # type: ignore[no-untyped-def]
-                                          capture_upstream: CaptureUpstream) -> None:
-    gate = smtpgate_server({"listener": [{"address": "127.0.0.1:0", "protocol": "policy"}],
+                                          capture_upstream: CaptureUpstream,
+                                          loop_kind: str) -> None:
+    gate = smtpgate_server({"server": {"use_uvloop": loop_kind == "uvloop"},
+                            "listener": [{"address": "127.0.0.1:0", "protocol": "policy"}],
                             "plugin": [{"module": site_plugin}]})
     pf = postfix(relay_port=capture_upstream.port,
                  smtpd_recipient_restrictions=_restrictions(gate.port))

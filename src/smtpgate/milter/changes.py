@@ -80,16 +80,20 @@ def _header_actions(old: list[tuple[str, str]], new: list[tuple[str, str]]
     for op, i1, i2, j1, j2 in matcher.get_opcodes():
         if op == "equal":
             continue
-        if op == "replace" and i2 - i1 == j2 - j1 and all(
-                old[i][0].lower() == new[j][0].lower()
-                for i, j in zip(range(i1, i2), range(j1, j2), strict=True)):
-            for i, j in zip(range(i1, i2), range(j1, j2), strict=True):
-                name = old[i][0]
-                nth = sum(1 for n, _ in old[: i + 1] if n.lower() == name.lower())
-                changes.append(codec.ChangeHeader(nth, name, new[j][1]))
-            continue
-        deleted.extend(range(i1, i2))
-        inserted.extend(range(j1, j2))
+        # pair the fields of the same name in order: those are changed in place
+        next_j = j1
+        for i in range(i1, i2):
+            name = old[i][0]
+            match = next((j for j in range(next_j, j2)
+                          if new[j][0].lower() == name.lower()), None)
+            if match is None:
+                deleted.append(i)
+                continue
+            inserted.extend(range(next_j, match))
+            nth = sum(1 for n, _ in old[: i + 1] if n.lower() == name.lower())
+            changes.append(codec.ChangeHeader(nth, name, new[match][1]))
+            next_j = match + 1
+        inserted.extend(range(next_j, j2))
     deletions: list[codec.Response] = []
     for i in sorted(deleted, reverse=True):
         name = old[i][0]
