@@ -82,7 +82,10 @@ def admin_target(cfg: Config, url: str | None = None) -> AdminTarget:
     from .admin.server import read_token
 
     where = f"{cfg.source}: " if not cfg.source.startswith("<") else ""
-    token = read_token(cfg.admin.token_file) if cfg.admin.token_file else ""
+    try:
+        token = read_token(cfg.admin.token_file) if cfg.admin.token_file else ""
+    except ConfigError as exc:
+        raise ConfigError([f"{where}{p}" for p in exc.problems]) from None
     if url:
         return AdminTarget(url.rstrip("/"), token, "--admin-url")
     if not cfg.admin.listen:
