@@ -864,6 +864,22 @@ def test_with_overrides_errors_name_the_key() -> None:
     assert info.value.problems[0].startswith("server.listen (--listen): ")
 
 
+def test_with_overrides_admin() -> None:
+    """``serve --admin HOST:PORT`` replaces ``admin.listen``, checked like the key."""
+    base = config_from_mapping({"admin": {"listen": "127.0.0.1:9000"}})
+    assert base.with_overrides(admin="[::1]:8025").admin.listen == "[::1]:8025"
+    assert base.with_overrides(admin="").admin.listen == ""  # "" turns it off
+    assert base.with_overrides().admin == base.admin
+    with pytest.raises(ConfigError) as info:
+        base.with_overrides(admin="192.0.2.1:8025")  # not loopback, no token_file
+    assert info.value.problems == [
+        "admin.listen (--admin): 192.0.2.1:8025 is not a loopback address; set "
+        "admin.token_file to serve the admin API on other addresses"]
+    with pytest.raises(ConfigError) as info:
+        base.with_overrides(admin="8025")
+    assert info.value.problems[0].startswith("admin.listen (--admin): ")
+
+
 # --------------------------------------------------------------------------------------------
 # The shipped example and the reference documentation
 # --------------------------------------------------------------------------------------------
