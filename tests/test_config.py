@@ -124,7 +124,8 @@ EXPECTED_DEFAULTS: dict[str, dict[str, Any]] = {
         "address_check": (),
         "timeout": 30.0,
     },
-    "log": {"level": "INFO", "format": "text", "file": "", "max_size": 0, "roll_hour": -1,
+    "log": {"level": "INFO", "decisions": "DEBUG", "format": "text", "file": "",
+            "max_size": 0, "roll_hour": -1,
             "max_backups": 10, "roll_format": "", "roll_on_start": False,
             "roll_on_signal": False, "send_log": ""},
     "admin": {"listen": "", "token_file": ""},
@@ -314,6 +315,7 @@ BAD_VALUES = [
     ("log", "level", "verbose", 'must be one of "DEBUG", "INFO", "WARNING", "ERROR"'),
     ("log", "level", 10, "must be a string, got 10"),
     ("log", "format", "xml", 'must be one of "text", "json"'),
+    ("log", "decisions", "ERROR", 'must be one of "DEBUG", "INFO", "WARNING"'),
     ("log", "file", 3, "must be a string"),
     ("log", "max_size", -1, "must be"),
     ("log", "roll_hour", 24, "must be an hour of the day"),
@@ -542,7 +544,7 @@ def test_unknown_with_suggestion(data: dict[str, Any], expected: str) -> None:
 
 def test_unknown_without_close_match_lists_known_names() -> None:
     (problem,) = problems_of({"log": {"zzzz": 1}})
-    assert problem.startswith("log.zzzz: unknown key; known: file, format, level, ")
+    assert problem.startswith("log.zzzz: unknown key; known: decisions, file, format, level, ")
     (problem,) = problems_of({"qqqqqq": {}})
     assert problem.startswith("qqqqqq: unknown section; known: ")
     assert "server" in problem

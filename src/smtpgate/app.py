@@ -82,7 +82,8 @@ class Smtpgate:
         elif isinstance(config, dict):
             config = config_from_mapping(config)
         self.config = config
-        self.hooks = HookRunner(timeout=config.hooks.timeout)
+        self.hooks = HookRunner(timeout=config.hooks.timeout,
+                                decision_level=logging.getLevelName(config.log.decisions))
         provided = load_plugins(config, self.hooks)
         relay = provided.get("relay")
         self.relay: RelayPolicy | None = relay if isinstance(relay, RelayPolicy) else None

@@ -802,6 +802,9 @@ class LogConfig:
 
     Attributes:
         level: ``"DEBUG"``, ``"INFO"``, ``"WARNING"`` or ``"ERROR"`` (upper case).
+        decisions: the level at which each plugin decision of the decision record is
+            logged (one line per hook call: stage, plugin, verdict, reply, time,
+            findings; docs/explain.md): ``"DEBUG"``, ``"INFO"`` or ``"WARNING"``.
         format: ``"text"`` (``key=value`` fields, values with spaces quoted) or
             ``"json"`` (one JSON object per line with the same fields).
         file: the log file (resolved against the configuration file's directory);
@@ -819,6 +822,7 @@ class LogConfig:
     """
 
     level: str = _opt("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    decisions: str = _opt("DEBUG", _choice("DEBUG", "INFO", "WARNING"))
     format: str = _opt("text", _choice("text", "json"))
     file: str = _opt("", _new_file_path)
     max_size: int = _opt(0, _nonnegative_int)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .results import Results
 
@@ -70,6 +70,35 @@ class Envelope:
         return [r.address for r in self.rcpt_to]
 
 
+MAX_DECISIONS = 512
+"""Decisions a session keeps; older ones are dropped (half of them at a time)."""
+
+
+class Decision(NamedTuple):
+    """One hook call of the decision record (what ``smtpgate explain`` prints).
+
+    Attributes:
+        stage: the stage (``"rcpt"``).
+        plugin: the plugin that registered the hook (its hook name for a hook registered
+            in code).
+        hook: the hook's name (``"module:function"``).
+        verdict: the verdict name (``"CONT"``, ``"DENY"``...).
+        reply: the reply the verdict carries, ``""`` for none.
+        seconds: how long the call took.
+        findings: the ``results`` findings the call added (``Finding.text()`` each).
+        transaction: the transaction id, ``""`` for a session stage.
+    """
+
+    stage: str
+    plugin: str
+    hook: str
+    verdict: str
+    reply: str
+    seconds: float
+    findings: tuple[str, ...]
+    transaction: str
+
+
 @dataclass(slots=True)
 class SessionInfo:
     """What is known about one SMTP session (one client connection).
@@ -93,6 +122,12 @@ class SessionInfo:
         allow_sloppy_paths: accept MAIL FROM paths without angle brackets or with
             spaces (ZMailer's sloppy mode); a plugin sets it at ``helo`` (HELO rule flag
             ``s``), the protocol core applies it from then on.
+        decisions: the decision record (docs/explain.md): one :class:`Decision` per hook
+            call, in order, kept by the hook runner (the last
+            :data:`MAX_DECISIONS` of the session).
+        dry_run: the session is a dry run (``smtpgate explain``): nothing is delivered,
+            and plugins that keep counts or state (greylisting, rate limits) must not
+            count it.
     """
 
     session_id: str
@@ -112,6 +147,8 @@ class SessionInfo:
     results: Results = field(default_factory=Results)
     errors: int = 0
     allow_sloppy_paths: bool = False
+    decisions: list[Decision] = field(default_factory=list)
+    dry_run: bool = False
 
     @property
     def tls(self) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import metrics as _metrics
+from ..envelope import MAX_DECISIONS, Decision
 from ..reply import R, Reply
 from .verdict import (
     CONT_RESULT,
@@ -141,17 +142,25 @@ class HookRunner:
     value, gives DENYSOFT ``451 4.3.0`` (``R.HOOK_ERROR``) and an ERROR log record
     with the traceback on logger ``smtpgate.hooks``. Cancellation propagates.
 
+    Every call is added to the session's decision record (``SessionInfo.decisions``, a
+    :class:`~smtpgate.envelope.Decision` each: stage, plugin, verdict, reply, time, the
+    ``results`` findings it added; docs/explain.md) and logged on ``smtpgate.hooks`` at
+    ``decision_level``.
+
     Args:
         timeout: per-call limit in seconds, > 0.
+        decision_level: the :mod:`logging` level of the decision lines
+            (``[log] decisions``; DEBUG by default).
 
     Raises:
         ValueError: ``timeout`` is not positive.
     """
 
-    def __init__(self, timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = 30.0, decision_level: int = logging.DEBUG) -> None:
         if not timeout > 0:
             raise ValueError(f"hook timeout must be positive, got {timeout!r}")
         self.timeout = float(timeout)
+        self.decision_level = decision_level
         # Keyed by Stage; Stage is a str enum, so a lookup with "rcpt" finds Stage.RCPT.
         self._chains: dict[str, tuple[RegisteredHook, ...]] = {}
         self._seq = 0
@@ -307,6 +316,11 @@ class HookRunner:
 
     async def _call(self, stage: Stage, hook: RegisteredHook, args: tuple[Any, ...]) -> HookResult:
         session_id = getattr(args[0], "session_id", "-") if args else "-"
+        # the decision record: the session's, findings from the transaction if any
+        record: list[Decision] | None = getattr(args[0], "decisions", None) if args else None
+        tx = args[1] if len(args) > 1 and hasattr(args[1], "envelope") else None
+        results = getattr(tx if tx is not None else args[0], "results", None) if args else None
+        found_before = len(results) if results is not None else 0
         started = time.monotonic()
         try:
             result = normalise_result(stage, await self._invoke(hook, args))
@@ -341,23 +355,45 @@ class HookRunner:
             log.error("hook %s at %s answered QUARANTINE, which only the headers and data "
                       "stages allow (session %s)", hook.name, stage.value, session_id)
             result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
+        spent = time.monotonic() - started
         # smtpgate_plugin_duration_seconds / smtpgate_plugin_verdicts_total
-        _metrics.M.plugin(hook.plugin or hook.name, stage.value, result.verdict.name,
-                          time.monotonic() - started)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "hook decision stage=%s hook=%s verdict=%s reply=%s session=%s",
+        _metrics.M.plugin(hook.plugin or hook.name, stage.value, result.verdict.name, spent)
+        if record is not None:
+            findings: tuple[str, ...] = ()
+            if results is not None and len(results) > found_before:
+                findings = tuple(f.text() for f in list(results)[found_before:])
+            if len(record) >= MAX_DECISIONS:
+                del record[: MAX_DECISIONS // 2]
+            record.append(Decision(stage.value, hook.plugin or hook.name, hook.name,
+                                   result.verdict.name,
+                                   str(result.reply) if result.reply is not None else "",
+                                   spent, findings, getattr(tx, "id", "")))
+        if log.isEnabledFor(self.decision_level):  # the decision record, logged
+            ms = round(spent * 1000, 3)
+            found = "; ".join(record[-1].findings) if record is not None else ""
+            log.log(
+                self.decision_level,
+                "hook decision stage=%s plugin=%s hook=%s verdict=%s reply=%s ms=%s "
+                "findings=%r session=%s tx=%s",
                 stage.value,
+                hook.plugin or hook.name,
                 hook.name,
                 result.verdict.name,
                 result.reply,
+                ms,
+                found,
                 session_id,
+                getattr(tx, "id", ""),
                 extra={
                     "hook_stage": stage.value,
+                    "hook_plugin": hook.plugin or hook.name,
                     "hook_name": hook.name,
                     "hook_verdict": result.verdict.name,
                     "hook_reply": str(result.reply) if result.reply else None,
+                    "hook_ms": ms,
+                    "hook_findings": found,
                     "session_id": session_id,
+                    "transaction_id": getattr(tx, "id", ""),
                 },
             )
         return result

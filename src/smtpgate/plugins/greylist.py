@@ -15,7 +15,8 @@ Stores: an SQLite file (``store = "greylist.sqlite"``, WAL mode: several smtpgat
 processes may share it) or Redis (``store = "redis://host:port/db"``) when several hosts
 share the work. Finding: ``greylist`` = ``greylisted``, ``early`` (retried before the
 delay), ``pass``, ``whitelisted``, ``exempt`` or ``error`` (the store failed: mail is let
-through, and the error logged).
+through, and the error logged). A dry run (``session.dry_run``, ``smtpgate explain``)
+gets the verdict a real attempt would get, and the store is not changed.
 """
 
 from __future__ import annotations
@@ -268,7 +269,8 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
                 return None
             seen = await store.triplet(key)
             if seen is None or (not seen[1] and now - seen[0] > window):
-                await store.put_triplet(key, now, 0.0, window)
+                if not session.dry_run:  # smtpgate explain: judge, record nothing
+                    await store.put_triplet(key, now, 0.0, window)
                 tx.results.add(name, "greylisted", client=net, delay=delay)
                 log.info("greylisted client=%s from=<%s> to=<%s>", session.peer_ip,
                          tx.mail_from, rcpt.address)
@@ -278,9 +280,10 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
                 tx.results.add(name, "early", client=net, wait=round(delay - (now - first)))
                 return deferred(f"Greylisted, please try again in "
                                 f"{int(delay - (now - first)) + 1} seconds")
-            await store.put_triplet(key, first, passed or now, lifetime)
-            if not passed:
-                await store.bump_client(net, lifetime)
+            if not session.dry_run:
+                await store.put_triplet(key, first, passed or now, lifetime)
+                if not passed:
+                    await store.bump_client(net, lifetime)
             tx.results.add(name, "pass", client=net)
             return None
         except Exception as exc:  # a store failure never stops mail

@@ -13,7 +13,9 @@ trying stays limited until it slows down. Clients on ``[server] limit_exceptions
 Stores: ``memory`` (default; per process: with ``[server] workers = N`` each worker counts
 on its own), an SQLite file shared by the processes of one host, or Redis
 (``redis://host:port/db``) shared by several hosts. Finding: ``ratelimit`` =
-``over`` (with the limit and the count) when something was refused.
+``over`` (with the limit and the count) when something was refused. A dry run
+(``session.dry_run``, ``smtpgate explain``) is judged as a real event would be and
+counts nothing.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class Counter(Protocol):
         """Record one event for ``key`` now; return the events of the last ``window``
         seconds, this one included."""
 
+    async def peek(self, key: str, window: float) -> int:
+        """The events of the last ``window`` seconds for ``key``, recording none (a dry
+        run, ``smtpgate explain``)."""
+
 
 class MemoryCounter:
     """Events in this process's memory (deques of timestamps, pruned as they age)."""
@@ -89,6 +95,10 @@ class MemoryCounter:
             for k in [k for k, v in self._events.items() if v[-1] <= now - window]:
                 del self._events[k]
         return len(events)
+
+    async def peek(self, key: str, window: float) -> int:
+        now = time.monotonic()
+        return sum(1 for t in self._events.get(key, ()) if t > now - window)
 
 
 class SqliteCounter:
@@ -126,6 +136,16 @@ class SqliteCounter:
         count: int = await loop.run_in_executor(self._exec, self._hit, key, window)
         return count
 
+    def _peek(self, key: str, window: float) -> int:
+        row = self._conn().execute("SELECT COUNT(*) FROM events WHERE key = ? AND at > ?",
+                                   (key, time.time() - window)).fetchone()
+        return int(row[0])
+
+    async def peek(self, key: str, window: float) -> int:
+        loop = asyncio.get_running_loop()
+        count: int = await loop.run_in_executor(self._exec, self._peek, key, window)
+        return count
+
 
 class RedisCounter:
     """Events in Redis sorted sets (one per key, expiring with the window)."""
@@ -145,6 +165,10 @@ class RedisCounter:
             pipe.expire(name, max(1, int(window) + 1))
             results = await pipe.execute()
         return int(results[2])
+
+    async def peek(self, key: str, window: float) -> int:
+        count = await self._redis.zcount(f"ratelimit:{key}", time.time() - window, "+inf")
+        return int(count)
 
 
 def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
@@ -181,12 +205,16 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
             return True
         return any(ip in net for net in exempt)
 
-    async def over(kind: str, key: str, limit: int) -> int | None:
-        """The count when ``limit`` is exceeded, else ``None``; never fails mail."""
+    async def over(kind: str, key: str, limit: int, dry_run: bool = False) -> int | None:
+        """The count when ``limit`` is exceeded, else ``None``; never fails mail. A dry
+        run counts what a real event would make the count, and records nothing."""
         if not limit:
             return None
         try:
-            count = await counter.hit(f"{kind}:{key}", window)
+            if dry_run:
+                count = await counter.peek(f"{kind}:{key}", window) + 1
+            else:
+                count = await counter.hit(f"{kind}:{key}", window)
         except Exception as exc:  # a store failure never stops mail
             log.error("ratelimit store %s failed: %s", spec, exc)
             return None
@@ -205,7 +233,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     async def connect(session: SessionInfo) -> HookResult | None:
         if exempted(session):
             return None
-        count = await over("conn", session.peer_ip, conn_limit)
+        count = await over("conn", session.peer_ip, conn_limit, session.dry_run)
         if count is None:
             return None
         reply = Reply(421, "4.7.0", TOO_MANY_CONNECTIONS.format(who=session.peer_ip))
@@ -224,7 +252,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
             key = keys[kind]
             if not key:
                 continue
-            count = await over(kind, key, options[option])
+            count = await over(kind, key, options[option], session.dry_run)
             if count is not None:
                 reply = Reply(451, "4.7.1", TOO_MANY.format(who=key))
                 return refuse(session, tx, option, key, options[option], count,
@@ -240,7 +268,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
                                    session.auth_user or "")):
             if not key:
                 continue
-            count = await over(kind, key, options[option])
+            count = await over(kind, key, options[option], session.dry_run)
             if count is not None:
                 reply = Reply(451, "4.7.1", TOO_MANY.format(who=key))
                 return refuse(session, tx, option, key, options[option], count,

@@ -70,7 +70,8 @@ def build_manager(cfg: Config, hooks: HookRunner | None = None) -> QueueManager:
     if hooks is None:
         from ..plugins import load_plugins
 
-        hooks = HookRunner(timeout=cfg.hooks.timeout)
+        hooks = HookRunner(timeout=cfg.hooks.timeout,
+                           decision_level=logging.getLevelName(cfg.log.decisions))
         load_plugins(cfg, hooks)
     schedule = RetrySchedule(q.min_backoff, q.max_backoff, q.max_lifetime)
     return QueueManager(

@@ -56,6 +56,7 @@ class ServerContext:
         vrfy_enabled / expn_enabled: answer VRFY / EXPN (through the ``vrfy`` stage);
             off: ``252 2.5.0`` / ``502 5.5.1``.
         forced_peer_ip: treat every client as coming from this address (policy test).
+        dry_run: sessions are dry runs (``smtpgate explain``; ``SessionInfo.dry_run``).
         delivered_in_session: run the ``delivered`` stage after delivery here (local and
             proxy delivery); False in queue mode, where the delivery process runs it.
         message_dir: where a long message's temporary file is made while it arrives
@@ -87,5 +88,6 @@ class ServerContext:
     vrfy_enabled: bool = False
     expn_enabled: bool = False
     forced_peer_ip: str | None = None
+    dry_run: bool = False
     delivered_in_session: bool = True
     message_dir: str | None = None

@@ -1,0 +1,1 @@
+"""Explain mode: the decision record and the dry run (issue 14)."""
