@@ -154,8 +154,9 @@ class PluginHarness:
     def __init__(self, config: ConfigSource = None, *,
                  base_dir: str | os.PathLike[str] | None = None) -> None:
         self.config = _load(config, base_dir)
-        self.hooks = HookRunner(timeout=self.config.hooks.timeout, decision_level=logging.getLevelName(
-            self.config.log.decisions))
+        self.hooks = HookRunner(
+            timeout=self.config.hooks.timeout,
+            decision_level=logging.getLevelName(self.config.log.decisions))
         self.provided = load_plugins(self.config, self.hooks)
 
     def chain(self, stage: Stage | str) -> list[str]:
