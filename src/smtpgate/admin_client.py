@@ -143,7 +143,9 @@ def call(target: AdminTarget, method: str, path: str, *, ok: tuple[int, ...] = (
     except TimeoutError:
         raise AdminCallError(f"{where}: no reply within {TIMEOUT:g}s") from None
     except aiohttp.ClientConnectorError as exc:
-        cause = exc.os_error.strerror or str(exc.os_error)
+        error = exc.os_error
+        cause = ("connection refused" if isinstance(error, ConnectionRefusedError)
+                 else error.strerror or str(error))
         raise AdminCallError(f"{where}: cannot connect ({cause}; is smtpgate running with "
                              f"the admin listener of {target.origin}?)") from None
     except aiohttp.ClientError as exc:

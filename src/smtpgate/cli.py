@@ -2,8 +2,10 @@
 
 Entry point: :func:`main` (the ``smtpgate`` console script and ``python -m smtpgate``).
 Exit codes (:data:`EXIT_CODES`, also in ``--help``): 0 success, 1 runtime failure
-(delivery refused, bind failure, a refused or cut-off bsmtp batch), 2 usage or
-configuration error. Every error is one line on stderr (``smtpgate: WHERE: CAUSE``); the
+(delivery refused, bind failure, a refused or cut-off bsmtp batch, an admin API that
+cannot be reached or refused the request), 2 usage or configuration error (also: no admin
+listener configured, a token the admin API refused), 3 a scanner or DNS lookup failed
+(``scan``/``train``/``scanner``, ``util check-domain --dns``). Every error is one line on stderr (``smtpgate: WHERE: CAUSE``); the
 Python traceback only with ``--log-level debug``.
 """
 
@@ -38,11 +40,15 @@ EXIT_CODES = """\
 exit codes:
   0  success
   1  runtime failure: delivery refused, address in use, spool busy, a bsmtp batch with
-     a refused command or cut off inside a transaction
-     (scan: 1 = spam or virus found; scan/train/scanner: 3 = scanner error)
+     a refused command or cut off inside a transaction, a queue ID that names no
+     message; sessions/reload: the server cannot be reached or answered an error
+     (reload: it refused the new configuration and keeps the running one)
+     (scan: 1 = spam or virus found; scan/train/scanner: 3 = scanner error;
+     util check-email/check-domain: 1 = invalid, 3 = the DNS lookup failed)
   2  configuration or usage error: a bad configuration file or key, a file or directory
      named on the command line that cannot be read or written, a missing spool,
-     inetd without a socket on stdin
+     inetd without a socket on stdin, input util decode cannot decode;
+     sessions/reload: no admin listener configured, or the admin API refused the token
 
 Errors are one line on stderr, "smtpgate: WHERE: CAUSE" (the file or key, then why);
 --log-level debug adds the Python traceback.
@@ -677,16 +683,17 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         json.dump(sessions, sys.stdout, indent=2)
         print()
         return 0
-    print(f"{'-Session ID-':<14} {'-Client-':<24} {'-HELO-':<20} {'-TLS-':<8} "
-          f"{'-AUTH-':<12} {'-State-':<10} {'-In-':>9} {'-Out-':>9} {'-Age-':>5}")
-    for s in sessions:
-        if not isinstance(s, dict):
-            continue
-        client = f"{s.get('client')}:{s.get('client_port')}"
-        print(f"{str(s.get('id')):<14} {client:<24} {str(s.get('helo') or '-'):<20} "
-              f"{str(s.get('tls') or '-'):<8} {str(s.get('auth_user') or '-'):<12} "
-              f"{str(s.get('state')):<10} {s.get('bytes_in', 0):>9} {s.get('bytes_out', 0):>9} "
-              f"{_age_text(s.get('age')):>5}")
+    rows = [[str(s.get("id")), f"{s.get('client')}:{s.get('client_port')}",
+             str(s.get("helo") or "-"), str(s.get("tls") or "-"),
+             str(s.get("auth_user") or "-"), str(s.get("state")),
+             str(s.get("bytes_in", 0)), str(s.get("bytes_out", 0)), _age_text(s.get("age"))]
+            for s in sessions if isinstance(s, dict)]
+    header = ["-Session ID-", "-Client-", "-HELO-", "-TLS-", "-AUTH-", "-State-", "-In-",
+              "-Out-", "-Age-"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(" ".join(cell.rjust(w) if i >= 6 else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip())
     print(f"-- {len(sessions)} session{'s' if len(sessions) != 1 else ''}.")
     return 0
 
