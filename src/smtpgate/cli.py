@@ -5,8 +5,8 @@ Exit codes (:data:`EXIT_CODES`, also in ``--help``): 0 success, 1 runtime failur
 (delivery refused, bind failure, a refused or cut-off bsmtp batch, an admin API that
 cannot be reached or refused the request), 2 usage or configuration error (also: no admin
 listener configured, a token the admin API refused), 3 a scanner or DNS lookup failed
-(``scan``/``train``/``scanner``, ``util check-domain --dns``). Every error is one line on stderr (``smtpgate: WHERE: CAUSE``); the
-Python traceback only with ``--log-level debug``.
+(``scan``/``train``/``scanner``, ``util check-domain --dns``). Every error is one line on
+stderr (``smtpgate: WHERE: CAUSE``); the Python traceback only with ``--log-level debug``.
 """
 
 from __future__ import annotations
