@@ -102,9 +102,15 @@ def api(app: Smtpgate, path: str) -> Any:
 
 
 def wait_until(driver: Any, condition: Callable[[Any], Any]) -> Any:
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT).until(condition)
+    # The page reloads after an action: an element read meanwhile may go stale.
+    return WebDriverWait(driver, WAIT, ignored_exceptions=(
+        NoSuchElementException, StaleElementReferenceException)).until(condition)
 
 
 def hold_session_open(port: int) -> socket.socket:
@@ -296,7 +302,8 @@ def test_login_form_sets_the_token_cookie(browser: Any, start_gate: Any,
     assert browser.current_url.endswith("/login")
     browser.find_element(By.ID, "token").send_keys("wrong")
     browser.find_element(By.ID, "login").click()
-    assert browser.find_element(By.ID, "login-error").text == "Wrong token."
+    error = wait_until(browser, lambda d: d.find_element(By.ID, "login-error"))
+    assert error.text == "Wrong token."
     browser.find_element(By.ID, "token").send_keys("s3cret-token")
     browser.find_element(By.ID, "login").click()
     wait_until(browser, lambda d: d.find_elements(By.ID, "sessions"))
