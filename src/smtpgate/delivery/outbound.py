@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
+import aiosmtplib.protocol
 
 from ..envelope import Envelope, Recipient
 from ..errors import PermanentDeliveryError, TemporaryDeliveryError
@@ -121,6 +122,73 @@ class DataEncoder:
         return b".\r\n" if self._ends_nl else b"\r\n.\r\n"
 
 
+class _PipeliningProtocol(aiosmtplib.protocol.SMTPProtocol):
+    """aiosmtplib's protocol, able to take several replies at once (RFC 2920).
+
+    aiosmtplib parses one reply per command and drops what arrives while a parsed
+    reply waits to be picked up. While ``pipelining`` is set (during one pipelined
+    exchange, under the command lock) everything received is kept in the buffer and
+    :meth:`next_response` returns the replies in order. Otherwise it behaves exactly
+    as aiosmtplib's own class. Connections get this class in :meth:`Connector.open`.
+    """
+
+    pipelining = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.pipelining:
+            super().data_received(data)
+            return
+        waiter = self._response_waiter
+        if waiter is None:
+            return
+        self._buffer.extend(data)
+        if len(self._buffer) > _PIPELINE_BUFFER:
+            del self._buffer[:]
+            if not waiter.done():
+                self._set_response_exception(waiter, aiosmtplib.SMTPResponseException(
+                    500, "Response too long"))
+            return
+        if waiter.done():
+            return  # the reply before is still to be picked up: keep this one buffered
+        try:
+            response = self._read_response_from_buffer()
+        except Exception as exc:
+            self._set_response_exception(waiter, exc)
+        else:
+            if response is not None:
+                waiter.set_result(response)
+
+    async def next_response(self, timeout: float | None) -> aiosmtplib.SMTPResponse:
+        """The next reply of a pipelined group: one already buffered, else the next
+        to arrive (at most ``timeout`` seconds).
+
+        Raises:
+            aiosmtplib.SMTPServerDisconnected / SMTPTimeoutError / SMTPResponseException:
+                the connection was lost, the reply did not come, or it is malformed.
+        """
+        waiter = self._response_waiter
+        if waiter is None or not waiter.done():
+            response = self._read_response_from_buffer()
+            if response is not None:
+                return response
+        return await self.read_response(timeout=timeout)
+
+
+#: Most recipients sent in one pipelined group (their replies are buffered together).
+PIPELINE_MAX_RCPTS = 100
+_PIPELINE_BUFFER = 256 * 1024
+
+
+def _enable_pipelining(smtp: aiosmtplib.SMTP) -> None:
+    """Give a freshly connected client's protocol the pipelining reader (same object,
+    subclass; the transport is told again so it looks its methods up anew)."""
+    proto = smtp.protocol
+    transport = smtp.transport
+    if type(proto) is aiosmtplib.protocol.SMTPProtocol and transport is not None:
+        proto.__class__ = _PipeliningProtocol
+        transport.set_protocol(proto)
+
+
 async def _pieces(message: Message) -> AsyncIterator[bytes]:
     if isinstance(message, MessageFile):
         it = message.chunks()
@@ -133,6 +201,35 @@ async def _pieces(message: Message) -> AsyncIterator[bytes]:
         view = memoryview(message)
         for i in range(0, len(message), DATA_CHUNK):
             yield bytes(view[i : i + DATA_CHUNK])
+
+
+async def _write_message(
+    proto: aiosmtplib.protocol.SMTPProtocol, message: Message, timeout: float | None
+) -> None:
+    """Write the message's DATA encoding and the end of data (after a 354): a short
+    message in one write, a longer one piece by piece, each piece waiting (at most
+    ``timeout`` seconds) until the socket buffer has drained.
+
+    Raises:
+        aiosmtplib.SMTPTimeoutError: a piece did not drain in time.
+        aiosmtplib.SMTPServerDisconnected / OSError / ValueError: see :func:`send_data`.
+    """
+    encoder = DataEncoder()
+    if isinstance(message, bytes) and len(message) <= DATA_CHUNK:
+        proto.write(encoder.feed(message) + encoder.end())
+        return
+    async for piece in _pieces(message):
+        out = encoder.feed(piece)
+        del piece
+        if out:
+            proto.write(out)
+            del out
+            try:
+                async with asyncio.timeout(timeout):
+                    await proto._drain_helper()
+            except TimeoutError:
+                raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
+    proto.write(encoder.end())
 
 
 async def send_data(
@@ -176,21 +273,8 @@ async def send_data(
             start = await proto.read_response(timeout=timeout)
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
-            encoder = DataEncoder()
             proto._response_pending = True  # as aiosmtplib: a reply may come early
-            async for piece in _pieces(message):
-                out = encoder.feed(piece)
-                del piece
-                if out:
-                    proto.write(out)
-                    del out
-                    try:
-                        async with asyncio.timeout(timeout):
-                            await proto._drain_helper()
-                    except TimeoutError:
-                        raise aiosmtplib.SMTPTimeoutError(
-                            "Timed out writing the message") from None
-            proto.write(encoder.end())
+            await _write_message(proto, message, timeout)
             resp = await proto.read_response(timeout=timeout)
             if resp.code != 250:
                 raise aiosmtplib.SMTPDataError(resp.code, resp.message)
@@ -638,6 +722,7 @@ class Connector:
                 if mode == "implicit" and any(isinstance(e, ssl.SSLError) for e in _chain(exc)):
                     raise _handshake_failure(label, exc) from exc
                 raise
+            _enable_pipelining(smtp)
             await self._ehlo(smtp)
             tls = mode == "implicit"
             if mode in ("may", "required") and not plaintext:
@@ -1012,8 +1097,12 @@ async def deliver_per_recipient(
     """Run one transaction and report each recipient's outcome (RFC 5321 §3.3, §6.1).
 
     Unlike the atomic proxy path, partial acceptance is normal: refused
-    recipients get the server's RCPT reply, and DATA is sent when at least one
-    recipient was accepted; every accepted recipient gets the DATA reply. A
+    recipients get the server's RCPT reply, and the message is sent when at least
+    one recipient was accepted; every accepted recipient gets the end-of-data reply.
+    When the server offers PIPELINING (RFC 2920) and there are at most
+    :data:`PIPELINE_MAX_RCPTS` recipients, MAIL, every RCPT and DATA go out in one
+    write and their replies are read in order (see :func:`_pipelined_exchange`);
+    otherwise each command waits for its reply. The outcomes are the same either way. A
     refused MAIL gives every recipient that reply. A 421 or a lost connection
     after MAIL was answered gives every recipient still without a final reply
     ``451 4.4.1`` (accepted recipients included: if the connection died after
@@ -1052,6 +1141,12 @@ async def deliver_per_recipient(
     if not good:
         return results
     work = Envelope(envelope.mail_from, envelope.mail_params, good)
+    if (
+        "pipelining" in conn.extensions
+        and len(good) <= PIPELINE_MAX_RCPTS
+        and isinstance(conn.smtp.protocol, _PipeliningProtocol)
+    ):
+        return await _deliver_pipelined(conn, work, message, results, reused, rset_timeout)
     try:
         replies = await send_envelope(conn, work, message, reused=reused)
     except PermanentDeliveryError as exc:
@@ -1109,6 +1204,152 @@ async def deliver_per_recipient(
         return results
     conn.clean = True
     reply = remote_reply(resp.code, resp.message)
+    for rcpt in accepted:
+        results.set_remote(rcpt.address, reply)
+    return results
+
+
+@dataclass
+class _Exchange:
+    """The replies of one pipelined transaction (see :func:`_pipelined_exchange`)."""
+
+    mail: aiosmtplib.SMTPResponse
+    rcpts: list[tuple[Recipient, aiosmtplib.SMTPResponse]] = field(default_factory=list)
+    data: aiosmtplib.SMTPResponse | None = None  # the reply to DATA
+    final: aiosmtplib.SMTPResponse | None = None  # the reply to the end of data
+    failure: Exception | None = None  # the network error that ended the exchange
+
+
+async def _pipelined_exchange(
+    conn: OutboundConnection, work: Envelope, message: Message, opts: list[str],
+    use_utf8: bool, reused: bool,
+) -> _Exchange:
+    """MAIL, RCPT per recipient and DATA in one write (RFC 2920 §3.1), then their replies
+    in order; after a 354 the message when MAIL and at least one RCPT were accepted,
+    else only the end of data (``.``), and the reply to it. Holds the command lock.
+
+    Raises:
+        StaleConnection: ``reused`` and the connection was found closed before MAIL
+            was answered (nothing was accepted).
+        aiosmtplib.SMTPException / OSError / asyncio.TimeoutError: the connection failed
+            before MAIL was answered (later failures are in ``failure``; the connection
+            is then closed).
+        ValueError: the message file became shorter than its size (connection closed).
+    """
+    smtp = conn.smtp
+    proto = smtp.protocol
+    lock = proto._command_lock if proto is not None else None
+    if not isinstance(proto, _PipeliningProtocol) or lock is None:
+        lost = aiosmtplib.SMTPServerDisconnected("Server not connected")
+        if reused:
+            raise StaleConnection() from lost
+        raise lost
+    enc = "utf-8" if use_utf8 else "ascii"
+    lines = [b" ".join([b"MAIL FROM:<" + work.mail_from.encode(enc) + b">",
+                        *(o.encode(enc) for o in opts)])]
+    for rcpt in work.rcpt_to:
+        lines.append(b" ".join([b"RCPT TO:<" + rcpt.address.encode(enc) + b">",
+                                *(o.encode(enc) for o in rcpt_options(conn, rcpt))]))
+    lines.append(b"DATA\r\n")
+    timeout = smtp.timeout
+    async with lock:
+        proto.pipelining = True
+        proto._response_pending = True
+        try:
+            try:
+                proto.write(b"\r\n".join(lines))
+                ex = _Exchange(await proto.next_response(timeout))
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                if reused:
+                    raise StaleConnection() from exc
+                raise
+            try:
+                for rcpt in work.rcpt_to:
+                    ex.rcpts.append((rcpt, await proto.next_response(timeout)))
+                ex.data = await proto.next_response(timeout)
+                if ex.data.code == 354:
+                    if 200 <= ex.mail.code < 300 and any(
+                        200 <= r.code < 300 for _, r in ex.rcpts
+                    ):
+                        await _write_message(proto, message, timeout)
+                    else:  # nothing to send it to: end the data at once
+                        proto.write(b".\r\n")
+                    ex.final = await proto.next_response(timeout)
+            except NETWORK_ERRORS as exc:
+                ex.failure = exc
+                smtp.close()
+            except ValueError:
+                smtp.close()
+                raise
+            return ex
+        finally:
+            proto.pipelining = False
+            proto._response_pending = False
+
+
+async def _deliver_pipelined(
+    conn: OutboundConnection, work: Envelope, message: Message, results: RecipientResults,
+    reused: bool, rset_timeout: float,
+) -> RecipientResults:
+    """:func:`deliver_per_recipient` over :func:`_pipelined_exchange` (same outcomes)."""
+    try:
+        opts, use_utf8 = mail_options(conn, work, message)
+    except PermanentDeliveryError as exc:
+        conn.clean = True  # nothing was sent
+        results.fill(work, exc.reply)
+        return results
+    conn.uses += 1
+    conn.clean = False
+    try:
+        ex = await _pipelined_exchange(conn, work, message, opts, use_utf8, reused)
+    except NETWORK_ERRORS as exc:
+        raise TemporaryDeliveryError(
+            connection_failure(conn.label, describe_error(exc)), "connection failed at MAIL"
+        ) from None
+    if ex.mail.code == 421:
+        raise TemporaryDeliveryError(
+            connection_failure(conn.label, describe_error(_as_exc(ex.mail))), "421 at MAIL"
+        )
+    if not 200 <= ex.mail.code < 300:
+        results.fill(work, remote_reply(ex.mail.code, ex.mail.message))
+        if ex.failure is None:
+            await reset(conn, rset_timeout)
+        return results
+    closing: Reply | None = None
+    accepted: list[Recipient] = []
+    for rcpt, resp in ex.rcpts:
+        if 200 <= resp.code < 300:
+            accepted.append(rcpt)
+        elif resp.code == 421:
+            closing = connection_failure(conn.label, describe_error(_as_exc(resp)))
+            break
+        else:
+            results.set_remote(rcpt.address, remote_reply(resp.code, resp.message))
+    if closing is None and ex.failure is not None:
+        closing = connection_failure(conn.label, describe_error(ex.failure))
+    if closing is not None:
+        conn.clean = False
+        results.fill(work, closing)
+        return results
+    data = ex.data
+    assert data is not None  # no failure: every reply was read
+    if not accepted:
+        await reset(conn, rset_timeout)
+        return results
+    end = ex.final if data.code == 354 else data
+    assert end is not None
+    if end.code != 250:
+        if end.code == 421 or not conn.smtp.is_connected:
+            conn.clean = False
+            results.fill(work, connection_failure(conn.label, describe_error(_as_exc(end))))
+            return results
+        await reset(conn, rset_timeout)
+        reply = remote_reply(end.code, end.message)
+        for rcpt in accepted:
+            results.set_remote(rcpt.address, reply)
+        return results
+    conn.clean = True
+    reply = remote_reply(end.code, end.message)
     for rcpt in accepted:
         results.set_remote(rcpt.address, reply)
     return results
