@@ -32,8 +32,10 @@ import shutil
 import tempfile
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -70,6 +72,15 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     10.0, 30.0, 60.0)
 
 _REPLY_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+class _Value(Protocol):
+    def inc(self, amount: float) -> None: ...
+
+
+def _value_of(metric: Counter | Gauge) -> _Value:
+    """The value object behind an unlabelled metric or a label child."""
+    return cast(_Value, metric._value)
 
 
 class Metrics:
@@ -128,32 +139,65 @@ class Metrics:
             "Delivery attempts per recipient, by destination (next hop) and outcome "
             "(delivered, deferred, failed).",
             ["destination", "outcome"], registry=reg)
-        self._replies: dict[tuple[str, int], Counter] = {}
-        self._plugins: dict[tuple[str, str], tuple[Histogram, dict[str, Counter]]] = {}
+        # Hot path: the value objects behind the label children, cached, incremented
+        # directly (prometheus-client's ``inc`` adds argument checks around the same call).
+        self._sessions_total = _value_of(self.sessions_total)
+        self._sessions_open = _value_of(self.sessions_open)
+        self._bytes = _value_of(self.received_bytes_total)
+        self._outcomes: dict[str, _Value] = {}
+        self._replies: dict[tuple[str, int], _Value] = {}
+        self._plugins: dict[tuple[str, object], tuple[list[float], list[_Value], _Value,
+                                                   dict[str, _Value]]] = {}
         self._destinations: set[str] = set()
         self._lock = threading.Lock()
+
+    def session_started(self) -> None:
+        """A session started: ``smtpgate_sessions_total`` and ``smtpgate_sessions_open`` + 1."""
+        self._sessions_total.inc(1)
+        self._sessions_open.inc(1)
+
+    def session_ended(self) -> None:
+        """A session ended: ``smtpgate_sessions_open`` - 1."""
+        self._sessions_open.inc(-1)
+
+    def transaction(self, outcome: str, size: int = 0) -> None:
+        """Count one transaction's ``outcome`` and ``size`` message bytes received."""
+        v = self._outcomes.get(outcome)
+        if v is None:
+            v = self._outcomes[outcome] = _value_of(self.transactions_total.labels(outcome))
+        v.inc(1)
+        if size:
+            self._bytes.inc(size)
 
     def reply(self, stage: str, code: int) -> None:
         """Count one reply of ``code`` (100-599) sent at ``stage`` (e.g. ``"rcpt"``)."""
         key = (stage, code // 100)
-        child = self._replies.get(key)
-        if child is None:
-            child = self._replies[key] = self.replies_total.labels(
-                stage, _REPLY_CLASSES.get(code // 100, "other"))
-        child.inc()
+        v = self._replies.get(key)
+        if v is None:
+            v = self._replies[key] = _value_of(self.replies_total.labels(
+                stage, _REPLY_CLASSES.get(code // 100, "other")))
+        v.inc(1)
 
-    def plugin(self, plugin: str, stage: str, verdict: str, seconds: float) -> None:
-        """Record one hook call: its duration (seconds) and verdict (``"CONT"``, ``"DENY"`` ...)."""
+    def plugin(self, plugin: str, stage: object, verdict: str, seconds: float) -> None:
+        """Record one hook call: its duration (seconds) and verdict (``"CONT"``, ``"DENY"``
+        ...). ``stage`` is a stage name or a :class:`~smtpgate.hooks.Stage` (its value is
+        the label)."""
         key = (plugin, stage)
         entry = self._plugins.get(key)
         if entry is None:
-            entry = self._plugins[key] = (self.plugin_seconds.labels(plugin, stage), {})
-        hist, verdicts = entry
-        hist.observe(seconds)
-        child = verdicts.get(verdict)
-        if child is None:
-            child = verdicts[verdict] = self.plugin_verdicts_total.labels(plugin, stage, verdict)
-        child.inc()
+            stage = str(getattr(stage, "value", stage))
+            child = self.plugin_seconds.labels(plugin, stage)
+            entry = self._plugins[key] = (
+                list(child._upper_bounds), list(child._buckets), child._sum, {})
+        bounds, buckets, total, verdicts = entry
+        buckets[bisect_left(bounds, seconds)].inc(1)  # the first bucket with le >= seconds
+        total.inc(seconds)
+        v = verdicts.get(verdict)
+        if v is None:
+            v = verdicts[verdict] = _value_of(
+                self.plugin_verdicts_total.labels(plugin, str(getattr(stage, "value", stage)),
+                                                  verdict))
+        v.inc(1)
 
     def scanner(self, scanner: str, verdict: str, seconds: float) -> None:
         """Record one scanner result: its verdict and the seconds spent waiting (not

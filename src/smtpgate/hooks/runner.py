@@ -357,7 +357,7 @@ class HookRunner:
             result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
         spent = time.monotonic() - started
         # smtpgate_plugin_duration_seconds / smtpgate_plugin_verdicts_total
-        _metrics.M.plugin(hook.plugin or hook.name, stage.value, result.verdict.name, spent)
+        _metrics.M.plugin(hook.plugin or hook.name, stage, result.verdict.name, spent)
         if record is not None:
             findings: tuple[str, ...] = ()
             if results is not None and len(results) > found_before:

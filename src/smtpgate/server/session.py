@@ -20,6 +20,7 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -94,6 +95,25 @@ def _stage_of_line(command: str) -> str:
     not in :data:`_VERBS`: a bounded label)."""
     verb = command.split(None, 1)[0].lower() if command.strip() else ""
     return _VERBS.get(verb, "other")
+
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+
+
+def _message_id(tx: Transaction) -> str | None:
+    """The Message-ID header field's value (its first line), for the transaction log line:
+    a search of the header block, cheaper than parsing the header (``None``: no field or
+    no message)."""
+    try:
+        source = tx.source()
+    except RuntimeError:
+        return None
+    head = source if isinstance(source, bytes) else source.prefix
+    end = head.find(b"\r\n\r\n")
+    found = _MESSAGE_ID.search(head, 0, end + 2 if end >= 0 else len(head))
+    if found is None:
+        return None
+    return found.group(1).strip().decode("utf-8", "replace") or None
 
 
 def _new_session_id() -> str:
@@ -343,6 +363,7 @@ class Session(asyncio.Protocol):
             local_ip=client_key(str(sock[0])) if sock else "",
             local_port=int(sock[1]) if len(sock) > 1 else 0,
             hostname=self.ctx.protocol.hostname,
+            dry_run=self.ctx.dry_run,
         )
         if self._proxy_buf is not None:
             if not _trusted(ip, self.ctx.trusted_proxies):
@@ -598,8 +619,7 @@ class Session(asyncio.Protocol):
         reason = "quit"
         m = _metrics.M
         done_tx: Transaction | None = None
-        m.sessions_total.inc()
-        m.sessions_open.inc()
+        m.session_started()
         try:
             if self._proxy_done is not None:
                 try:
@@ -821,7 +841,7 @@ class Session(asyncio.Protocol):
             self._spool.close()
             self._spool = None
         self._drop_transaction()
-        _metrics.M.sessions_open.dec()
+        _metrics.M.session_ended()
         if self.ctx.hooks.has(Stage.QUIT):
             try:
                 await self.ctx.hooks.run(Stage.QUIT, info)
@@ -840,7 +860,7 @@ class Session(asyncio.Protocol):
         ``aborted`` in ``smtpgate_transactions_total`` when there was one."""
         if self.transaction is not None:
             self.transaction = None
-            _metrics.M.transactions_total.labels("aborted").inc()
+            _metrics.M.transaction("aborted")
 
     def _refused(self, stage: str, reply: Reply, tx: Transaction | None = None,
                  ev: object = None) -> None:
@@ -1327,22 +1347,16 @@ class Session(asyncio.Protocol):
     def _log_tx(self, tx: Transaction, size: int, reply: Reply, started: float, what: str) -> None:
         """Count the transaction's outcome (``smtpgate_transactions_total``, bytes received)
         and log its line at INFO (with the Message-ID header field's value)."""
-        m = _metrics.M
         code = reply.code
-        outcome = ("quarantined" if what.startswith("quarantined") else "accepted"
-                   if code < 400 else "tempfailed" if code < 500 else "rejected")
-        m.transactions_total.labels(outcome).inc()
-        if size:
-            m.received_bytes_total.inc(size)
+        _metrics.M.transaction("quarantined" if what.startswith("quarantined") else "accepted"
+                               if code < 400 else "tempfailed" if code < 500 else "rejected",
+                               size)
         if not log.isEnabledFor(logging.INFO):  # hot path: build nothing for no record
             return
         info = self.info
         assert info is not None
         env = tx.envelope
-        try:
-            message_id = tx.get_header("Message-ID") if size else None
-        except (RuntimeError, ValueError):
-            message_id = None
+        message_id = _message_id(tx) if size else None
         log.info(Event(
             "transaction", id=tx.id, client=info.peer_ip, helo=info.helo_name or "-",
             **{"from": f"<{env.mail_from}>"},
