@@ -460,8 +460,9 @@ class Smtpgate:
         scanners, TLS certificates, the AUTH users file. New sessions use them;
         sessions in flight finish with the settings they started with. Settings bound
         at start (listen addresses and listeners, the delivery mode, relay URL, queue,
-        Maildir path, connection limits, uvloop) keep their running values; each one
-        that differs is returned (and should be logged) as needing a restart.
+        Maildir path, capture database, connection limits, uvloop) keep their running
+        values; each one that differs is returned (and should be logged) as needing a
+        restart.
 
         Args:
             config: the new configuration, already validated.
@@ -496,7 +497,7 @@ class Smtpgate:
             server=dataclasses.replace(config.server, **kept_server),
             relay=dataclasses.replace(config.relay, **kept_relay),
         )
-        for section in ("listeners", "queue", "delivery", "maildir"):
+        for section in ("listeners", "queue", "delivery", "maildir", "capture"):
             if getattr(merged, section) != getattr(old, section):
                 restart.append(section if section == "listeners" else f"[{section}]")
                 merged = dataclasses.replace(merged, **{section: getattr(old, section)})

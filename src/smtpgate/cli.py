@@ -44,6 +44,7 @@ exit codes:
      message; sessions/reload: the server cannot be reached or answered an error
      (reload: it refused the new configuration and keeps the running one)
      (scan: 1 = spam or virus found; scan/train/scanner: 3 = scanner error;
+     explain: 1 = the message would be refused or deferred;
      util check-email/check-domain: 1 = invalid, 3 = the DNS lookup failed)
   2  configuration or usage error: a bad configuration file or key, a file or directory
      named on the command line that cannot be read or written, a missing spool,
@@ -151,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _setup_logging(cfg.log.level, cfg.log, server=True)
     app = _checked_app(cfg)
+    app.config_loader = lambda: _load(args)  # POST /api/reload applies the flags too
     if cfg.server.use_uvloop:
         try:
             import uvloop
@@ -427,6 +429,41 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     _checked_app(cfg)
     print(f"{cfg.source}: OK")
     return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Run the whole chain on a stored message as a dry run and print every decision
+    (docs/explain.md): exit 0 when the message would be accepted, 1 when it would be
+    refused or deferred.
+
+    Raises:
+        UsageError: the message file cannot be read, ``--client-ip`` is not an address.
+        ConfigError: the configuration is refused (as by ``check-config``).
+    """
+    import ipaddress
+    import json
+
+    from .explain import explain
+
+    cfg = _load(args)
+    _checked_app(cfg, listeners=False)
+    try:
+        ipaddress.ip_address(args.client_ip)
+    except ValueError:
+        raise UsageError(f"--client-ip: not an IP address: {args.client_ip!r}") from None
+    try:
+        message = (sys.stdin.buffer.read() if args.message == "-"
+                   else Path(args.message).read_bytes())
+    except OSError as exc:
+        raise UsageError(f"{args.message}: {exc.strerror or exc}") from None
+    result = asyncio.run(explain(cfg, message, client_ip=args.client_ip,
+                                 mail_from=args.mail_from, recipients=args.rcpt,
+                                 helo=args.helo))
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        sys.stdout.write(result.text())
+    return 0 if result.outcome.startswith("accepted") else 1
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
@@ -799,6 +836,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = command(sub, "check-config", "check a configuration file as serve does at start")
     c.add_argument("-c", "--config", required=True)
     c.set_defaults(func=cmd_check_config)
+
+    ex = command(sub, "explain", "run the whole chain on a stored message as a dry run "
+                                 "(nothing delivered, nothing counted) and print every "
+                                 "plugin's decision (docs/explain.md)")
+    ex.add_argument("-c", "--config", required=True, help="TOML configuration file")
+    ex.add_argument("message", help="the message file (RFC 5322), - for stdin")
+    ex.add_argument("--client-ip", required=True, help="the client address the chain sees")
+    ex.add_argument("--helo", default="client.example", help="the EHLO name")
+    ex.add_argument("--from", dest="mail_from", required=True, metavar="ADDR",
+                    help="the reverse-path (\"\" for <>)")
+    ex.add_argument("--to", dest="rcpt", action="append", required=True, metavar="ADDR",
+                    help="a forward-path (repeatable)")
+    ex.add_argument("--json", action="store_true", help="print the decisions as JSON")
+    ex.set_defaults(func=cmd_explain)
 
     pl = command(sub, "plugins", "show the plugin chain of every stage, in run order")
     pl.add_argument("-c", "--config", help="TOML configuration file (default: embedded "

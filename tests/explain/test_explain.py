@@ -93,3 +93,37 @@ def test_decision_record_kept_and_logged_at_the_configured_level(
                                       tx.id)
     (line,) = [r.getMessage() for r in caplog.records if "hook decision" in r.getMessage()]
     assert "plugin=relay" in line and "verdict=DENY" in line and f"tx={tx.id}" in line
+
+
+def test_cli_prints_the_decisions_and_exits_by_outcome(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    conf = tmp_path / "smtpgate.toml"
+    conf.write_text(f'[maildir]\npath = "{tmp_path / "mail"}"\n'
+                    '[relay]\nrelay_domains = ["example.com"]\n')
+    msg = tmp_path / "msg.eml"
+    msg.write_bytes((CORPUS_DIR / CORPUS[0]).read_bytes())
+    smtpgate = [sys.executable, "-m", "smtpgate", "explain", "-c", str(conf), str(msg),
+                "--client-ip", "192.0.2.9", "--from", "ann@example.org"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    refused = subprocess.run([*smtpgate, "--to", "bob@elsewhere.example"],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 1, refused.stderr
+    assert "    rcpt       relay                    DENY 550 5.7.1 Relaying denied" \
+        in refused.stdout
+    assert refused.stdout.endswith("outcome: refused at RCPT (every recipient)\n")
+    accepted = subprocess.run([*smtpgate, "--to", "bob@example.com", "--json"],
+                              capture_output=True, text=True, timeout=60, env=env)
+    assert accepted.returncode == 0, accepted.stderr
+    report = json.loads(accepted.stdout)
+    assert report["outcome"] == "accepted (dry run: not delivered)"
+    assert [s["command"][:4] for s in report["steps"]] == ["(con", "EHLO", "MAIL", "RCPT",
+                                                           "DATA", "(mes"]
+    assert not (tmp_path / "mail").exists() or not any((tmp_path / "mail").rglob("new/*"))
+    bad = subprocess.run([*smtpgate[:-4], "--client-ip", "300.1.1.1", "--from", "a@b",
+                          "--to", "c@d"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2
+    assert bad.stderr == "smtpgate: --client-ip: not an IP address: '300.1.1.1'\n"
