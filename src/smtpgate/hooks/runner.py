@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import metrics as _metrics
 from ..envelope import MAX_DECISIONS, Decision
+from ..logs import Event
 from ..reply import R, Reply
 from .verdict import (
     CONT_RESULT,
@@ -369,31 +370,11 @@ class HookRunner:
                                    str(result.reply) if result.reply is not None else "",
                                    spent, findings, getattr(tx, "id", "")))
         if log.isEnabledFor(self.decision_level):  # the decision record, logged
-            ms = round(spent * 1000, 3)
-            found = "; ".join(record[-1].findings) if record is not None else ""
-            log.log(
-                self.decision_level,
-                "hook decision stage=%s plugin=%s hook=%s verdict=%s reply=%s ms=%s "
-                "findings=%r session=%s tx=%s",
-                stage.value,
-                hook.plugin or hook.name,
-                hook.name,
-                result.verdict.name,
-                result.reply,
-                ms,
-                found,
-                session_id,
-                getattr(tx, "id", ""),
-                extra={
-                    "hook_stage": stage.value,
-                    "hook_plugin": hook.plugin or hook.name,
-                    "hook_name": hook.name,
-                    "hook_verdict": result.verdict.name,
-                    "hook_reply": str(result.reply) if result.reply else None,
-                    "hook_ms": ms,
-                    "hook_findings": found,
-                    "session_id": session_id,
-                    "transaction_id": getattr(tx, "id", ""),
-                },
-            )
+            log.log(self.decision_level, Event(
+                "hook decision", stage=stage.value, plugin=hook.plugin or hook.name,
+                hook=hook.name, verdict=result.verdict.name,
+                reply=str(result.reply) if result.reply is not None else "",
+                ms=round(spent * 1000, 3),
+                findings="; ".join(record[-1].findings) if record is not None else "",
+                session=session_id, tx=getattr(tx, "id", "")))
         return result
