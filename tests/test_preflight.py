@@ -111,3 +111,20 @@ def test_relay_cafile_must_load(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("garbage\n")
     found = problems({"relay": {"url": "smtps://127.0.0.1:9", "cafile": "ca.pem"}}, tmp_path)
     assert [p.split(":")[0] for p in found] == ["relay.cafile"]
+
+
+def test_capture_database_must_be_writable(tmp_path: Path) -> None:
+    ok = config_from_mapping({"delivery": {"mode": "capture"},
+                              "capture": {"database": str(tmp_path / "c.sqlite")}})
+    preflight(ok, listeners=False)
+    (tmp_path / "dir.sqlite").mkdir()
+    bad = config_from_mapping({"delivery": {"mode": "capture"},
+                               "capture": {"database": str(tmp_path / "dir.sqlite")}})
+    with pytest.raises(ConfigError) as info:
+        preflight(bad, listeners=False)
+    assert info.value.problems == [f"capture.database: {tmp_path / 'dir.sqlite'} is a directory"]
+    nowhere = config_from_mapping({"delivery": {"mode": "capture"},
+                                   "capture": {"database": "/proc/no/such/c.sqlite"}})
+    with pytest.raises(ConfigError) as info:
+        preflight(nowhere, listeners=False)
+    assert info.value.problems[0].startswith("capture.database: cannot create /proc/no")

@@ -205,6 +205,16 @@ def _check_delivery(cfg: Config, problems: list[str]) -> None:
         why = check_writable_dir(cfg.maildir.path, ("tmp", "new", "cur"))
         if why:
             problems.append(f"maildir.path: {why}")
+    elif mode == "capture":
+        database = os.path.abspath(cfg.capture.database)
+        if os.path.isdir(database):
+            problems.append(f"capture.database: {database} is a directory")
+        elif os.path.exists(database) and not os.access(database, os.R_OK | os.W_OK):
+            problems.append(f"capture.database: {database} cannot be read and written")
+        else:
+            why = check_writable_dir(os.path.dirname(database))
+            if why:  # SQLite writes its journal files beside the database
+                problems.append(f"capture.database: {why}")
     if url == "mx:":
         from .delivery.mx import MxDelivery
 
