@@ -186,12 +186,12 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "/api/messages": {
         "get": _op("Captured and quarantined messages, newest first, filtered",
                    _json(_ref("CapturedList")),
-                   query=("to", "from", "subject", "q", "limit", "offset")),
+                   query=("to", "from", "subject", "q", "source", "limit", "offset")),
         "delete": _op("Delete every captured message", _json({"type": "object"})),
     },
     "/api/messages/wait": {"get": _op(
         "Long poll: the first matching message (already there after since, or arriving)",
-        _json(_ref("CapturedMessage")), errors=(408,),
+        _json(_ref("CapturedMessage")), errors=(408, 503),
         query=("to", "from", "subject", "since", "timeout"))},
     "/api/messages/{id}": {
         "get": _op("One captured message: headers, text, sanitised HTML, attachments",
@@ -203,9 +203,12 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
         "The raw message (message/rfc822 download)",
         {"description": "OK", "content": {"message/rfc822": {"schema": _S}}},
         errors=(404,), params=("id",))},
-    "/api/messages/{id}/relay": {"post": _op(
-        "Relay a captured message to the configured upstream", _json({"type": "object"}),
-        errors=(404, 409, 502), params=("id",))},
+    "/api/messages/{id}/relay": {"post": {
+        **_op("Relay a captured message to the configured upstream (to its recipients, or "
+              "to those given)", _json({"type": "object"}), errors=(400, 404, 409, 502),
+              params=("id",)),
+        "requestBody": {"required": False, "content": {"application/json": {
+            "schema": _obj({"to": _arr(_S)})}}}}},
     "/api/messages/{id}/train": {"post": _op(
         "Train the configured scanners with this message as spam or ham",
         _json({"type": "object"}), errors=(400, 404, 409, 502), params=("id",),
