@@ -48,6 +48,13 @@ _ENV_SUFFIX = ".json"
 OWNER_LOCK = "owner.lock"  # held by the serving process (see QueueStore.acquire_owner)
 DELIVERY_LOCK = "delivery.lock"  # held by the process that delivers for the owner
 COMMIT_LOCK = "commit.lock"  # shared by every commit, exclusive during recovery
+FREE_DIR = "free"  # removed queue files kept for reuse (see QueueStore.remove)
+#: Queue files of messages up to this many bytes are recycled through ``free/`` when
+#: removed; longer ones are unlinked.
+RECYCLE_MAX = 64 * 1024
+#: At most this many files wait in ``free/``.
+FREE_POOL_MAX = 1024
+_FREE_RESCAN = 256  # removals between two counts of free/
 
 
 @dataclass(slots=True)
@@ -176,11 +183,12 @@ def _trailer(envelope: bytes) -> bytes:
     return _TRAILER_FORMAT % (len(envelope), zlib.crc32(envelope))
 
 
-def _embedded_entry(fd: int) -> QueueEntry | None:
-    """The envelope stored in the queue file open at ``fd``, or ``None`` when the file is
-    not complete and intact (header, message, envelope, trailer all where the header and
-    trailer say): it was never committed, or was torn by a crash before its batch was
-    flushed."""
+def _embedded_entry(fd: int, name: str) -> QueueEntry | None:
+    """The envelope stored in the queue file ``name`` open at ``fd``, or ``None`` when the
+    file is not complete and intact (header, message, envelope, trailer all where the
+    header and trailer say, and the envelope's id is the file's name): it was never
+    committed, or was torn by a crash before its batch was flushed (a recycled file may
+    then still hold, complete, the message it held before, under another id)."""
     length = os.fstat(fd).st_size
     if length < _HEADER_LEN + _TRAILER_LEN:
         return None
@@ -198,7 +206,7 @@ def _embedded_entry(fd: int) -> QueueEntry | None:
         entry = QueueEntry.from_json(raw)
     except QueueError:
         return None
-    if entry.size != size or entry.offset != _HEADER_LEN:
+    if entry.size != size or entry.offset != _HEADER_LEN or entry.id != name:
         return None
     return entry
 
@@ -273,19 +281,28 @@ def _write_file(path: str | Path, data: bytes, fsync: bool) -> None:
         os.close(fd)
 
 
-def _write_queue_file(path: str, message: Message, entry: QueueEntry) -> None:
+def _write_queue_file(
+    path: str, message: Message, entry: QueueEntry, recycled: bool = False
+) -> None:
     """Create the queue file ``path``: header, message, envelope, trailer. A short
     message goes out in one ``write(2)``; a :class:`MessageFile` is copied in pieces.
     Sets ``entry.crc32`` (the message's CRC-32) and ``entry.offset`` before the envelope
-    is written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    is written. ``recycled``: ``path`` is an existing (claimed) file, overwritten from
+    its start and cut to the new length (no inode is allocated)."""
+    if recycled:
+        fd = os.open(path, os.O_WRONLY)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         header = _HEADER_FORMAT % entry.size
         entry.offset = len(header)
         if isinstance(message, bytes):
             entry.crc32 = zlib.crc32(message)
             env = entry.to_json()
-            _write_all(fd, b"".join((header, message, env, _trailer(env))))
+            data = b"".join((header, message, env, _trailer(env)))
+            _write_all(fd, data)
+            if recycled:
+                os.ftruncate(fd, len(data))
         else:
             _write_all(fd, header)
             crc = 0
@@ -308,6 +325,7 @@ class _Commit:
     tmp: str  # where the queue file is written
     path: str  # where it is committed (messages/<id>)
     committed: bool = False
+    recycled: bool = False  # the file was claimed from free/ (not created)
     error: QueueError | None = None
 
     def fail(self, exc: OSError | ValueError) -> None:
@@ -351,13 +369,20 @@ class QueueStore:
     ) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self._free_dir = os.path.join(self.path, FREE_DIR)
+        self._free_names: list[str] = []  # names last seen in free/, to claim
+        self._free_scan_at = 0.0  # monotonic time before which free/ is not listed again
+        self._pool_count = -1  # files in free/ (last count plus what this process added)
+        self._since_count = 0
         if not create:
             missing = [sub for sub in ("messages", *STATES) if not (self.path / sub).is_dir()]
             if missing:
                 raise QueueError(f"{self.path}: not a spool directory (no {missing[0]}/)")
+            self._recycle = os.path.isdir(self._free_dir)
             return
+        self._recycle = _SYNCFS is not None
         try:
-            for sub in ("tmp", "messages", "corrupt", *STATES):
+            for sub in ("tmp", "messages", "corrupt", FREE_DIR, *STATES):
                 (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise QueueError(f"cannot create spool {self.path}: {exc.strerror or exc}") from exc
@@ -538,7 +563,9 @@ class QueueStore:
                            os.path.join(msg_dir, qid))
             items.append(item)
             try:
-                _write_queue_file(item.tmp, message, entry)
+                item.recycled = (self._recycle and isinstance(message, bytes)
+                                 and len(message) <= RECYCLE_MAX and self._claim(item.tmp))
+                _write_queue_file(item.tmp, message, entry, item.recycled)
                 os.rename(item.tmp, item.path)  # commit point
                 item.committed = True
             except (OSError, ValueError) as exc:
@@ -576,6 +603,10 @@ class QueueStore:
                             finally:
                                 os.close(fd)
                         _fsync_dir(self.path / "messages")
+                        if any(item.recycled for item in committed):
+                            # the claims (free/ -> tmp/) too: a recycled inode must never
+                            # be named both in free/ and in messages/ after a crash
+                            _fsync_dir(Path(self._free_dir))
                 except OSError as exc:
                     for item in committed:
                         item.fail(exc)
@@ -629,11 +660,29 @@ class QueueStore:
 
     def remove(self, entry: QueueEntry) -> None:
         """Delete a message: its queue file first (the commit point), then its envelope
-        file if it has one (recovery removes one left behind by a crash)."""
+        file if it has one (recovery removes one left behind by a crash).
+
+        The queue file of a message up to :data:`RECYCLE_MAX` bytes is moved to ``free/``
+        (while it holds fewer than :data:`FREE_POOL_MAX` files), where a later commit
+        claims it and writes its own message over it: no inode is freed here and none
+        allocated there (on ext4 both are costly: freeing discards the blocks, and
+        without a journal the allocator skips every inode freed in the last minutes).
+        Longer ones are unlinked.
+        """
+        path = os.path.join(self.path, "messages", entry.id)
         try:
             # No directory fsync: if a crash loses this removal the message is delivered
             # once more after recovery (at least once, at most twice), never lost.
-            os.unlink(os.path.join(self.path, "messages", entry.id))
+            if entry.size <= RECYCLE_MAX and self._pool_room():
+                try:
+                    os.rename(path, os.path.join(self._free_dir, entry.id))
+                except FileNotFoundError:
+                    if os.path.isdir(self._free_dir):
+                        raise  # the queue file is gone
+                    self._recycle = False  # free/ was removed: unlink from now on
+                    os.unlink(path)
+            else:
+                os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -644,6 +693,48 @@ class QueueStore:
             pass
         except OSError as exc:
             log.warning("queue: cannot remove the envelope of %s: %s", entry.id, exc)
+
+    def _pool_room(self) -> bool:
+        """Whether a removed queue file may go to ``free/`` (counted now and then)."""
+        if not self._recycle:
+            return False
+        self._since_count += 1
+        if self._pool_count < 0 or self._since_count >= _FREE_RESCAN:
+            try:
+                self._pool_count = len(os.listdir(self._free_dir))
+            except OSError:
+                return False
+            self._since_count = 0
+        if self._pool_count >= FREE_POOL_MAX:
+            return False
+        self._pool_count += 1
+        return True
+
+    def _claim(self, tmp: str) -> bool:
+        """Take a file from ``free/`` by renaming it to ``tmp`` (atomic: of several
+        processes claiming one file, one gets it). False when none is free (``free/`` is
+        then not listed again for half a second)."""
+        while True:
+            if not self._free_names:
+                now = time.monotonic()
+                if now < self._free_scan_at:
+                    return False
+                try:
+                    names = os.listdir(self._free_dir)
+                except OSError:
+                    names = []
+                if not names:
+                    self._free_scan_at = now + 0.5
+                    return False
+                self._free_names = names[:_FREE_RESCAN]
+            name = self._free_names.pop()
+            try:
+                os.rename(os.path.join(self._free_dir, name), tmp)
+                return True
+            except FileNotFoundError:
+                continue  # claimed by another process
+            except OSError:
+                return False
 
     # --------------------------------------------------------------- reading
 
@@ -678,7 +769,7 @@ class QueueStore:
         except FileNotFoundError:
             return None
         try:
-            entry = _embedded_entry(fd)
+            entry = _embedded_entry(fd, qid)
         finally:
             os.close(fd)
         if entry is not None:
@@ -741,13 +832,30 @@ class QueueStore:
                 entry = self.find(qid)
             except KeyError:
                 raise QueueError(f"cannot read message {qid}: no such message") from None
-        msg = self.open_message(entry)
+        # One read, and the CRC-32 of exactly the bytes returned: a queue file removed and
+        # recycled meanwhile (see remove) can only give an error, never another message.
         try:
-            return msg.read()
-        except (OSError, ValueError) as exc:
+            fd = os.open(os.path.join(self.path, "messages", entry.id),
+                         os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise QueueError(f"cannot read message {entry.id}: {exc.strerror or exc}") from exc
+        try:
+            parts: list[bytes] = []
+            got = 0
+            while got < entry.size:
+                piece = os.pread(fd, entry.size - got, entry.offset + got)
+                if not piece:
+                    raise QueueError(f"message {entry.id} is shorter than its envelope says")
+                parts.append(piece)
+                got += len(piece)
+        except OSError as exc:
             raise QueueError(f"cannot read message {qid}: {exc}") from exc
         finally:
-            msg.close()
+            os.close(fd)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if entry.crc32 >= 0 and zlib.crc32(data) != entry.crc32:
+            raise QueueError(f"message {entry.id} does not match its envelope (CRC-32)")
+        return data
 
     def quarantine(self, entry: QueueEntry, why: str) -> None:
         """Move an entry's queue file and envelope file to ``corrupt/`` (never delivered)."""
@@ -845,6 +953,12 @@ class QueueStore:
             if clean:
                 for name in os.listdir(self.path / "tmp"):
                     (self.path / "tmp" / name).unlink(missing_ok=True)
+                # Spare files are dropped (deliveries refill free/): after a power loss a
+                # claimed file could be named in free/ as well as in messages/.
+                with contextlib.suppress(FileNotFoundError):
+                    for name in os.listdir(self._free_dir):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(self._free_dir, name))
             best: dict[str, QueueEntry] = {}
             for entry in self.entries(tuple(s for s in STATES if s != "incoming")
                                       + ("incoming",)):
