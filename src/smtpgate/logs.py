@@ -169,7 +169,8 @@ def _json_safe(value: object) -> object:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (ISO 8601, local time with offset, ms),
     ``level``, ``logger``, ``message``, ``process`` (when tagged), then the fields (of an
-    :class:`Event` and from ``extra=``; a field never replaces the first five), then
+    :class:`Event` and from ``extra=``; one named like a member before it gets a ``_``
+    appended: ``time_``), then
     ``exception`` (the traceback text) when there is one.
 
     Args:
@@ -199,8 +200,9 @@ class JsonFormatter(logging.Formatter):
             obj["process"] = self.process
         fields.extend(_extra_fields(record))
         for key, value in fields:
-            if key not in obj:
-                obj[key] = _json_safe(value)
+            while key in obj:  # a field named like a member above: "time_", ...
+                key += "_"
+            obj[key] = _json_safe(value)
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:

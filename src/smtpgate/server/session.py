@@ -1364,7 +1364,7 @@ class Session(asyncio.Protocol):
             size=size, message_id=message_id[:200] if message_id else "-",
             result=f"{reply.code} {reply.enhanced or ''} {reply.text}".replace("  ", " ")[:300],
             outcome=what, results=tx.results.summary() if tx.results else "-",
-            time=f"{time.monotonic() - started:.3f}s"))
+            elapsed=f"{time.monotonic() - started:.3f}s"))
 
     # -------------------------------------------------------------- shutdown
 
