@@ -11,9 +11,11 @@ the message's length, the message, then its envelope as it was at arrival, then 
 naming the envelope's length and CRC-32 (the header, written first, means no message
 content can pass for an envelope, even in a file torn by a crash).
 Commit protocol of :meth:`QueueStore.enqueue_many`: write each queue file to ``tmp/`` with
-one ``write(2)``, rename it into ``messages/`` — that rename is the commit point — and
-make the batch durable with one ``syncfs(2)`` (or each file's fsync and one fsync of
-``messages/``). Only then may the clients see ``250``. The envelope as changed later
+one ``write(2)`` (a new file, or one claimed from ``free/``: removed queue files are
+recycled, see :meth:`QueueStore.remove`), rename it into ``messages/`` — that rename is the
+commit point; a queue file counts only if its envelope's id is its name — and make the
+batch durable with one ``syncfs(2)`` (or each file's fsync and one fsync of ``messages/``).
+Only then may the clients see ``250``. The envelope as changed later
 (delivery attempts, the queue tools) lives beside it in ``<state>/<id>.json``; a message
 without one is in ``incoming`` with the envelope of its queue file.
 """
@@ -374,6 +376,7 @@ class QueueStore:
         self._free_scan_at = 0.0  # monotonic time before which free/ is not listed again
         self._pool_count = -1  # files in free/ (last count plus what this process added)
         self._since_count = 0
+        self._placeholder: QueueEntry | None = None  # see _current
         if not create:
             missing = [sub for sub in ("messages", *STATES) if not (self.path / sub).is_dir()]
             if missing:
@@ -441,13 +444,16 @@ class QueueStore:
         again."""
         try:
             side = self._sidecar(qid)
-        except QueueError:
-            side = None
+        except QueueError:  # an unreadable envelope file: merged as seq 0, removed
+            side = QueueEntry(qid, "", {}, [], 0.0, 0.0)
         if not os.path.exists(os.path.join(self.path, "messages", qid)):
             return None
         if side is not None:
             return side
-        return QueueEntry(qid, "", {}, [], 0.0, 0.0)  # seq 0, incoming, no bounce
+        # seq 0, incoming, no bounce; the caller knows by identity that no envelope file
+        # exists (see finish_attempts)
+        self._placeholder = QueueEntry(qid, "", {}, [], 0.0, 0.0)
+        return self._placeholder
 
     def finish_attempt(self, attempted: QueueEntry) -> str:
         """Record a delivery attempt: merge, then save or remove, all under the spool lock.
@@ -470,7 +476,8 @@ class QueueStore:
                 attempted.bounce = attempted.bounce or current.bounce
                 attempted.state = current.state
                 if attempted.finished:
-                    self.remove(attempted)
+                    # no envelope file to remove when the queue file's own was current
+                    self.remove(attempted, envelope_file=current is not self._placeholder)
                     out.append("removed")
                     continue
                 target = "hold" if current.state == "hold" else "deferred"
@@ -658,7 +665,7 @@ class QueueStore:
                 pass
             raise QueueError(f"cannot update {entry.id}: {exc.strerror or exc}") from exc
 
-    def remove(self, entry: QueueEntry) -> None:
+    def remove(self, entry: QueueEntry, *, envelope_file: bool = True) -> None:
         """Delete a message: its queue file first (the commit point), then its envelope
         file if it has one (recovery removes one left behind by a crash).
 
@@ -668,6 +675,11 @@ class QueueStore:
         allocated there (on ext4 both are costly: freeing discards the blocks, and
         without a journal the allocator skips every inode freed in the last minutes).
         Longer ones are unlinked.
+
+        Args:
+            entry: the message.
+            envelope_file: False when the caller knows (under the spool lock) that the
+                message has no envelope file (saves a lookup).
         """
         path = os.path.join(self.path, "messages", entry.id)
         try:
@@ -687,6 +699,8 @@ class QueueStore:
             pass
         except OSError as exc:
             raise QueueError(f"cannot remove {entry.id}: {exc.strerror or exc}") from exc
+        if not envelope_file:
+            return
         try:
             os.unlink(self._env_path(entry.id, entry.state))
         except FileNotFoundError:
