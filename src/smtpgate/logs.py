@@ -215,7 +215,9 @@ class RollingFileHandler(logging.Handler):
 
     Rolling (only when ``roller``): before a record that would take the file past
     ``max_size`` bytes (counted from the file, so other processes' lines count too), and
-    at the first record after ``roll_hour`` o'clock (local time) each day; also by
+    at the first record after ``roll_hour`` o'clock (local time) each day (checked at
+    each record this process writes and once a second, since the other processes may
+    write most lines: a file may pass ``max_size`` by what they wrote in that second); also by
     :meth:`roll` (on start with ``roll_on_start``, on a signal with ``roll_on_signal``).
     The file is renamed to ``FILE.1`` (older ones shifted to ``.2`` ... and the oldest
     beyond ``max_backups`` removed), or with ``roll_format`` to ``FILE.`` plus the
@@ -253,6 +255,12 @@ class RollingFileHandler(logging.Handler):
         self._io_lock = threading.Lock()
         self._open()
         self._next_roll = self._compute_next_roll(time.time())
+        self._stop = threading.Event()
+        if roller and (max_size > 0 or roll_hour >= 0):
+            # The other processes may write most of the lines (the workers, while the
+            # supervisor rolls): check once a second too, not only when this one writes.
+            threading.Thread(target=self._watch, name="smtpgate-log-roll",
+                             daemon=True).start()
 
     # ---------------------------------------------------------------- file
 
@@ -347,6 +355,20 @@ class RollingFileHandler(logging.Handler):
         for _, path in rolled[: max(0, len(rolled) - self.max_backups)]:
             os.unlink(path)
 
+    def _due(self, incoming: int) -> bool:
+        if time.time() >= self._next_roll:
+            return True
+        return self.max_size > 0 and os.fstat(self._fd).st_size + incoming > self.max_size
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_CHECK_INTERVAL):
+            try:
+                with self._io_lock:
+                    if self._fd >= 0 and self._due(0):
+                        self._roll_locked()
+            except OSError as exc:
+                print(f"smtpgate: cannot roll {self.path}: {exc}", file=sys.stderr, flush=True)
+
     # ---------------------------------------------------------------- emit
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -356,10 +378,7 @@ class RollingFileHandler(logging.Handler):
             data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
             with self._io_lock:
                 if self.roller:
-                    if time.time() >= self._next_roll:
-                        self._roll_locked()
-                    elif self.max_size > 0 and \
-                            os.fstat(self._fd).st_size + len(data) > self.max_size:
+                    if self._due(len(data)):
                         self._roll_locked()
                 else:
                     now = time.monotonic()
@@ -373,6 +392,7 @@ class RollingFileHandler(logging.Handler):
 
     def close(self) -> None:
         """Close the file (the handler writes nothing afterwards)."""
+        self._stop.set()
         with self._io_lock:
             if self._fd >= 0:
                 os.close(self._fd)

@@ -47,7 +47,7 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -424,11 +424,6 @@ def watch_spool(path: str) -> None:
 
 def _collectors() -> Iterator[Collector]:
     yield from _spools.values()
-
-
-def process_exited(pid: int) -> None:
-    """Drop the live gauges (sessions open) of a process that ended (``pid``)."""
-    mark_process_dead(pid, _state["dir"])  # type: ignore[no-untyped-call]
 
 
 def exposition() -> tuple[bytes, str]:

@@ -27,7 +27,14 @@ from aiosmtpd.controller import Controller
 from smtpgate.app import Smtpgate
 from smtpgate.config import LogConfig, config_from_mapping
 from smtpgate.hooks import Stage
-from smtpgate.logs import Event, format_value, reopen_logs, setup_logging
+from smtpgate.logs import (
+    Event,
+    RollingFileHandler,
+    TextFormatter,
+    format_value,
+    reopen_logs,
+    setup_logging,
+)
 from smtpgate.reply import Reply
 
 from ..support import Capture
@@ -192,6 +199,61 @@ def test_roll_format_roll_on_start_and_signal(tmp_path: Path, own_logging: None)
         "smtpgate.log", f"smtpgate.log.{day}-1", f"smtpgate.log.{day}-2"]
     log.info("third")
     assert "third" in path.read_text()
+
+
+def test_daily_roll_at_roll_hour(tmp_path: Path) -> None:
+    """``roll_hour``: the first record after that hour rolls the file (the next roll is
+    put one day later)."""
+    path = tmp_path / "smtpgate.log"
+    handler = RollingFileHandler(str(path), roll_hour=time.localtime().tm_hour)
+    handler.setFormatter(TextFormatter())
+    try:
+        assert handler._next_roll > time.time()  # today's hour has begun: tomorrow
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "before", None, None)
+        handler.handle(record)
+        handler._next_roll = time.time() - 1  # as if that hour had come
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "after", None, None)
+        handler.handle(record)
+        assert "before" in (tmp_path / "smtpgate.log.1").read_text()
+        assert "after" in path.read_text() and "before" not in path.read_text()
+        assert handler._next_roll > time.time() + 22 * 3600
+    finally:
+        handler.close()
+
+
+def test_one_process_rolls_the_others_follow(tmp_path: Path) -> None:
+    """Two writers of one file, as serve's process and a worker or the delivery process:
+    the rolling one rolls when the file passes ``max_size`` even if only the other wrote
+    (it checks once a second); the other reopens the new file by itself; no line lost."""
+    path = tmp_path / "smtpgate.log"
+    roller = RollingFileHandler(str(path), max_size=2000, max_backups=5, roller=True)
+    other = RollingFileHandler(str(path), roller=False)
+    other.setFormatter(TextFormatter("worker 1"))
+    written = 0
+
+    def write() -> None:
+        nonlocal written
+        other.handle(logging.LogRecord("t", logging.INFO, __file__, 1, f"line {written:05d} "
+                                       + "x" * 60, None, None))
+        written += 1
+
+    try:
+        for _ in range(50):  # about 4 KB: past max_size, written by the other only
+            write()
+        assert wait_for(lambda: (tmp_path / "smtpgate.log.1").exists())
+
+        def followed() -> bool:
+            write()
+            return path.exists() and "line" in path.read_text()
+
+        assert wait_for(followed)
+        files = [tmp_path / f"smtpgate.log.{i}" for i in range(5, 0, -1)] + [path]
+        lines = [ln for f in files if f.exists() for ln in f.read_text().splitlines()]
+        assert [int(ln.split("line ")[1][:5]) for ln in lines] == list(range(written))
+        assert all("t[worker 1]: line" in ln for ln in lines)
+    finally:
+        roller.close()
+        other.close()
 
 
 def test_send_log_in_proxy_mode(run_app: Callable[..., Smtpgate], tmp_path: Path,
