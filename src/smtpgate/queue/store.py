@@ -53,7 +53,7 @@ COMMIT_LOCK = "commit.lock"  # shared by every commit, exclusive during recovery
 FREE_DIR = "free"  # removed queue files kept for reuse (see QueueStore.remove)
 #: Queue files of messages up to this many bytes are recycled through ``free/`` when
 #: removed; longer ones are unlinked.
-RECYCLE_MAX = 64 * 1024
+RECYCLE_MAX = 128 * 1024
 #: At most this many files wait in ``free/``.
 FREE_POOL_MAX = 1024
 _FREE_RESCAN = 256  # removals between two counts of free/
