@@ -30,7 +30,8 @@ from smtpgate.app import Smtpgate
 from smtpgate.hooks import Stage
 from smtpgate.reply import Reply
 
-from ..support import Capture, RawClient
+from ..scanners.spamd_fixture import spamd_server_fixture  # noqa: F401
+from ..support import CORPUS, Capture, RawClient
 
 MSG = (b"From: ann@example.org\r\nTo: bob@example.com\r\nSubject: metrics\r\n"
        b"Message-ID: <m1@example.org>\r\n\r\nHello.\r\n")
@@ -166,6 +167,41 @@ def test_counters_after_known_traffic(run_app: Callable[..., Smtpgate],
     assert d("smtpgate_plugin_duration_seconds_count", plugin="blocklist", stage="rcpt") == 3
     assert d("smtpgate_plugin_duration_seconds_bucket", plugin="blocklist", stage="rcpt",
              le="+Inf") == 3
+
+
+def gtube() -> bytes:
+    """The GTUBE test message of the corpus, with CRLF line ends."""
+    raw = (CORPUS / "rspamd__functional_messages_gtube.eml").read_bytes()
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def test_scanner_metrics_with_spamd(run_app: Callable[..., Smtpgate],
+                                    spamd_server: str) -> None:
+    """A real spamd in the data phase: one clean message and GTUBE (refused as spam);
+    the scanner's verdicts and latency observations, and the transactions' outcomes."""
+    app = run_app({"admin": {"listen": "127.0.0.1:0"},
+                   "scanner": [{"type": "spamassassin", "address": spamd_server}]},
+                  deliver=Capture())
+    before = scrape(app)
+    for message, expected in ((MSG, 250), (gtube(), 550)):
+        with smtplib.SMTP("127.0.0.1", app.port, timeout=30) as s:
+            s.ehlo("client.test")
+            s.mail("ann@example.org")
+            s.rcpt("bob@example.com")
+            assert s.data(message)[0] == expected
+    after = scrape(app)
+    assert delta(before, after, "smtpgate_scanner_verdicts_total", scanner="spamassassin",
+                 verdict="clean") == 1
+    assert delta(before, after, "smtpgate_scanner_verdicts_total", scanner="spamassassin",
+                 verdict="spam") == 1
+    assert delta(before, after, "smtpgate_scanner_duration_seconds_count",
+                 scanner="spamassassin") == 2
+    assert delta(before, after, "smtpgate_scanner_duration_seconds_sum",
+                 scanner="spamassassin") > 0
+    assert delta(before, after, "smtpgate_transactions_total", outcome="accepted") == 1
+    assert delta(before, after, "smtpgate_transactions_total", outcome="rejected") == 1
+    assert delta(before, after, "smtpgate_replies_total", stage="message",
+                 **{"class": "5xx"}) == 1
 
 
 # ------------------------------------------------------------------ queue mode
