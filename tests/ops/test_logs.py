@@ -354,3 +354,45 @@ def test_serve_rolls_on_signal_when_configured(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_workers_follow_the_supervisors_roll(tmp_path: Path) -> None:
+    """``server.workers = 2``: the worker processes write the sessions' lines, the
+    supervisor rolls on SIGUSR1 (``roll_on_signal``), and the workers follow it to the
+    new file by themselves; every session's line is in one of the two files."""
+    port = free_port()
+    logfile = tmp_path / "smtpgate.log"
+    config = tmp_path / "smtpgate.toml"
+    config.write_text(
+        f'[server]\nhostname = "mx.test"\nlisten = ["127.0.0.1:{port}"]\nworkers = 2\n'
+        f'[maildir]\npath = "{tmp_path / "mail"}"\n'
+        f'[log]\nfile = "{logfile}"\nlevel = "INFO"\nroll_on_signal = true\n')
+    out = open(tmp_path / "stderr.log", "wb")  # noqa: SIM115 - the process keeps it
+    proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(config)],
+                            stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    try:
+        assert wait_for(lambda: b"listening on" in (tmp_path / "stderr.log").read_bytes()), \
+            (tmp_path / "stderr.log").read_text()
+        _session(port, "before.test")
+        assert wait_for(lambda: "helo=before.test" in logfile.read_text())
+        assert "[worker " in logfile.read_text()
+        proc.send_signal(signal.SIGUSR1)
+        rolled = tmp_path / "smtpgate.log.1"
+        assert wait_for(rolled.exists)
+        sent = 0
+
+        def followed() -> bool:
+            nonlocal sent
+            _session(port, f"after{sent}.test")
+            sent += 1
+            return "]: session id=" in logfile.read_text()
+
+        assert wait_for(followed)
+        both = rolled.read_text() + logfile.read_text()
+        assert wait_for(lambda: all(f"helo=after{i}.test " in rolled.read_text()
+                                    + logfile.read_text() for i in range(sent)))
+        assert both.count("helo=before.test ") == 1
+    finally:
+        proc.terminate()
+        proc.wait(20)
