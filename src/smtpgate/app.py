@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .admin import AdminServer
 from .auth import Authenticator, CallableAuthenticator, FailureLimiter, UsersFileAuthenticator
@@ -39,6 +39,25 @@ from .server.stdio import StdioOutcome
 log = logging.getLogger("smtpgate")
 
 DeliverFunc = Callable[..., Any]
+
+
+class WorkerControl(Protocol):
+    """What the admin API of a supervisor (``server.workers > 1``) asks of its worker
+    processes (:class:`smtpgate.server.workers.WorkerPool`)."""
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        """Every worker's live sessions (``GET /api/sessions`` items)."""
+        ...
+
+    async def kill(self, session_id: str) -> bool:
+        """Kill a session wherever it runs; False when no worker had it."""
+        ...
+
+    def relay_change(self, op: str, value: str) -> None:
+        """Apply a run-time relay change in every worker."""
+
+    def reload(self) -> None:
+        """Make every worker reload the configuration file."""
 
 
 class Smtpgate:
@@ -107,6 +126,8 @@ class Smtpgate:
         )
         self.server: SmtpServer | None = None
         self.admin: AdminServer | None = None
+        # server.workers > 1: the supervisor's handle on its workers, for the admin API
+        self.workers: WorkerControl | None = None
         self.chain_servers: list[MilterServer | PolicyServer] = []  # [[listener]] milter/policy
         self.queue: QueueScheduler | None = None
         self._ownership: SpoolOwnership | None = None
@@ -404,6 +425,7 @@ class Smtpgate:
                 except BaseException:
                     await self.stop()
                     raise
+            await self._start_admin()  # sessions through :attr:`workers` once they run
             return
         try:
             specs = self._listener_specs()
@@ -423,14 +445,8 @@ class Smtpgate:
             self.server = None
             await self.stop()
             raise
-        if self.config.admin.listen and role == "server":
-            try:
-                admin = AdminServer(self, self.config.admin)
-                await admin.start()
-            except BaseException:
-                await self.stop(0)
-                raise
-            self.admin = admin
+        if role == "server":
+            await self._start_admin()
         try:
             for lc in self.config.listeners:
                 if lc.protocol not in ("milter", "policy"):
@@ -444,6 +460,19 @@ class Smtpgate:
         except BaseException:
             await self.stop(0)
             raise
+
+    async def _start_admin(self) -> None:
+        """Start the admin listener when ``[admin] listen`` is set (in the process that
+        owns the spool: ``server`` or ``supervisor``); on failure stop everything."""
+        if not self.config.admin.listen:
+            return
+        try:
+            admin = AdminServer(self, self.config.admin)
+            await admin.start()
+        except BaseException:
+            await self.stop(0)
+            raise
+        self.admin = admin
 
     @property
     def chain_addresses(self) -> list[tuple[str, str, int]]:

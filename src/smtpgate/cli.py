@@ -285,6 +285,7 @@ async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -
         unlink_pid()
         return 1
     pools.append(pool)
+    app.workers = pool  # the admin API asks the workers about their sessions
     where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
                       for h, p in _listen_targets(cfg))
     print(f"smtpgate {__version__} listening on {where} with {cfg.server.workers} workers "

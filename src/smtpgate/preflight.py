@@ -127,8 +127,7 @@ def preflight(cfg: Config, *, listeners: bool = True) -> None:
     ``relay.url`` ``maildir.path``; each ``[[scanner]]`` can be built and its
     ``quarantine_path`` written; ``server.pid_file``'s directory is writable; every
     ``[[listener]]`` with ``tls = "implicit"`` has a certificate; host names in listen
-    addresses resolve; with ``server.workers > 1`` no listener has port 0 and there is
-    no ``[admin] listen``.
+    addresses resolve; with ``server.workers > 1`` no listener has port 0.
 
     Args:
         cfg: a loaded configuration (paths already absolute).
@@ -279,12 +278,6 @@ def _check_workers(cfg: Config, problems: list[str]) -> None:
     each worker binds every address itself, so port 0 would give each its own port."""
     if cfg.server.workers == 1:
         return
-    if cfg.admin.listen:
-        # The admin API serves one process's sessions, relay lists and reloads; with
-        # workers each of them lives in every worker process (docs/operations.md).
-        problems.append(f"admin.listen: the admin listener needs server.workers = 1 "
-                        f"(got {cfg.server.workers}); leave admin.listen empty or use "
-                        "one process")
     if not hasattr(socket, "SO_REUSEPORT"):
         problems.append(f"server.workers: {cfg.server.workers} needs SO_REUSEPORT, which "
                         "this system lacks; use workers = 1")

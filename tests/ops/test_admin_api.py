@@ -22,9 +22,7 @@ from smtpgate.admin.openapi import document, served_operations
 from smtpgate.admin.server import make_app
 from smtpgate.app import Smtpgate
 from smtpgate.config import load_config
-from smtpgate.errors import ConfigError
 from smtpgate.hooks import Stage
-from smtpgate.preflight import preflight
 
 from ..support import RawClient
 
@@ -440,20 +438,86 @@ def test_openapi_lists_every_route(start: Callable[..., tuple[Smtpgate, Api, Pat
 # -------------------------------------------------------------------- workers
 
 
-def test_admin_listener_refused_with_workers(tmp_path: Path) -> None:
-    path = tmp_path / "smtpgate.toml"
-    path.write_text(f"""
+def test_admin_api_with_workers(tmp_path: Path) -> None:
+    """``server.workers = 2``: the supervisor serves the admin API; sessions come from
+    every worker (each with its number) and are killed where they run; a relay domain
+    added through the API applies in every worker; /metrics adds the workers up."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port, admin_port = free_port(), free_port()
+    conf = tmp_path / "smtpgate.toml"
+    conf.write_text(f"""
 [server]
-listen = ["127.0.0.1:{free_port()}"]
+hostname = "mx.test"
+listen = ["127.0.0.1:{port}"]
 workers = 2
 
 [maildir]
 path = "{tmp_path / "mail"}"
 
+[relay]
+local_networks = ["192.0.2.0/24"]
+
 [admin]
-listen = "127.0.0.1:8025"
+listen = "127.0.0.1:{admin_port}"
 """)
-    with pytest.raises(ConfigError) as info:
-        preflight(load_config(path))
-    assert any(p.startswith("admin.listen: the admin listener needs server.workers = 1")
-               for p in info.value.problems)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(conf)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{admin_port}"
+
+    def call(method: str, path: str, body: dict[str, str] | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    clients: list[RawClient] = []
+    try:
+        assert wait_for(lambda: b"listening on" in log_path.read_bytes(), 60), \
+            log_path.read_text()
+        for i in range(6):  # the kernel spreads them over both workers
+            c = RawClient(port)
+            assert c.cmd(f"EHLO held{i}.test").startswith(b"250")
+            clients.append(c)
+        status, sessions = call("GET", "/api/sessions")
+        assert status == 200
+        assert sorted(s["helo"] for s in sessions) == [f"held{i}.test" for i in range(6)]
+        assert {s["worker"] for s in sessions} <= {1, 2}
+        victim = next(s for s in sessions if s["helo"] == "held0.test")
+        assert call("DELETE", f"/api/sessions/{victim['id']}") == (200, {"killed": victim["id"]})
+        assert clients[0].read_reply().startswith(b"421 4.3.2")
+        assert call("DELETE", f"/api/sessions/{victim['id']}")[0] == 404
+        # relay control in every worker follows the API
+        for c in clients[1:]:
+            c.cmd("MAIL FROM:<a@example.org>")
+            assert c.cmd("RCPT TO:<b@added.example>").startswith(b"550 5.7.1")
+        assert call("POST", "/api/relay/domains", {"domain": "added.example"})[0] == 200
+        for c in clients[1:]:
+            assert c.cmd("RCPT TO:<b@added.example>").startswith(b"250"), "in every worker"
+        assert call("DELETE", "/api/relay/domains/added.example")[0] == 200
+        for c in clients[1:]:
+            assert c.cmd("RCPT TO:<c@added.example>").startswith(b"550 5.7.1")
+        for c in clients[1:]:
+            c.cmd("QUIT")
+            c.close()
+
+        def sessions_total() -> float:
+            with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("smtpgate_sessions_total"))
+
+        assert wait_for(lambda: sessions_total() == 6)
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.wait(timeout=60)

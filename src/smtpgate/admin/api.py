@@ -153,6 +153,16 @@ def sessions_snapshot(gate: Smtpgate) -> list[dict[str, JSONValue]]:
     return out
 
 
+async def live_sessions(gate: Smtpgate) -> list[dict[str, JSONValue]]:
+    """The live SMTP sessions: this process's (:func:`sessions_snapshot`), or with
+    ``server.workers > 1`` every worker's, asked through the supervisor's pipes (each
+    item then has ``"worker"``, the worker's number)."""
+    if gate.workers is not None:
+        found: list[dict[str, JSONValue]] = await gate.workers.sessions()
+        return found
+    return sessions_snapshot(gate)
+
+
 def queue_store(gate: Smtpgate) -> QueueStore | None:
     """The spool of a server in queue mode, else ``None``."""
     delivery = gate.delivery
@@ -411,15 +421,21 @@ async def get_info(request: web.Request) -> web.Response:
 
 
 async def get_sessions(request: web.Request) -> web.Response:
-    """``GET /api/sessions``: :func:`sessions_snapshot`."""
-    return web.json_response(sessions_snapshot(_gate(request)))
+    """``GET /api/sessions``: :func:`live_sessions`."""
+    return web.json_response(await live_sessions(_gate(request)))
 
 
 async def delete_session(request: web.Request) -> web.Response:
     """``DELETE /api/sessions/{id}``: send ``421 4.3.2`` and close; 404 when no live
     session has that id. Answers once the session has ended (at most 5 s)."""
     sid = request.match_info["id"]
-    for s in _live_sessions(_gate(request)):
+    gate = _gate(request)
+    if gate.workers is not None:
+        if await gate.workers.kill(sid):
+            log.info("admin: session %s killed", sid)
+            return web.json_response({"killed": sid})
+        raise ApiError(404, f"no such session: {sid}")
+    for s in _live_sessions(gate):
         if s.info is not None and s.info.session_id == sid:
             task = s.task
             if not s.kill():
@@ -484,6 +500,8 @@ async def post_relay_domain(request: web.Request) -> web.Response:
         relay.relay_add(domain)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
+    if gate.workers is not None:
+        gate.workers.relay_change("relay_add", domain)
     log.info("admin: relay domain %s added", domain)
     return web.json_response(relay_snapshot(gate))
 
@@ -494,6 +512,8 @@ async def delete_relay_domain(request: web.Request) -> web.Response:
     domain = request.match_info["domain"]
     if not _relay(gate).relay_delete(domain):
         raise ApiError(404, f"not a relay domain: {domain}")
+    if gate.workers is not None:
+        gate.workers.relay_change("relay_delete", domain)
     log.info("admin: relay domain %s removed", domain)
     return web.json_response(relay_snapshot(gate))
 
@@ -508,6 +528,8 @@ async def post_relay_network(request: web.Request) -> web.Response:
         relay.local_add(network)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
+    if gate.workers is not None:
+        gate.workers.relay_change("local_add", network)
     log.info("admin: local network %s added", network)
     return web.json_response(relay_snapshot(gate))
 
@@ -519,6 +541,8 @@ async def delete_relay_network(request: web.Request) -> web.Response:
     network = request.match_info["network"]
     if not _relay(gate).local_delete(network):
         raise ApiError(404, f"not a local network: {network}")
+    if gate.workers is not None:
+        gate.workers.relay_change("local_delete", network)
     log.info("admin: local network %s removed", network)
     return web.json_response(relay_snapshot(gate))
 
@@ -545,6 +569,8 @@ async def post_reload(request: web.Request) -> web.Response:
         restart = await gate.reload_file()
     except (ConfigError, OSError, ValueError) as exc:
         return web.json_response({"reloaded": False, "error": str(exc)}, status=422)
+    if gate.workers is not None:
+        gate.workers.reload()  # each worker re-reads the file too, as on SIGHUP
     needed: list[JSONValue] = list(restart)
     return web.json_response({"reloaded": True, "restart_needed": needed})
 

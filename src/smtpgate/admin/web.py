@@ -262,7 +262,7 @@ async def dashboard(request: web.Request) -> web.Response:
     gate = request.app[GATE]
     api = _snapshots()
     info: dict[str, Any] = api.info_snapshot(gate)
-    sessions: list[dict[str, Any]] = api.sessions_snapshot(gate)
+    sessions: list[dict[str, Any]] = await api.live_sessions(gate)
     queue: dict[str, Any] = await asyncio.to_thread(api.queue_snapshot, gate)
     totals = await asyncio.to_thread(metric_totals)
     states: dict[str, int] = {}
@@ -314,7 +314,7 @@ async def dashboard(request: web.Request) -> web.Response:
 
 async def sessions_page(request: web.Request) -> web.Response:
     """``GET /sessions``: the live SMTP sessions, each with a Kill button."""
-    sessions = _snapshots().sessions_snapshot(request.app[GATE])
+    sessions = await _snapshots().live_sessions(request.app[GATE])
     body = table(_SESSION_HEADERS, _session_rows(sessions), ident="sessions",
                  empty="no open sessions")
     return page(request, "Sessions", body)

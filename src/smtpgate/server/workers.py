@@ -26,12 +26,17 @@ The process model, after Postfix's master/smtpd/qmgr and Haraka's ``nodes``:
   flight may finish within ``shutdown_timeout``), then the delivery. SIGHUP makes every
   worker re-read and apply the configuration file (as one process does). A worker whose
   supervisor disappears stops gracefully too (its control pipe reaches end of file).
+* The admin listener (``[admin] listen``) runs in the supervisor: through the same pipes
+  it asks every worker for its sessions, kills one where it runs, and passes run-time
+  relay changes on (:meth:`WorkerPool.sessions`, :meth:`WorkerPool.kill`,
+  :meth:`WorkerPool.relay_change`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import multiprocessing
 import signal
@@ -161,6 +166,27 @@ async def _worker(cfg: Config, args: argparse.Namespace, control: Connection,
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    def admin_request(msg: tuple[Any, ...]) -> None:
+        """The supervisor's admin API asks about this worker's sessions or relay lists."""
+        from ..admin.api import sessions_snapshot
+
+        if msg[0] == "sessions":
+            events.send(("sessions", msg[1], sessions_snapshot(app)))
+        elif msg[0] == "kill":
+            killed = False
+            if app.server is not None:
+                for session in list(app.server.sessions):
+                    if session.info is not None and session.info.session_id == msg[2]:
+                        killed = session.kill()
+                        break
+            events.send(("killed", msg[1], killed))
+        elif msg[0] == "relay" and app.relay is not None:
+            op, value = msg[1], msg[2]
+            try:
+                getattr(app.relay, op)(value)
+            except ValueError as exc:  # checked by the supervisor first; never expected
+                log.error("admin relay change %s %s refused: %s", op, value, exc)
+
     def readable() -> None:
         try:
             while control.poll():
@@ -169,6 +195,8 @@ async def _worker(cfg: Config, args: argparse.Namespace, control: Connection,
                     stop.set()
                 elif msg[0] == "reload":
                     reload()
+                else:
+                    admin_request(msg)
         except (EOFError, OSError):  # the supervisor is gone: stop gracefully
             loop.remove_reader(control.fileno())
             stop.set()
@@ -226,6 +254,9 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.restarts = 0
+        self._requests = itertools.count(1)
+        # admin requests in flight: id -> (future, answers still expected, answers so far)
+        self._pending: dict[int, tuple[asyncio.Future[list[Any]], set[int], list[Any]]] = {}
 
     @property
     def pids(self) -> list[int]:
@@ -285,6 +316,8 @@ class WorkerPool:
                 msg = events.recv()
                 if msg[0] == "submit" and self.nudge is not None:
                     self.nudge(str(msg[1]))
+                elif msg[0] in ("sessions", "killed"):
+                    self._answer(slot, int(msg[1]), msg[2])
         except (EOFError, OSError):  # the worker is gone; _on_exit handles it
             assert self._loop is not None
             self._loop.remove_reader(events.fileno())
@@ -351,12 +384,77 @@ class WorkerPool:
                           delay)
                 await asyncio.sleep(delay)
 
+    def _answer(self, slot: _Slot, request: int, value: Any) -> None:
+        pending = self._pending.get(request)
+        if pending is None:
+            return  # too late: the request timed out
+        future, waiting, answers = pending
+        waiting.discard(slot.index)
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    item["worker"] = slot.index
+            answers.extend(value)
+        else:
+            answers.append(value)
+        if not waiting and not future.done():
+            future.set_result(answers)
+
+    async def _ask(self, msg: tuple[Any, ...], timeout: float) -> list[Any]:
+        """Send ``(kind, request id, *msg[1:])`` to every running worker; the answers
+        that arrive within ``timeout`` seconds (a worker that does not answer in time,
+        e.g. one being restarted, is left out)."""
+        loop = self._loop
+        assert loop is not None
+        request = next(self._requests)
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        slots = [s for s in self._slots if s.control is not None]
+        answers: list[Any] = []
+        self._pending[request] = (future, {s.index for s in slots}, answers)
+        try:
+            for slot in slots:
+                self._tell(slot, (msg[0], request, *msg[1:]))
+            if not slots:
+                return []
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout)
+            except TimeoutError:
+                log.warning("admin request %s: %d worker(s) did not answer within %gs",
+                            msg[0], len(self._pending[request][1]), timeout)
+                return list(answers)
+        finally:
+            self._pending.pop(request, None)
+
+    async def sessions(self, timeout: float = 3.0) -> list[dict[str, Any]]:
+        """The live sessions of every worker (as ``GET /api/sessions`` shows them, each
+        with ``"worker"``: the worker's number), oldest first."""
+        found = [s for s in await self._ask(("sessions",), timeout) if isinstance(s, dict)]
+        return sorted(found, key=lambda s: -float(s.get("age") or 0))
+
+    async def kill(self, session_id: str, timeout: float = 3.0) -> bool:
+        """Kill the session ``session_id`` in whichever worker holds it (``421 4.3.2``).
+
+        Returns:
+            True when a worker had it.
+        """
+        return any(a is True for a in await self._ask(("kill", session_id), timeout))
+
+    def relay_change(self, op: str, value: str) -> None:
+        """Apply a run-time relay change (``relay_add``, ``relay_delete``, ``local_add``,
+        ``local_delete`` of :class:`~smtpgate.policy.RelayPolicy`) in every worker, as the
+        admin API made it in the supervisor. A worker started later begins with the
+        configuration's lists."""
+        if op not in ("relay_add", "relay_delete", "local_add", "local_delete"):
+            raise ValueError(f"unknown relay change {op!r}")
+        for slot in self._slots:
+            self._tell(slot, ("relay", op, value))
+
     def reload(self) -> None:
         """SIGHUP: every worker re-reads and applies the configuration file."""
         for slot in self._slots:
             self._tell(slot, ("reload",))
 
-    def _tell(self, slot: _Slot, msg: tuple[str, ...]) -> None:
+    def _tell(self, slot: _Slot, msg: tuple[Any, ...]) -> None:
         if slot.control is None:
             return
         try:
