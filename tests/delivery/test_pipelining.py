@@ -20,14 +20,16 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP
 
 from smtpgate.delivery import UpstreamDelivery
 from smtpgate.envelope import Envelope, Recipient
 from smtpgate.message import DATA_CHUNK, MessageFile
 
-from .conftest import free_port
+from .conftest import CaptureHandler, Pki, StartUpstream, free_port
 
 MESSAGE = (
     b"From: a@example.org\r\nTo: b@example.com\r\nSubject: dots\r\n\r\n"
@@ -278,3 +280,35 @@ async def test_smtp_sink_takes_pipelined_transactions_on_one_connection() -> Non
         sink.terminate()
         sink.wait(5)
         shutil.rmtree(out, ignore_errors=True)
+
+
+class PipeliningCapture(CaptureHandler):
+    """aiosmtpd's capture handler, advertising PIPELINING (aiosmtpd reads the commands
+    of a group one line at a time and answers each with its own write)."""
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        responses.insert(-1, "250-PIPELINING")
+        return responses
+
+
+async def test_pipelined_over_starttls_to_aiosmtpd(start_upstream: StartUpstream,
+                                                   pki: Pki) -> None:
+    handler = PipeliningCapture(refuse_rcpt={"no@example.com": "550 5.1.1 no such user"})
+    up = start_upstream(handler=handler, tls_context=pki.server_context,
+                        require_starttls=True)
+    relay = UpstreamDelivery(f"smtp+starttls://{up.hostport}", cafile=pki.cafile, timeout=10)
+    try:
+        results = await relay.deliver_recipients(env("b@example.com", "no@example.com"),
+                                                 MESSAGE)
+        again = await relay.deliver_recipients(env("c@example.com"), MESSAGE)
+    finally:
+        await relay.aclose()
+    assert (results["b@example.com"].code, results["no@example.com"].code) == (250, 550)
+    assert results["no@example.com"].enhanced == "5.1.1"
+    assert again["c@example.com"].code == 250
+    assert relay.connections_opened == 1
+    assert [(m.rcpt_tos, m.content, m.tls) for m in handler.messages] == [
+        (["b@example.com"], MESSAGE, True), (["c@example.com"], MESSAGE, True)]
