@@ -128,9 +128,9 @@ def main() -> int:
         time.sleep(0.5)
         kids = children(proc.pid)
         pids = {"receiving": proc.pid}
-        for k in kids:
-            name = comm(k)
-            pids["sink" if "smtp-sink" in name else "delivery"] = k
+        for kid in kids:
+            name = comm(kid)
+            pids["sink" if "smtp-sink" in name else "delivery"] = kid
         rows: dict[str, list[float]] = {k: [] for k in (*pids, "smtpgate", "tree")}
         rates = []
         for _ in range(rounds):
