@@ -101,3 +101,22 @@ def test_recovery_empties_the_pool(tmp_path: Path) -> None:
     assert [e.id for e in QueueStore(tmp_path).recover()] == [kept.id]
     assert os.listdir(tmp_path / "free") == []
     assert store.read_message(kept.id) == b"Subject: kept\r\n\r\nkept\r\n"
+
+
+@pytest.mark.parametrize("size", [10, RECYCLE_MAX + 16 * 1024 - 600, 300 * 1024])
+def test_find_then_read_message_short_and_long(tmp_path: Path, size: int) -> None:
+    """find() reads a short queue file whole and read_message() takes the message from
+    those bytes; a longer one is read in parts; both check the CRC-32."""
+    msg = b"Subject: s\r\n\r\n" + b"z" * size + b"\r\n"
+    store = QueueStore(tmp_path)
+    entry = store.enqueue(env("a@b.example", "c@d.example"), msg)
+    reader = QueueStore(tmp_path)
+    found = reader.find(entry.id)
+    assert (found.id, found.size, [r.address for r in found.recipients]) == (
+        entry.id, len(msg), ["a@b.example", "c@d.example"])
+    assert reader.read_message(entry.id, found) == msg
+    assert reader.read_message(entry.id, found) == msg  # again, from the file
+    found.crc32 ^= 1
+    reader.find(entry.id)
+    with pytest.raises(QueueError, match="CRC-32"):
+        reader.read_message(entry.id, found)

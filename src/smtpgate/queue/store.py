@@ -57,6 +57,7 @@ RECYCLE_MAX = 128 * 1024
 #: At most this many files wait in ``free/``.
 FREE_POOL_MAX = 1024
 _FREE_RESCAN = 256  # removals between two counts of free/
+_WHOLE_READ = RECYCLE_MAX + 16 * 1024  # queue files up to this long are read in one pread
 
 
 @dataclass(slots=True)
@@ -185,23 +186,38 @@ def _trailer(envelope: bytes) -> bytes:
     return _TRAILER_FORMAT % (len(envelope), zlib.crc32(envelope))
 
 
-def _embedded_entry(fd: int, name: str) -> QueueEntry | None:
+def _embedded_entry(
+    fd: int, name: str, keep: list[bytes] | None = None
+) -> QueueEntry | None:
     """The envelope stored in the queue file ``name`` open at ``fd``, or ``None`` when the
     file is not complete and intact (header, message, envelope, trailer all where the
     header and trailer say, and the envelope's id is the file's name): it was never
     committed, or was torn by a crash before its batch was flushed (a recycled file may
-    then still hold, complete, the message it held before, under another id)."""
-    length = os.fstat(fd).st_size
-    if length < _HEADER_LEN + _TRAILER_LEN:
-        return None
-    h = _HEADER_RE.match(os.pread(fd, _HEADER_LEN, 0))
-    t = _TRAILER_RE.match(os.pread(fd, _TRAILER_LEN, length - _TRAILER_LEN))
+    then still hold, complete, the message it held before, under another id).
+
+    A file up to :data:`_WHOLE_READ` bytes is read with one ``pread``; its bytes are
+    appended to ``keep`` (when given) if it is intact."""
+    data = os.pread(fd, _WHOLE_READ, 0)
+    if len(data) < _WHOLE_READ:  # the whole file
+        length = len(data)
+        if length < _HEADER_LEN + _TRAILER_LEN:
+            return None
+        h = _HEADER_RE.match(data[:_HEADER_LEN])
+        t = _TRAILER_RE.match(data[length - _TRAILER_LEN:])
+    else:
+        length = os.fstat(fd).st_size
+        h = _HEADER_RE.match(data[:_HEADER_LEN])
+        t = _TRAILER_RE.match(os.pread(fd, _TRAILER_LEN, length - _TRAILER_LEN))
+        data = b""
     if h is None or t is None:
         return None
     size, n = int(h.group(1)), int(t.group(1))
     if _HEADER_LEN + size + n + _TRAILER_LEN != length:
         return None
-    raw = os.pread(fd, n, _HEADER_LEN + size)
+    if data:
+        raw = data[_HEADER_LEN + size:_HEADER_LEN + size + n]
+    else:
+        raw = os.pread(fd, n, _HEADER_LEN + size)
     if len(raw) != n or zlib.crc32(raw) != int(t.group(2), 16):
         return None
     try:
@@ -210,6 +226,8 @@ def _embedded_entry(fd: int, name: str) -> QueueEntry | None:
         return None
     if entry.size != size or entry.offset != _HEADER_LEN or entry.id != name:
         return None
+    if keep is not None and data:
+        keep.append(data)
     return entry
 
 
@@ -377,6 +395,11 @@ class QueueStore:
         self._pool_count = -1  # files in free/ (last count plus what this process added)
         self._since_count = 0
         self._placeholder: QueueEntry | None = None  # see _current
+        self._state_prefix = {state: os.path.join(self.path, state, "") for state in STATES}
+        self._messages_prefix = os.path.join(self.path, "messages", "")
+        # The bytes of the last queue file read whole by _embedded (its id, its content):
+        # a delivery's find() then read_message() reads the file once.
+        self._last_file: tuple[str, bytes] | None = None
         if not create:
             missing = [sub for sub in ("messages", *STATES) if not (self.path / sub).is_dir()]
             if missing:
@@ -446,7 +469,7 @@ class QueueStore:
             side = self._sidecar(qid)
         except QueueError:  # an unreadable envelope file: merged as seq 0, removed
             side = QueueEntry(qid, "", {}, [], 0.0, 0.0)
-        if not os.path.exists(os.path.join(self.path, "messages", qid)):
+        if not os.access(self._messages_prefix + qid, os.F_OK):
             return None
         if side is not None:
             return side
@@ -764,8 +787,11 @@ class QueueStore:
         """
         best: QueueEntry | None = None
         for state in STATES:
+            path = self._state_prefix[state] + qid + _ENV_SUFFIX
+            if not os.access(path, os.F_OK):  # no exception to build: the usual case
+                continue
             try:
-                with open(self._env_path(qid, state), "rb") as fh:
+                with open(path, "rb") as fh:
                     raw = fh.read()
             except FileNotFoundError:
                 continue
@@ -779,15 +805,18 @@ class QueueStore:
         """The envelope in the queue file ``messages/<id>`` (state ``incoming``), ``None``
         when there is no such file or it has no valid trailer (never committed)."""
         try:
-            fd = os.open(os.path.join(self.path, "messages", qid), os.O_RDONLY)
+            fd = os.open(self._messages_prefix + qid, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        keep: list[bytes] = []
         try:
-            entry = _embedded_entry(fd, qid)
+            entry = _embedded_entry(fd, qid, keep)
         finally:
             os.close(fd)
         if entry is not None:
             entry.state = "incoming"
+            if keep:  # read_message(qid) takes the message from these bytes
+                self._last_file = (qid, keep[0])
         return entry
 
     def find(self, qid: str) -> QueueEntry:
@@ -846,6 +875,15 @@ class QueueStore:
                 entry = self.find(qid)
             except KeyError:
                 raise QueueError(f"cannot read message {qid}: no such message") from None
+        last, self._last_file = self._last_file, None
+        if (last is not None and last[0] == entry.id and entry.offset
+                and entry.offset + entry.size <= len(last[1])):
+            # Read whole by find() just before (a queue file is never rewritten under
+            # its id); its CRC-32 is checked all the same.
+            data = last[1][entry.offset:entry.offset + entry.size]
+            if entry.crc32 >= 0 and zlib.crc32(data) != entry.crc32:
+                raise QueueError(f"message {entry.id} does not match its envelope (CRC-32)")
+            return data
         # One read, and the CRC-32 of exactly the bytes returned: a queue file removed and
         # recycled meanwhile (see remove) can only give an error, never another message.
         try:
