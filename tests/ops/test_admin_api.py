@@ -481,7 +481,8 @@ listen = "127.0.0.1:{admin_port}"
 
     clients: list[RawClient] = []
     try:
-        assert wait_for(lambda: b"listening on" in log_path.read_bytes(), 60), \
+        # the supervisor's line, once every worker runs (theirs come first)
+        assert wait_for(lambda: b"with 2 workers" in log_path.read_bytes(), 60), \
             log_path.read_text()
         for i in range(6):  # the kernel spreads them over both workers
             c = RawClient(port)
