@@ -36,6 +36,7 @@ from aiohttp import web
 from .. import __version__
 from ..errors import ConfigError, QueueError
 from ..hooks import Stage
+from ..queue.actions import QUEUE_ACTIONS, envelope_change
 from ..queue.delivery import QueueDelivery
 from ..queue.manager import request_flush
 from ..queue.store import QueueEntry, QueueStore
@@ -53,7 +54,6 @@ JSONValue: TypeAlias = (
 """A value :func:`json.dumps` accepts."""
 
 #: Queue actions of ``POST /api/queue/{id}/{action}`` (as ``smtpgate queue ACTION ID``).
-QUEUE_ACTIONS = ("hold", "release", "flush", "bounce")
 #: Spool state -> the API's state (``incoming``: committed, waiting for its first attempt).
 _STATES = {"incoming": "active", "deferred": "deferred", "hold": "hold"}
 
@@ -253,28 +253,6 @@ def _require_store(gate: Smtpgate) -> QueueStore:
     return store
 
 
-def _change(what: str):  # type: ignore[no-untyped-def]
-    """The envelope change of ``smtpgate queue WHAT ID`` (see
-    :mod:`smtpgate.queue.cli`): returns the target state, ``None`` to keep it."""
-
-    def change(e: QueueEntry) -> str | None:
-        if what == "hold":
-            return "hold"
-        if what == "release":
-            e.next_attempt = time.time()
-            return "deferred" if e.state == "hold" else None
-        if what == "flush":
-            e.next_attempt = 0.0
-            return None
-        if what == "bounce":
-            e.bounce = True
-            e.next_attempt = 0.0
-            return "deferred" if e.state == "hold" else None
-        raise ValueError(what)
-
-    return change
-
-
 def queue_action(gate: Smtpgate, qid: str, what: str) -> dict[str, JSONValue]:
     """Apply ``hold``/``release``/``flush``/``bounce``/``delete`` to one message, as
     ``smtpgate queue WHAT ID`` does: under the spool lock, then the delivery (in this
@@ -298,7 +276,7 @@ def queue_action(gate: Smtpgate, qid: str, what: str) -> dict[str, JSONValue]:
                 store.remove(store.find(qid))
             result: dict[str, JSONValue] = {"deleted": qid}
         else:
-            entry = store.update(qid, _change(what))
+            entry = store.update(qid, envelope_change(what))
             result = {"id": qid, "action": what, "message": entry_view(entry)}
     except KeyError:
         raise ApiError(404, f"no such message: {qid}") from None
@@ -323,7 +301,7 @@ def queue_flush_all(gate: Smtpgate) -> dict[str, JSONValue]:
     flushed: list[JSONValue] = []
     for e in list(store.entries(("deferred", "incoming"), repair=False)):
         try:
-            store.update(e.id, _change("flush"))
+            store.update(e.id, envelope_change("flush"))
         except KeyError:
             continue  # delivered or deleted meanwhile
         except QueueError as exc:

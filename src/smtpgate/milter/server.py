@@ -40,7 +40,6 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -49,6 +48,7 @@ from ..config import Config
 from ..envelope import Envelope, Recipient, SessionInfo
 from ..hooks import HookResult, HookRunner, Stage, Transaction, Verdict, default_reply
 from ..reply import Reply
+from ..server.stream_listener import StreamListener
 from . import codec
 from .changes import EnvelopeState, modifications
 from .message import parse_esmtp_args
@@ -420,7 +420,7 @@ class MilterConversation:
         await self._end()
 
 
-class MilterServer:
+class MilterServer(StreamListener):
     """A milter listener: one :class:`MilterConversation` per MTA connection.
 
     Args:
@@ -433,38 +433,12 @@ class MilterServer:
 
     def __init__(self, source: ChainSource, host: str, port: int, *,
                  reuse_port: bool = False, timeout: float = 300.0) -> None:
+        super().__init__("milter", host, port, self._converse, reuse_port=reuse_port)
         self.source = source
-        self.host = host
-        self.port = port
-        self.reuse_port = reuse_port
         self.timeout = timeout
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Bind and start accepting.
-
-        Raises:
-            OSError: the address cannot be bound.
-        """
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, reuse_address=True,
-            reuse_port=self.reuse_port or None,
-            family=socket.AF_INET6 if ":" in self.host else socket.AF_UNSPEC)
-        log.info("milter listener on %s:%d", *self.address)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound ``(host, port)``."""
-        assert self._server is not None and self._server.sockets
-        name = self._server.sockets[0].getsockname()
-        return str(name[0]), int(name[1])
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                     ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                        ) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         conv = MilterConversation(self.source.hooks, self.source.config,
                                   (str(peer[0]), int(peer[1])))
@@ -490,25 +464,8 @@ class MilterServer:
                      self.timeout)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
-        except Exception:
-            log.exception("milter connection from %s failed", conv.peer[0])
         finally:
             try:
                 await conv.aclose()
             except Exception:
                 log.exception("milter connection from %s: quit stage failed", conv.peer[0])
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
-
-    async def close(self) -> None:
-        """Stop listening and end the conversations in progress."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()

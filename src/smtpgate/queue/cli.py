@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from email.parser import BytesHeaderParser
 
 from ..errors import QueueError
+from .actions import envelope_change
 from .manager import request_flush
-from .store import QueueEntry, QueueStore, entry_dict
+from .store import QueueStore, entry_dict
 
 
 def _store(args: argparse.Namespace) -> QueueStore:
@@ -164,21 +165,6 @@ def _change(args: argparse.Namespace, what: str) -> int:
     still changed)."""
     store = _store(args)
 
-    def change(e: QueueEntry) -> str | None:
-        if what == "hold":
-            return "hold"
-        if what == "release":
-            e.next_attempt = time.time()
-            return "deferred" if e.state == "hold" else None
-        if what == "flush":
-            e.next_attempt = 0.0
-            return None
-        if what == "bounce":
-            e.bounce = True
-            e.next_attempt = 0.0
-            return "deferred" if e.state == "hold" else None
-        return None
-
     ids = _ids(args, store, what)
     status = 0
     done = 0
@@ -193,7 +179,7 @@ def _change(args: argparse.Namespace, what: str) -> int:
                     continue
         else:
             try:
-                store.update(qid, change)
+                store.update(qid, envelope_change(what))
             except KeyError:
                 print(f"smtpgate: {store.path}: no such message: {qid}", file=sys.stderr)
                 status = 1

@@ -37,7 +37,6 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
 import time
 from collections.abc import Mapping
 
@@ -51,6 +50,7 @@ from ..plugins.policy_codec import (
     sanitize_value,
 )
 from ..reply import Reply
+from .stream_listener import StreamListener
 
 __all__ = ["PolicyServer", "decide"]
 
@@ -157,7 +157,7 @@ async def decide(hooks: HookRunner, request: Mapping[str, str], hostname: str) -
     return "OK" if result.verdict is Verdict.OK else "DUNNO"
 
 
-class PolicyServer:
+class PolicyServer(StreamListener):
     """A Postfix policy delegation listener.
 
     Args:
@@ -171,38 +171,12 @@ class PolicyServer:
 
     def __init__(self, source: ChainSource, host: str, port: int, *,
                  reuse_port: bool = False, timeout: float = 300.0) -> None:
+        super().__init__("policy", host, port, self._requests, reuse_port=reuse_port)
         self.source = source
-        self.host = host
-        self.port = port
-        self.reuse_port = reuse_port
         self.timeout = timeout
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Bind and start accepting.
-
-        Raises:
-            OSError: the address cannot be bound.
-        """
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, reuse_address=True,
-            reuse_port=self.reuse_port or None,
-            family=socket.AF_INET6 if ":" in self.host else socket.AF_UNSPEC)
-        log.info("policy listener on %s:%d", *self.address)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound ``(host, port)``."""
-        assert self._server is not None and self._server.sockets
-        name = self._server.sockets[0].getsockname()
-        return str(name[0]), int(name[1])
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                     ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                        ) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         parser = AttributeReader()
         try:
@@ -222,23 +196,5 @@ class PolicyServer:
                 await writer.drain()
         except PolicyProtocolError as exc:
             log.warning("policy connection from %s: %s: closing", peer[0], exc)
-        except TimeoutError:
-            pass  # idle: Postfix reconnects when it needs to
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
-
-    async def close(self) -> None:
-        """Stop listening and end the connections in progress."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
+        except (TimeoutError, ConnectionError):
+            pass  # idle or gone: Postfix reconnects when it needs to
