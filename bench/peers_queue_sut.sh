@@ -20,7 +20,7 @@ hostname = "bench.local"
 listen = ["127.0.0.1:$port"]
 max_connections = 5000
 max_connections_per_ip = 5000
-[logging]
+[log]
 level = "WARNING"
 TOML
 if [ "${MODE:-queue}" = discard ]; then

@@ -276,13 +276,14 @@ class _Buffered:
     prometheus-client's multiprocess value writes its memory-mapped file at every
     increment (a lock, a pid check and a struct write: a few microseconds); a session
     makes a dozen increments, which measurably slowed the discard path. Here an increment
-    is an addition under a lock; the file trails by at most the flush interval.
+    is one addition (no lock: values change on the event loop's thread only, and the
+    flusher only reads them); the file trails by at most the flush interval.
     """
 
-    __slots__ = ("_inner", "_value", "_dirty")
+    __slots__ = ("_inner", "_value", "_written")
 
-    _lock = threading.Lock()
-    _pending: list[_Buffered] = []
+    _lock = threading.Lock()  # guards _all
+    _all: list[_Buffered] = []
     _mmaped: type | None = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -290,27 +291,17 @@ class _Buffered:
         assert mmaped is not None
         self._inner = mmaped(*args, **kwargs)
         self._value: float = self._inner.get()  # a pid reused: its file's value goes on
-        self._dirty = False
+        self._written = self._value
+        with self._lock:
+            self._all.append(self)
+        if not _flusher:
+            _start_flusher()
 
     def inc(self, amount: float) -> None:
-        with self._lock:
-            self._value += amount
-            if self._dirty:
-                return
-            self._dirty = True
-            self._pending.append(self)
-        if not _flusher:
-            _start_flusher()
+        self._value += amount
 
     def set(self, value: float, timestamp: float | None = None) -> None:
-        with self._lock:
-            self._value = value
-            if self._dirty:
-                return
-            self._dirty = True
-            self._pending.append(self)
-        if not _flusher:
-            _start_flusher()
+        self._value = value
 
     def set_exemplar(self, exemplar: object) -> None:
         return None
@@ -325,12 +316,12 @@ class _Buffered:
 def flush() -> None:
     """Write every value changed since the last flush to this process's metric files."""
     with _Buffered._lock:
-        pending, _Buffered._pending = _Buffered._pending, []
-        changed = [(v, v._value) for v in pending]
-        for v in pending:
-            v._dirty = False
-    for v, current in changed:
-        v._inner.set(current)
+        values_now = list(_Buffered._all)
+    for v in values_now:
+        current = v._value
+        if current != v._written:
+            v._inner.set(current)
+            v._written = current
 
 
 _flusher: list[threading.Thread] = []
@@ -365,7 +356,7 @@ def _activate(path: str) -> Metrics:
     # A new value class: its files are opened in the directory named by the environment.
     _Buffered._mmaped = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     with _Buffered._lock:
-        _Buffered._pending = []
+        _Buffered._all = []
     values.ValueClass = _Buffered
     _state["dir"] = path
     return Metrics()

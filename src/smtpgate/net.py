@@ -7,6 +7,7 @@ IPv6 addresses), RFC 5321 §4.1.3 (``[IPv6:...]`` address literals).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 __all__ = ["IPAddress", "client_key", "parse_client_ip"]
@@ -14,8 +15,11 @@ __all__ = ["IPAddress", "client_key", "parse_client_ip"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_client_ip(text: str) -> IPAddress | None:
-    """Parse a client address as sockets, PROXY headers and address literals give it.
+    """Parse a client address as sockets, PROXY headers and address literals give it
+    (cached: relay control asks for the same client's address at every RCPT; the
+    address objects are immutable).
 
     Accepts ``"192.0.2.1"``, ``"2001:db8::1"``, ``"[2001:DB8::1]"``, ``"[IPv6:...]"``;
     an IPv4-mapped IPv6 address (``"::ffff:192.0.2.1"``) becomes the IPv4 address and a
