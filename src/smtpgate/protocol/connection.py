@@ -250,8 +250,22 @@ def _line_longer_than(data: bytes, longest: int, pos: int = 0) -> bool:
     """True when a CRLF-separated line of ``data`` is longer than ``longest`` octets
     (CRLF not counted). The text is split a window (about 1 MiB, cut at a CRLF) at a
     time, so a 50 MB message costs a bounded amount of memory, not a list of every line.
+
+    A quick test comes first: a line over ``longest`` is a run of at least ``longest + 2``
+    octets without LF (its text and its CR), and such a run covers a whole block of a grid
+    of ``(longest + 1) // 2``-octet blocks; when every block holds an LF (one memchr each),
+    no line is too long and nothing is split. (LF ends every line here: the bare CR/LF
+    check or normalisation has run.)
     """
     n = len(data)
+    block = (longest + 1) // 2
+    if block >= 64:
+        find = data.find
+        k = pos
+        while k + block <= n and find(b"\n", k, k + block) >= 0:
+            k += block
+        if k + block > n:
+            return False
     while pos < n:
         stop = pos + _LINE_WINDOW
         if stop >= n:
