@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import heapq
 import itertools
 import logging
@@ -34,7 +35,7 @@ from ..errors import AuthError, DeliveryError
 from ..hooks import HookResult, Stage, Transaction, Verdict, default_reply
 from ..logs import Event, send_log
 from ..message import Message, MessageSpool
-from ..net import client_key
+from ..net import client_key, parse_client_ip
 from ..protocol import (
     NEED_DATA,
     AuthCredentials,
@@ -121,21 +122,28 @@ def _new_session_id() -> str:
 
 
 def _expand_greeting(template: str, hostname: str) -> str:
-    """ZMailer hdr220-style banner: %H host name, %V version, %T current time (RFC 5322)."""
+    """ZMailer hdr220-style banner: %H host name, %V version, %T current time (RFC 5322).
+
+    Only a banner with ``%T`` changes from one session to the next; the others are
+    expanded once (:func:`_expand_fixed`), not at every connection.
+    """
+    if "%T" not in template:
+        return _expand_fixed(template, hostname)
     from email.utils import formatdate
 
+    return _expand_fixed(template, hostname).replace("%T", formatdate(localtime=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _expand_fixed(template: str, hostname: str) -> str:
     from .. import __version__
 
-    return (template.replace("%H", hostname).replace("%V", __version__)
-            .replace("%T", formatdate(localtime=True)))
+    return template.replace("%H", hostname).replace("%V", __version__)
 
 
 def _trusted(ip: str, networks: tuple[Any, ...]) -> bool:
-    from ipaddress import ip_address
-
-    try:
-        addr = ip_address(ip)
-    except ValueError:
+    addr = parse_client_ip(ip)
+    if addr is None:
         return False
     return any(addr in net for net in networks if addr.version == net.version)
 
