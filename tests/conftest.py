@@ -16,6 +16,7 @@ import trustme
 
 from smtpgate.app import Smtpgate
 
+from .private_postfix import postfix  # noqa: F401  (the fixture, for every test)
 from .support import Capture, RawClient, merge
 
 

@@ -60,7 +60,7 @@ def test_header_added_changed_and_recipient_removed(smtpgate_server, site_plugin
 @pytest.mark.parametrize(("action", "expected"), [("tempfail", 451), ("accept", 250)])
 def test_smtpgate_down_applies_milter_default_action(postfix, capture_upstream,  # type: ignore[no-untyped-def]
                                                      action: str, expected: int) -> None:
-    from .conftest import free_port
+    from ..private_postfix import free_port
 
     pf = postfix(relay_port=capture_upstream.port,
                  smtpd_milters=f"inet:127.0.0.1:{free_port()}",  # nobody listens there

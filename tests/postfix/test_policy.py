@@ -10,7 +10,7 @@ from pathlib import Path
 
 from smtpgate.testing import CaptureUpstream
 
-from .conftest import StartPostfix
+from ..private_postfix import StartPostfix
 
 MSG = b"From: ann@example.org\r\nSubject: policy\r\n\r\nHello.\r\n"
 
