@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from .support import free_port
+
 MASTER = Path("/usr/lib/postfix/sbin/master")
 
 _MASTER_CF = """\
@@ -47,10 +49,6 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

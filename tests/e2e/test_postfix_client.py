@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import email
 import smtplib
-import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +18,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from ..private_postfix import StartPostfix
+from ..support import free_port, wait_for
 
 MSG = (b"From: sender@client.test\r\nTo: bounce-me@example.net, ok7@example.net\r\n"
        b"Subject: through postfix\r\nMessage-Id: <pf1@client.test>\r\n\r\nhello\r\n")
@@ -42,19 +41,8 @@ class Upstream:
         return "250 2.0.0 Ok: queued"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_for(pred: Any, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ import asyncio
 import json
 import logging
 import smtplib
-import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,25 +22,13 @@ from smtpgate.app import Smtpgate
 from smtpgate.config import load_config
 from smtpgate.hooks import Stage
 
-from ..support import RawClient
+from ..support import RawClient, free_port, wait_for
 
 MSG = b"From: a@example.org\r\nSubject: queued\r\nMessage-Id: <adm1@example.org>\r\n\r\nbody\r\n"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
-    """Poll ``pred`` until true (a bound on waiting, not an assertion on time)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 class Api:

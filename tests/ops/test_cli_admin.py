@@ -26,6 +26,8 @@ import pytest
 from smtpgate.envelope import Envelope, Recipient
 from smtpgate.queue.store import QueueStore
 
+from ..support import free_port
+
 SMTPGATE = [sys.executable, "-m", "smtpgate"]
 WAIT = 60.0  # a bound on waiting (a failing test stops there), not a timed assertion
 MSG = b"From: a@example.org\r\nSubject: queued\r\n\r\n" + b"body line\r\n" * 200
@@ -46,10 +48,6 @@ def one_error(out: subprocess.CompletedProcess[str], code: int) -> str:
     return lines[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------------- config show

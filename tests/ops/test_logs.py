@@ -13,7 +13,6 @@ import os
 import shlex
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from smtpgate.logs import (
 )
 from smtpgate.reply import Reply
 
-from ..support import Capture
+from ..support import Capture, free_port, wait_for
 
 MSG = (b"From: ann@example.org\r\nTo: bob@example.com\r\nSubject: logs\r\n"
        b"Message-ID: <logs-1@example.org>\r\n\r\nHello.\r\n")
@@ -63,20 +62,8 @@ def own_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
-    """Poll ``pred`` (a bound on waiting, never an assertion on time)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def traffic(app: Smtpgate) -> None:

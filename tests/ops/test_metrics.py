@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +29,7 @@ from smtpgate.hooks import Stage
 from smtpgate.reply import Reply
 
 from ..scanners.spamd_fixture import spamd_server_fixture  # noqa: F401
-from ..support import CORPUS, Capture, RawClient
+from ..support import CORPUS, Capture, RawClient, free_port, wait_for
 
 MSG = (b"From: ann@example.org\r\nTo: bob@example.com\r\nSubject: metrics\r\n"
        b"Message-ID: <m1@example.org>\r\n\r\nHello.\r\n")
@@ -66,20 +64,8 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
-    """Poll ``pred`` (a bound on waiting, never an assertion on time)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_counters_after_known_traffic(run_app: Callable[..., Smtpgate],

@@ -24,6 +24,8 @@ import pytest
 from smtpgate.cli import build_parser
 from smtpgate.sdnotify import notify
 
+from ..support import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "contrib" / "systemd" / "smtpgate.service"
 SMTPGATE = [sys.executable, "-m", "smtpgate"]
@@ -31,10 +33,6 @@ SMTPGATE = [sys.executable, "-m", "smtpgate"]
 WAIT = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def datagram_socket(address: str | bytes) -> socket.socket:
