@@ -8,7 +8,7 @@ RFCs: 5321 §4.2 (reply lines, multi-line replies), 2034/3463 (enhanced codes).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
@@ -34,6 +34,10 @@ class Reply:
     code: int
     enhanced: str | None
     text: str
+    # The wire bytes with and without the enhanced code, rendered on first use (a reply
+    # is immutable; the canonical replies are sent over and over).
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _wire_plain: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
@@ -67,14 +71,21 @@ class Reply:
         return [prefix + line for line in (self.text.split("\n") or [""])]
 
     def to_bytes(self, enhanced_codes: bool = True, multiline: bool = True) -> bytes:
-        """Render as wire bytes, CRLF-terminated (RFC 5321 §4.2.1); cached per reply."""
-        key = (self, enhanced_codes, multiline)
-        cached = _RENDERED.get(key)
-        if cached is None:
-            cached = self._render(enhanced_codes, multiline)
-            if len(_RENDERED) < 4096:
-                _RENDERED[key] = cached
-        return cached
+        """Render as wire bytes, CRLF-terminated (RFC 5321 §4.2.1); cached in the reply
+        (the multi-line forms)."""
+        if not multiline:
+            return self._render(enhanced_codes, False)
+        if enhanced_codes:
+            wire = self._wire
+            if wire is None:
+                wire = self._render(True, True)
+                object.__setattr__(self, "_wire", wire)  # frozen: a cache, not state
+            return wire
+        wire = self._wire_plain
+        if wire is None:
+            wire = self._render(False, True)
+            object.__setattr__(self, "_wire_plain", wire)
+        return wire
 
     def _render(self, enhanced_codes: bool = True, multiline: bool = True) -> bytes:
         """Render as wire bytes, CRLF-terminated (RFC 5321 §4.2.1).
@@ -100,9 +111,6 @@ class Reply:
 
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", " / ")
-
-
-_RENDERED: dict[tuple[Reply, bool, bool], bytes] = {}
 
 
 class R:

@@ -157,17 +157,15 @@ def build_received(
     Returns:
         The header as UTF-8 bytes ending in CRLF.
     """
-    helo = _token(session.helo_name) if session.helo_name else "unknown"
-    literal = _ip_literal(session.peer_ip)
-    from_comment = f"(unknown {literal})" if literal else "(unknown)"
-    # Each group is one logical line; each item in it is never split when folding.
-    groups: list[list[str]] = [[f"Received: from {helo}", *from_comment.split(" ")]]
-    if include_auth and session.auth_user:
-        groups.append(["(Authenticated", f"sender: {_comment_text(session.auth_user)})"])
-    by_host = _token(session.hostname)
+    lines = [_from_lines(session.helo_name, session.peer_ip,
+                         session.auth_user if include_auth else None)]
     keyword = protocol_keyword(session, envelope, lmtp=lmtp)
-    qid = _UNSAFE_ID.sub("", queue_id)[:64] or "unknown"
-    groups.append([f"by {by_host}", "(smtpgate)", f"with {keyword}", f"id {qid}"])
+    if queue_id.isascii() and queue_id.isalnum() and len(queue_id) <= 64:
+        qid = queue_id  # smtpgate's own ids: nothing to remove
+    else:
+        qid = _UNSAFE_ID.sub("", queue_id)[:64] or "unknown"
+    groups: list[list[str]] = [
+        [f"by {_token(session.hostname)}", "(smtpgate)", f"with {keyword}", f"id {qid}"]]
     if include_tls and session.tls_version:
         tls = [f"(using {_comment_text(session.tls_version)}"]
         if session.tls_cipher:
@@ -182,7 +180,21 @@ def build_received(
     else:
         groups[-1][-1] += ";"
         groups[-1].append(stamp)
-    lines: list[str] = []
-    for i, words in enumerate(groups):
-        lines.extend(_fold(words, first=i == 0))
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+    for words in groups:
+        lines.extend(_fold(words, first=False))
+    lines.append("")
+    return "\r\n".join(lines).encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=1024)
+def _from_lines(helo_name: str | None, peer_ip: str, auth_user: str | None) -> str:
+    """The header's first logical line, ``Received: from HELO (unknown [IP])``, and the
+    ``(Authenticated sender: USER)`` comment when ``auth_user`` is given, folded and
+    without the final CRLF (cached: they are the same for every message of a session)."""
+    helo = _token(helo_name) if helo_name else "unknown"
+    literal = _ip_literal(peer_ip)
+    from_comment = f"(unknown {literal})" if literal else "(unknown)"
+    lines = _fold([f"Received: from {helo}", *from_comment.split(" ")], first=True)
+    if auth_user:
+        lines += _fold(["(Authenticated", f"sender: {_comment_text(auth_user)})"], first=False)
+    return "\r\n".join(lines)

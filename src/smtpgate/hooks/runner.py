@@ -68,6 +68,15 @@ class RegisteredHook:
     plugin: str = ""
 
 
+def _warn_slow(hook: RegisteredHook, spent: float) -> None:
+    log.warning("hook %s at %s blocked the event loop for %.3f s; register it with "
+                "blocking=True", hook.name, hook.stage.value, spent)
+
+
+def _session_id(args: tuple[Any, ...]) -> str:
+    return str(getattr(args[0], "session_id", "-")) if args else "-"
+
+
 class _BadReturn(TypeError):
     """A hook returned something that is not a verdict."""
 
@@ -276,36 +285,43 @@ class HookRunner:
                 return result
         return CONT_RESULT
 
-    async def _invoke(self, hook: RegisteredHook, args: tuple[Any, ...]) -> object:
-        limit = self.timeout if hook.timeout is None else hook.timeout
-        if hook.blocking:
-            timeout_cm = asyncio.timeout(limit)
-            try:
-                async with timeout_cm:
-                    value: object = await asyncio.to_thread(hook.func, *args)
-                    if inspect.isawaitable(value):
-                        value = await value
-            except TimeoutError:
-                if timeout_cm.expired():
-                    raise _HookTimeout from None
-                raise
-            return value
-        # Hot path: a plain call cannot be interrupted, so no timeout context is set up
-        # for it (one timer handle per call saved); the deadline, counted from the call,
-        # bounds only the awaitable it may return (``async def`` hooks).
-        started = time.monotonic()
-        value = hook.func(*args)
+    async def _in_thread(self, hook: RegisteredHook, args: tuple[Any, ...]) -> object:
+        """What a ``blocking=True`` hook returned, run in a worker thread within its
+        deadline (``timeout`` seconds).
+
+        Raises:
+            _HookTimeout: the deadline passed (the thread finishes in the background).
+        """
+        timeout_cm = asyncio.timeout(self.timeout if hook.timeout is None else hook.timeout)
+        try:
+            async with timeout_cm:
+                value: object = await asyncio.to_thread(hook.func, *args)
+                if inspect.isawaitable(value):
+                    value = await value
+        except TimeoutError:
+            if timeout_cm.expired():
+                raise _HookTimeout from None
+            raise
+        return value
+
+    async def _settle(self, hook: RegisteredHook, value: object, started: float) -> object:
+        """What a plain hook's call gave (``value``, returned at ``started``, a
+        :func:`time.monotonic` reading taken just before the call), awaited if it is
+        awaitable (``async def`` hooks) within the deadline counted from the call.
+
+        A plain call cannot be interrupted, so no timeout context is set up for it (one
+        timer handle per call saved); one that took longer than a quarter second is
+        logged (it should be ``blocking=True``).
+
+        Raises:
+            _HookTimeout: the deadline passed.
+        """
         spent = time.monotonic() - started
         if spent > _SLOW_SYNC_SECONDS:
-            log.warning(
-                "hook %s at %s blocked the event loop for %.3f s; "
-                "register it with blocking=True",
-                hook.name,
-                hook.stage.value,
-                spent,
-            )
-        if value is None or not inspect.isawaitable(value):
+            _warn_slow(hook, spent)
+        if not inspect.isawaitable(value):
             return value
+        limit = self.timeout if hook.timeout is None else hook.timeout
         timeout_cm = asyncio.timeout_at(asyncio.get_running_loop().time() + limit - spent)
         try:
             async with timeout_cm:
@@ -316,18 +332,63 @@ class HookRunner:
             raise
 
     async def _call(self, stage: Stage, hook: RegisteredHook, args: tuple[Any, ...]) -> HookResult:
-        session_id = getattr(args[0], "session_id", "-") if args else "-"
-        # the decision record: the session's, findings from the transaction if any
-        record: list[Decision] | None = getattr(args[0], "decisions", None) if args else None
+        """One hook call: its result (errors and timeouts mapped to verdicts), timed,
+        counted in the metrics and added to the decision record."""
+        session = args[0] if args else None
+        # the decision record: the session's; findings from the transaction if any
+        record: list[Decision] | None = getattr(session, "decisions", None)
         tx = args[1] if len(args) > 1 and hasattr(args[1], "envelope") else None
-        results = getattr(tx if tx is not None else args[0], "results", None) if args else None
+        results = getattr(tx if tx is not None else session, "results", None)
         found_before = len(results) if results is not None else 0
         started = time.monotonic()
         try:
-            result = normalise_result(stage, await self._invoke(hook, args))
+            if hook.blocking:
+                value = await self._in_thread(hook, args)
+            else:
+                value = hook.func(*args)
+                if value is not None and value is not True:
+                    value = await self._settle(hook, value, started)
+                elif time.monotonic() - started > _SLOW_SYNC_SECONDS:
+                    _warn_slow(hook, time.monotonic() - started)
+            result = CONT_RESULT if value is None or value is True else normalise_result(
+                stage, value)
         except HookVerdictException as exc:
             result = _fill_default(stage, exc.result)
-        except _HookTimeout:
+        except Exception as exc:  # noqa: BLE001 - any hook failure is a verdict
+            result = self._failed(stage, hook, args, exc)
+        if result.verdict is Verdict.QUARANTINE and stage not in (Stage.HEADERS, Stage.DATA):
+            log.error("hook %s at %s answered QUARANTINE, which only the headers and data "
+                      "stages allow (session %s)", hook.name, stage.value, _session_id(args))
+            result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
+        spent = time.monotonic() - started
+        label = hook.plugin or hook.name
+        # ``_name_``/``_value_``: the enum's own attributes (the properties cost more)
+        verdict: str = result.verdict._name_
+        stage_name: str = stage._value_
+        # smtpgate_plugin_duration_seconds / smtpgate_plugin_verdicts_total
+        _metrics.M.plugin(label, stage_name, verdict, spent)
+        findings: tuple[str, ...] = ()
+        if results is not None and len(results) > found_before:
+            findings = tuple(f.text() for f in list(results)[found_before:])
+        reply = str(result.reply) if result.reply is not None else ""
+        if record is not None:
+            if len(record) >= MAX_DECISIONS:
+                del record[: MAX_DECISIONS // 2]
+            record.append(Decision(stage_name, label, hook.name, verdict,
+                                   reply, spent, findings, getattr(tx, "id", "")))
+        if log.isEnabledFor(self.decision_level):  # the decision record, logged
+            log.log(self.decision_level, Event(
+                "hook decision", stage=stage_name, plugin=label,
+                hook=hook.name, verdict=verdict, reply=reply,
+                ms=round(spent * 1000, 3), findings="; ".join(findings),
+                session=_session_id(args), tx=getattr(tx, "id", "")))
+        return result
+
+    def _failed(self, stage: Stage, hook: RegisteredHook, args: tuple[Any, ...],
+                exc: BaseException) -> HookResult:
+        """The result of a hook that timed out, returned no verdict or raised (logged)."""
+        session_id = _session_id(args)
+        if isinstance(exc, _HookTimeout):
             log.warning(
                 "hook %s at %s timed out after %.1f s (session %s)",
                 hook.name,
@@ -335,46 +396,19 @@ class HookRunner:
                 self.timeout if hook.timeout is None else hook.timeout,
                 session_id,
             )
-            result = HookResult(Verdict.DENYSOFT, HOOK_TIMEOUT_REPLY)
             if hook.on_error == "accept":
-                result = CONT_RESULT
-        except _BadReturn as exc:
+                return CONT_RESULT
+            return HookResult(Verdict.DENYSOFT, HOOK_TIMEOUT_REPLY)
+        if isinstance(exc, _BadReturn):
             log.error("hook %s at %s: %s (session %s)", hook.name, stage.value, exc, session_id)
-            result = CONT_RESULT if hook.on_error == "accept" else HookResult(
-                Verdict.DENYSOFT, R.HOOK_ERROR)
-        except Exception:
-            log.exception(
+        else:
+            log.error(
                 "hook %s at %s raised an exception (session %s)%s",
                 hook.name,
                 stage.value,
                 session_id,
                 "; on_error = accept: going on" if hook.on_error == "accept" else "",
+                exc_info=exc,
             )
-            result = CONT_RESULT if hook.on_error == "accept" else HookResult(
-                Verdict.DENYSOFT, R.HOOK_ERROR)
-        if result.verdict is Verdict.QUARANTINE and stage not in (Stage.HEADERS, Stage.DATA):
-            log.error("hook %s at %s answered QUARANTINE, which only the headers and data "
-                      "stages allow (session %s)", hook.name, stage.value, session_id)
-            result = HookResult(Verdict.DENYSOFT, R.HOOK_ERROR)
-        spent = time.monotonic() - started
-        # smtpgate_plugin_duration_seconds / smtpgate_plugin_verdicts_total
-        _metrics.M.plugin(hook.plugin or hook.name, stage, result.verdict.name, spent)
-        if record is not None:
-            findings: tuple[str, ...] = ()
-            if results is not None and len(results) > found_before:
-                findings = tuple(f.text() for f in list(results)[found_before:])
-            if len(record) >= MAX_DECISIONS:
-                del record[: MAX_DECISIONS // 2]
-            record.append(Decision(stage.value, hook.plugin or hook.name, hook.name,
-                                   result.verdict.name,
-                                   str(result.reply) if result.reply is not None else "",
-                                   spent, findings, getattr(tx, "id", "")))
-        if log.isEnabledFor(self.decision_level):  # the decision record, logged
-            log.log(self.decision_level, Event(
-                "hook decision", stage=stage.value, plugin=hook.plugin or hook.name,
-                hook=hook.name, verdict=result.verdict.name,
-                reply=str(result.reply) if result.reply is not None else "",
-                ms=round(spent * 1000, 3),
-                findings="; ".join(record[-1].findings) if record is not None else "",
-                session=session_id, tx=getattr(tx, "id", "")))
-        return result
+        return CONT_RESULT if hook.on_error == "accept" else HookResult(
+            Verdict.DENYSOFT, R.HOOK_ERROR)

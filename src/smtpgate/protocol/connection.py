@@ -514,13 +514,15 @@ class ServerConnection:
         if self._pending is not None:
             raise LocalProtocolError(R.TEMP_ERROR, "previous event not answered")
         state = self.state
-        if state is State.CLOSED or state is State.TLS_PENDING or state is State.GREETING:
-            return NEED_DATA
         if state is State.DATA:
             self._input = END_OF_DATA
             return self._pend(self._next_data_event())
+        if state is State.CLOSED or state is State.TLS_PENDING or state is State.GREETING:
+            return NEED_DATA
         if self._chunk_active:
             return self._pend(self._next_chunk_event())
+        if not self._buf and not self._discarding:
+            return NEED_DATA  # every command so far answered: nothing to parse
         line = self._next_line()
         if line is None:
             return NEED_DATA
@@ -538,7 +540,10 @@ class ServerConnection:
         assert isinstance(line, bytes)
         if state is State.AUTH:
             return self._pend(self._sasl_response(line))
-        return self._pend(self._command(line))
+        ev = self._command(line)
+        if ev is not NEED_DATA and type(ev) is not MessageChunk:  # BDAT may read on
+            self._pending = ev
+        return ev
 
     def _pend(self, event: Event | _Sentinel) -> Event | _Sentinel:
         if event is not NEED_DATA and type(event) is not MessageChunk:
@@ -718,7 +723,9 @@ class ServerConnection:
         if utf8 and verb_u not in ("MAIL", "RCPT"):
             return self._auto(_NOT_UTF8 if verb.isascii() else R.BAD_BYTES, _printable(body))
         if verb_u not in _ARGUMENTS_FIRST:
-            problem = self._refusal(verb_u)
+            problem = r.refusal  # self._refusal(verb_u), with the rule at hand
+            if r.refusal_after_refused_rcpt is not None and self._rcpt_attempts:
+                problem = r.refusal_after_refused_rcpt
             if problem is not None:
                 label = f"{verb_u} {arg[:200]}" if verb_u in ("MAIL", "RCPT") else verb_u
                 return self._auto(problem, label)
@@ -779,29 +786,27 @@ class ServerConnection:
         return Helo(name, esmtp)
 
     def _cmd_mail(self, arg: str, utf8: bool) -> Event:
-        cmd = "MAIL " + arg[:200]
         if arg[:5].upper() != "FROM:":
-            return self._auto(_MAIL_SYNTAX, cmd)
+            return self._auto(_MAIL_SYNTAX, "MAIL " + arg[:200])
         if self.config.require_auth and not self.authenticated:
-            return self._auto(R.AUTH_REQUIRED, cmd)
+            return self._auto(R.AUTH_REQUIRED, "MAIL " + arg[:200])
         cfg = self.config
         path_arg = arg[5:]
         if self.allow_sloppy_paths:
             path_arg = sloppy_path(path_arg) or path_arg
         try:
             address, ptext = parse_path(path_arg, reverse=True, smtputf8_allowed=cfg.smtputf8)
-            params = parse_params(ptext, utf8=cfg.smtputf8)
+            params = parse_params(ptext, utf8=cfg.smtputf8) if ptext else {}
         except PathSyntaxError as exc:
-            return self._auto(exc.reply, cmd)
+            return self._auto(exc.reply, "MAIL " + arg[:200])
         if params:
             if not self.esmtp:
-                return self._auto(_NO_PARAMS_HELO, cmd)
+                return self._auto(_NO_PARAMS_HELO, "MAIL " + arg[:200])
             problem = self._check_mail_params(params)
             if problem is not None:
-                return self._auto(problem, cmd)
-        is_utf8 = "SMTPUTF8" in params
-        if not is_utf8 and not address.isascii():
-            return self._auto(R.SMTPUTF8_REQUIRED, cmd)
+                return self._auto(problem, "MAIL " + arg[:200])
+        if not address.isascii() and "SMTPUTF8" not in params:
+            return self._auto(R.SMTPUTF8_REQUIRED, "MAIL " + arg[:200])
         return MailFrom(address, params)
 
     def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
@@ -871,15 +876,15 @@ class ServerConnection:
         return None
 
     def _cmd_rcpt(self, arg: str, utf8: bool) -> Event:
-        cmd = "RCPT " + arg[:200]
         if arg[:3].upper() != "TO:":
+            cmd = "RCPT " + arg[:200]
             return self._auto(_RCPT_SYNTAX, cmd)
         self._rcpt_attempts += 1
         if self._rcpt_count >= self.config.max_recipients:
-            return self._auto(R.TOO_MANY_RECIPIENTS, cmd)
+            return self._auto(R.TOO_MANY_RECIPIENTS, "RCPT " + arg[:200])
         limit = self.config.max_error_recipients
         if limit and self._null_sender and self._rcpt_count >= limit:
-            return self._auto(_NULL_SENDER_RCPTS, cmd)
+            return self._auto(_NULL_SENDER_RCPTS, "RCPT " + arg[:200])
         try:
             address, ptext = parse_path(
                 arg[3:],
@@ -887,15 +892,15 @@ class ServerConnection:
                 smtputf8_allowed=self.config.smtputf8,
                 allow_postmaster=True,
             )
-            params = parse_params(ptext, utf8=self._mail_utf8)
+            params = parse_params(ptext, utf8=self._mail_utf8) if ptext else {}
         except PathSyntaxError as exc:
-            return self._auto(exc.reply, cmd)
+            return self._auto(exc.reply, "RCPT " + arg[:200])
         if not address.isascii() and not self._mail_utf8:
-            return self._auto(_SMTPUTF8_RCPT, cmd)
+            return self._auto(_SMTPUTF8_RCPT, "RCPT " + arg[:200])
         if params:
             problem = self._check_rcpt_params(params)
             if problem is not None:
-                return self._auto(problem, cmd)
+                return self._auto(problem, "RCPT " + arg[:200])
         return RcptTo(address, params)
 
     def _cmd_data(self, arg: str, utf8: bool) -> Event:
@@ -1303,7 +1308,11 @@ class ServerConnection:
                 self._bdat_buf = bytearray()
             return b""
         inp, self._input = self._input, None
-        succeeded = self._transition(inp, code)
+        if code == 421:  # RFC 5321 §3.8 (as _transition)
+            self.state = State.CLOSED
+            succeeded = False
+        else:
+            succeeded = self._apply(inp, code)
         # What a reply does besides the state change (the state is the table's).
         t = type(ev)
         if t is RcptTo:
@@ -1377,14 +1386,16 @@ class ServerConnection:
 
     def _apply(self, inp: str | None, code: int) -> bool:
         """The table part of :meth:`_transition` (no 421 rule: LMTP per-recipient replies)."""
-        r = rule(self.state, inp) if inp is not None else None
-        if r is None or not r.allowed:
+        r = TRANSITIONS.get((self.state, inp)) if inp is not None else None
+        if r is None or r.refusal is not None:
             return False
-        succeeded = r.on.matches(code)
-        nxt = r.then if succeeded else r.otherwise
-        if nxt is not None:
-            self.state = nxt
-        return succeeded
+        if r.success_low <= code < r.success_high:  # r.on.matches(code)
+            if r.then is not None:
+                self.state = r.then
+            return True
+        if r.otherwise is not None:
+            self.state = r.otherwise
+        return False
 
     def _counts_as_error(self, reply: Reply) -> bool:
         """Whether ``reply`` counts toward ``max_errors`` (Postfix ``smtpd_hard_error_limit``).

@@ -101,7 +101,7 @@ def parse_path(
         raise PathSyntaxError(bad)
     end = arg.find(">")
     # A quoted local part may contain '>': find the closing bracket outside quotes.
-    if '"' in arg[: end if end >= 0 else len(arg)]:
+    if arg.find('"', 0, end if end >= 0 else len(arg)) >= 0:
         end = _find_close(arg)
     if end < 0:
         raise PathSyntaxError(bad)
@@ -117,10 +117,11 @@ def parse_path(
         if reverse:
             return "", params
         raise PathSyntaxError(bad)
-    m = _ADL.match(path)
-    if m:
-        path = path[m.end() :]
-    if allow_postmaster and path.lower() == "postmaster":
+    if path[0] == "@":  # a source route
+        m = _ADL.match(path)
+        if m:
+            path = path[m.end() :]
+    if allow_postmaster and len(path) == 10 and path.lower() == "postmaster":
         return path, params
     if not ascii_path:
         ascii_path = path.isascii()  # the source route may have held the non-ASCII part

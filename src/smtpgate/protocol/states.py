@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ..reply import R, Reply
@@ -62,11 +62,18 @@ class Success(enum.Enum):
 
     def matches(self, code: int) -> bool:
         """Whether reply ``code`` (100..599) counts as success under this rule."""
-        if self is Success.POSITIVE:
-            return 200 <= code < 300
-        if self is Success.ANY:
-            return True
-        return code == int(self.value)
+        low, high = _SUCCESS_CODES[self]
+        return low <= code < high
+
+
+#: The reply codes ``low <= code < high`` each :class:`Success` accepts.
+_SUCCESS_CODES: dict[Success, tuple[int, int]] = {
+    Success.POSITIVE: (200, 300),
+    Success.CODE_220: (220, 221),
+    Success.CODE_334: (334, 335),
+    Success.CODE_354: (354, 355),
+    Success.ANY: (100, 600),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +100,14 @@ class Rule:
     then: State | None = None
     on: Success = Success.POSITIVE
     otherwise: State | None = None
+    #: ``on`` as a range of codes, ``success_low <= code < success_high`` (derived).
+    success_low: int = field(default=200, init=False, repr=False, compare=False)
+    success_high: int = field(default=300, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        low, high = _SUCCESS_CODES[self.on]
+        object.__setattr__(self, "success_low", low)
+        object.__setattr__(self, "success_high", high)
 
     @property
     def allowed(self) -> bool:

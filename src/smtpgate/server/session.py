@@ -412,12 +412,14 @@ class Session(asyncio.Protocol):
         elif self._data_phase:
             self._deadline = self._loop.time() + self.ctx.data_timeout  # idle timeout
         conn.receive_data(data)
-        if conn.buffered > _PAUSE_AT and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
         w = self._waiter
         if w is not None and not w.done():
-            w.set_result(None)
+            w.set_result(None)  # the session takes the bytes in now
+        elif conn.buffered > _PAUSE_AT and not self._paused and self.transport is not None:
+            # The session is busy (a hook, delivery) and input piles up: stop reading
+            # until it waits for bytes again (at most one more read is taken).
+            self._paused = True
+            self.transport.pause_reading()
 
     def _proxy_data(self, data: bytes) -> None:
         """Collect and parse the PROXY v1/v2 header (HAProxy spec), then hand over the rest."""
@@ -658,19 +660,24 @@ class Session(asyncio.Protocol):
             # This frame lives as long as the session: keep no reply (the EHLO reply is
             # the largest) alive while waiting for the client (issue 13, idle memory).
             reply = greeting = R.OK
-            while not conn.closed:
-                ev = conn.next_event()
+            out = self._out
+            while True:
+                ev = conn.next_event()  # NEED_DATA once the session is closed
                 if ev is NEED_DATA:
+                    if conn.closed:
+                        break
                     if conn.peer_closed:
-                        reason = "disconnected" if not conn.closed else reason
+                        reason = "disconnected"
                         break
                     self._flush()
-                    await self._drain()
-                    if self._shutdown and not conn.in_transaction:
-                        self._out.append(conn.close_reply(R.SHUTDOWN))
+                    if self._write_paused:
+                        await self._drain()
+                    in_tx = conn.in_transaction
+                    if self._shutdown and not in_tx:
+                        out.append(conn.close_reply(R.SHUTDOWN))
                         reason = "shutdown"
                         break
-                    self._idle = not conn.in_transaction
+                    self._idle = not in_tx
                     reply = R.OK  # drop the last reply sent (see above)
                     try:
                         await self._wait_data(conn.in_data)
@@ -692,7 +699,8 @@ class Session(asyncio.Protocol):
                     if reply.code >= 400:
                         self._refused(stage, reply)
                         await self._error_stage(reply, ev.command)
-                    self._out.append(self._render(conn.send(reply), reply))
+                    out.append(conn.send(reply) if ctx.multiline_replies
+                               else self._render(conn.send(reply), reply))
                     continue
                 if t is DataComplete:
                     assert isinstance(ev, DataComplete)
@@ -761,7 +769,8 @@ class Session(asyncio.Protocol):
                 if reply.code >= 400:
                     self._refused(stage, reply, done_tx if t is DataComplete else None, ev)
                     await self._error_stage(reply, type(ev).__name__)
-                self._out.append(self._render(conn.send(reply), reply))
+                out.append(conn.send(reply) if ctx.multiline_replies
+                           else self._render(conn.send(reply), reply))
                 if disconnect and not conn.closed:
                     conn.close_reply(reply)  # state only: the reply is already queued
                     reason = "dropped by hook"
