@@ -33,6 +33,7 @@ from ..delivery.received import build_received
 from ..envelope import Envelope, Recipient, SessionInfo
 from ..errors import AuthError, DeliveryError
 from ..hooks import HookResult, Stage, Transaction, Verdict, default_reply
+from ..hooks.verdict import CONT_RESULT
 from ..logs import Event, send_log
 from ..message import Message, MessageSpool
 from ..net import client_key, parse_client_ip
@@ -995,7 +996,7 @@ class Session(asyncio.Protocol):
         if hooks.has(Stage.DATA_START):
             assert self.info is not None and self.transaction is not None
             result = await hooks.run(Stage.DATA_START, self.info, self.transaction)
-            if result.verdict.is_denial:
+            if result is not CONT_RESULT and result.verdict.is_denial:
                 return self._denial(Stage.DATA_START, result)
         return R.DATA_GO
 
@@ -1010,11 +1011,13 @@ class Session(asyncio.Protocol):
         hook_reply: Reply | None = None
         if hooks.has(Stage.MAIL):
             result = await hooks.run(Stage.MAIL, info, tx)
-            if result.verdict.is_denial:
-                return self._denial(Stage.MAIL, result)
-            if result.verdict is Verdict.OK and result.reply is not None:
-                hook_reply = result.reply
-        await self._abort_upstream()
+            if result is not CONT_RESULT:
+                if result.verdict.is_denial:
+                    return self._denial(Stage.MAIL, result)
+                if result.verdict is Verdict.OK and result.reply is not None:
+                    hook_reply = result.reply
+        if self._upstream is not None:
+            await self._abort_upstream()
         # Proxy mode (a delivery with open_transaction, like Postfix's smtpd_proxy_filter):
         # the upstream transaction opens now; its refusal is the client's reply.
         opener = getattr(self.ctx.delivery, "open_transaction", None)
@@ -1054,10 +1057,11 @@ class Session(asyncio.Protocol):
         reply: Reply | None = None
         if hooks.has(Stage.RCPT):
             result = await hooks.run(Stage.RCPT, info, tx, rcpt)
-            if result.verdict.is_denial:
-                return self._denial(Stage.RCPT, result)
-            if result.verdict is Verdict.OK and result.reply is not None:
-                reply = result.reply
+            if result is not CONT_RESULT:
+                if result.verdict.is_denial:
+                    return self._denial(Stage.RCPT, result)
+                if result.verdict is Verdict.OK and result.reply is not None:
+                    reply = result.reply
         utx = self._upstream
         if utx is not None:  # proxy mode: the upstream's verdict is the client's reply
             upstream = cast(Reply, await utx.rcpt(rcpt))
