@@ -472,16 +472,12 @@ async def post_relay_domain(request: web.Request) -> web.Response:
     for its subdomains): nssmtpd ``relay add``. 422 for an invalid domain. Until the
     next reload, which sets the lists from the configuration again."""
     gate = _gate(request)
-    relay = _relay(gate)
     domain = await _json_body(request, "domain")
     try:
-        relay.relay_add(domain)
+        _relay(gate).relay_add(domain)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
-    if gate.workers is not None:
-        gate.workers.relay_change("relay_add", domain)
-    log.info("admin: relay domain %s added", domain)
-    return web.json_response(relay_snapshot(gate))
+    return _relay_changed(gate, "relay_add", domain, "relay domain %s added")
 
 
 async def delete_relay_domain(request: web.Request) -> web.Response:
@@ -490,26 +486,19 @@ async def delete_relay_domain(request: web.Request) -> web.Response:
     domain = request.match_info["domain"]
     if not _relay(gate).relay_delete(domain):
         raise ApiError(404, f"not a relay domain: {domain}")
-    if gate.workers is not None:
-        gate.workers.relay_change("relay_delete", domain)
-    log.info("admin: relay domain %s removed", domain)
-    return web.json_response(relay_snapshot(gate))
+    return _relay_changed(gate, "relay_delete", domain, "relay domain %s removed")
 
 
 async def post_relay_network(request: web.Request) -> web.Response:
     """``POST /api/relay/networks`` ``{"network": "192.0.2.0/24"}``: nssmtpd ``local
     add`` (clients there may relay anywhere). 422 for an invalid network."""
     gate = _gate(request)
-    relay = _relay(gate)
     network = await _json_body(request, "network")
     try:
-        relay.local_add(network)
+        _relay(gate).local_add(network)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
-    if gate.workers is not None:
-        gate.workers.relay_change("local_add", network)
-    log.info("admin: local network %s added", network)
-    return web.json_response(relay_snapshot(gate))
+    return _relay_changed(gate, "local_add", network, "local network %s added")
 
 
 async def delete_relay_network(request: web.Request) -> web.Response:
@@ -519,9 +508,16 @@ async def delete_relay_network(request: web.Request) -> web.Response:
     network = request.match_info["network"]
     if not _relay(gate).local_delete(network):
         raise ApiError(404, f"not a local network: {network}")
+    return _relay_changed(gate, "local_delete", network, "local network %s removed")
+
+
+def _relay_changed(gate: Smtpgate, operation: str, value: str, what: str) -> web.Response:
+    """The relay lists were changed here by ``operation`` (a
+    :class:`~smtpgate.policy.relay.RelayPolicy` method name) with ``value``: make the
+    same change in every worker, log ``what % value``, answer with the lists."""
     if gate.workers is not None:
-        gate.workers.relay_change("local_delete", network)
-    log.info("admin: local network %s removed", network)
+        gate.workers.relay_change(operation, value)
+    log.info("admin: " + what, value)
     return web.json_response(relay_snapshot(gate))
 
 

@@ -21,11 +21,8 @@ gets the verdict a real attempt would get, and the store is not changed.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import ipaddress
 import logging
-import sqlite3
 import time
 from typing import Any, Protocol
 
@@ -33,6 +30,7 @@ from ..envelope import Recipient, SessionInfo
 from ..hooks import HookResult, Transaction, Verdict
 from ..reply import Reply
 from . import Option, OptionError, PluginRegistry
+from .sqlitefile import SqliteFile, open_store
 
 log = logging.getLogger("smtpgate.plugins.greylist")
 
@@ -75,46 +73,28 @@ class Store(Protocol):
     async def bump_client(self, net: str, ttl: float) -> None:
         """One more passed triplet for the client network; forgotten after ``ttl``."""
 
-    async def close(self) -> None:
-        """Release connections."""
 
-
-class SqliteStore:
-    """Triplets in an SQLite file (WAL mode, busy timeout: several processes share it).
-    Every query runs in one worker thread that owns the connection.
+class SqliteStore(SqliteFile):
+    """Triplets in an SQLite file (see :class:`~smtpgate.plugins.sqlitefile.SqliteFile`:
+    WAL mode, several processes share it, one worker thread owns the connection).
 
     Raises:
         OSError / sqlite3.Error: the file cannot be created or opened (from ``open``).
     """
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="greylist")
-        self._db: sqlite3.Connection | None = None
+        super().__init__(path, (
+            "CREATE TABLE IF NOT EXISTS triplets (key TEXT PRIMARY KEY, "
+            "first REAL, passed REAL, expires REAL)",
+            "CREATE TABLE IF NOT EXISTS clients (net TEXT PRIMARY KEY, "
+            "count INTEGER, expires REAL)",
+        ), "greylist")
         self._calls = 0
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS triplets (key TEXT PRIMARY KEY, "
-                       "first REAL, passed REAL, expires REAL)")
-            db.execute("CREATE TABLE IF NOT EXISTS clients (net TEXT PRIMARY KEY, "
-                       "count INTEGER, expires REAL)")
-            self._db = db
-        return self._db
-
-    def open(self) -> None:
-        """Create the file and tables now (so a bad path is a configuration error)."""
-        self._exec.submit(self._conn).result()
-
-    async def _run(self, func: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._exec, func, *args)
 
     def _triplet(self, key: str) -> tuple[float, float] | None:
         now = time.time()
         self._calls += 1
-        db = self._conn()
+        db = self.connection()
         if self._calls % 1000 == 0:  # expired rows go now and then
             db.execute("DELETE FROM triplets WHERE expires < ?", (now,))
             db.execute("DELETE FROM clients WHERE expires < ?", (now,))
@@ -123,42 +103,33 @@ class SqliteStore:
         return None if row is None else (float(row[0]), float(row[1]))
 
     async def triplet(self, key: str) -> tuple[float, float] | None:
-        result: tuple[float, float] | None = await self._run(self._triplet, key)
-        return result
+        return await self.run(self._triplet, key)
 
     def _put(self, key: str, first: float, passed: float, ttl: float) -> None:
-        self._conn().execute("INSERT OR REPLACE INTO triplets VALUES (?, ?, ?, ?)",
-                             (key, first, passed, time.time() + ttl))
+        self.connection().execute("INSERT OR REPLACE INTO triplets VALUES (?, ?, ?, ?)",
+                                  (key, first, passed, time.time() + ttl))
 
     async def put_triplet(self, key: str, first: float, passed: float, ttl: float) -> None:
-        await self._run(self._put, key, first, passed, ttl)
+        await self.run(self._put, key, first, passed, ttl)
 
     def _count(self, net: str) -> int:
-        row = self._conn().execute("SELECT count FROM clients WHERE net = ? AND expires >= ?",
-                                   (net, time.time())).fetchone()
+        row = self.connection().execute(
+            "SELECT count FROM clients WHERE net = ? AND expires >= ?",
+            (net, time.time())).fetchone()
         return 0 if row is None else int(row[0])
 
     async def client_count(self, net: str) -> int:
-        count: int = await self._run(self._count, net)
-        return count
+        return await self.run(self._count, net)
 
     def _bump(self, net: str, ttl: float) -> None:
         now = time.time()
-        self._conn().execute(
+        self.connection().execute(
             "INSERT INTO clients VALUES (?, 1, ?) ON CONFLICT(net) DO UPDATE SET "
             "count = CASE WHEN expires < ? THEN 1 ELSE count + 1 END, expires = excluded.expires",
             (net, now + ttl, now))
 
     async def bump_client(self, net: str, ttl: float) -> None:
-        await self._run(self._bump, net, ttl)
-
-    async def close(self) -> None:
-        def shut() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-        await self._run(shut)
-        self._exec.shutdown(wait=False)
+        await self.run(self._bump, net, ttl)
 
 
 class RedisStore:
@@ -189,9 +160,6 @@ class RedisStore:
         name = f"greylist:c:{net}"
         await self._redis.incr(name)
         await self._redis.expire(name, max(1, int(ttl)))
-
-    async def close(self) -> None:
-        await self._redis.aclose()
 
 
 def client_network(ip: str) -> str:
@@ -228,13 +196,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     if store_spec.startswith(("redis://", "rediss://", "unix://")):
         store = RedisStore(store_spec)
     else:
-        path = registry.path(store_spec)
-        sqlite_store = SqliteStore(path)
-        try:
-            sqlite_store.open()
-        except (OSError, sqlite3.Error) as exc:
-            raise OptionError("store", f"cannot open {path}: {exc}") from None
-        store = sqlite_store
+        store = open_store(registry, store_spec, SqliteStore)
 
     def exempt_reason(session: SessionInfo, rcpt: Recipient) -> str | None:
         if session.auth_user:

@@ -20,12 +20,9 @@ counts nothing.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
 import ipaddress
 import logging
-import sqlite3
 import time
 import uuid
 from typing import Any, Protocol
@@ -33,7 +30,8 @@ from typing import Any, Protocol
 from ..envelope import Recipient, SessionInfo
 from ..hooks import HookResult, Transaction, Verdict
 from ..reply import Reply
-from . import Option, OptionError, PluginRegistry
+from . import Option, PluginRegistry
+from .sqlitefile import SqliteFile, open_store
 
 log = logging.getLogger("smtpgate.plugins.ratelimit")
 
@@ -101,50 +99,38 @@ class MemoryCounter:
         return sum(1 for t in self._events.get(key, ()) if t > now - window)
 
 
-class SqliteCounter:
-    """Events in an SQLite file (WAL mode: the processes of one host share it); one
-    worker thread owns the connection."""
+class SqliteCounter(SqliteFile):
+    """Events in an SQLite file (see :class:`~smtpgate.plugins.sqlitefile.SqliteFile`:
+    WAL mode, the processes of one host share it, one worker thread owns the connection).
+
+    Raises:
+        OSError / sqlite3.Error: the file cannot be created or opened (from ``open``).
+    """
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ratelimit")
-        self._db: sqlite3.Connection | None = None
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS events (key TEXT, at REAL)")
-            db.execute("CREATE INDEX IF NOT EXISTS events_key ON events (key, at)")
-            self._db = db
-        return self._db
-
-    def open(self) -> None:
-        """Create the file and table now (a bad path is a configuration error)."""
-        self._exec.submit(self._conn).result()
+        super().__init__(path, (
+            "CREATE TABLE IF NOT EXISTS events (key TEXT, at REAL)",
+            "CREATE INDEX IF NOT EXISTS events_key ON events (key, at)",
+        ), "ratelimit")
 
     def _hit(self, key: str, window: float) -> int:
         now = time.time()
-        db = self._conn()
+        db = self.connection()
         db.execute("DELETE FROM events WHERE key = ? AND at <= ?", (key, now - window))
         db.execute("INSERT INTO events VALUES (?, ?)", (key, now))
         row = db.execute("SELECT COUNT(*) FROM events WHERE key = ?", (key,)).fetchone()
         return int(row[0])
 
     async def hit(self, key: str, window: float) -> int:
-        loop = asyncio.get_running_loop()
-        count: int = await loop.run_in_executor(self._exec, self._hit, key, window)
-        return count
+        return await self.run(self._hit, key, window)
 
     def _peek(self, key: str, window: float) -> int:
-        row = self._conn().execute("SELECT COUNT(*) FROM events WHERE key = ? AND at > ?",
-                                   (key, time.time() - window)).fetchone()
+        row = self.connection().execute("SELECT COUNT(*) FROM events WHERE key = ? AND at > ?",
+                                        (key, time.time() - window)).fetchone()
         return int(row[0])
 
     async def peek(self, key: str, window: float) -> int:
-        loop = asyncio.get_running_loop()
-        count: int = await loop.run_in_executor(self._exec, self._peek, key, window)
-        return count
+        return await self.run(self._peek, key, window)
 
 
 class RedisCounter:
@@ -190,13 +176,7 @@ def register(registry: PluginRegistry, options: dict[str, Any]) -> None:
     elif spec.startswith(("redis://", "rediss://", "unix://")):
         counter = RedisCounter(spec)
     else:
-        path = registry.path(spec)
-        sqlite_counter = SqliteCounter(path)
-        try:
-            sqlite_counter.open()
-        except (OSError, sqlite3.Error) as exc:
-            raise OptionError("store", f"cannot open {path}: {exc}") from None
-        counter = sqlite_counter
+        counter = open_store(registry, spec, SqliteCounter)
 
     def exempted(session: SessionInfo) -> bool:
         try:
