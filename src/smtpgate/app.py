@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from .admin import AdminServer
 from .auth import Authenticator, CallableAuthenticator, FailureLimiter, UsersFileAuthenticator
-from .config import Config, ListenAddress, ListenerConfig, config_from_mapping
+from .config import Config, ListenAddress, ListenerConfig, LogConfig, config_from_mapping
 from .delivery import CallableDelivery, Delivery, make_delivery
 from .envelope import SessionInfo
 from .errors import ConfigError
@@ -143,6 +143,11 @@ class Smtpgate:
         #: :attr:`config` came from (``config.source``). The CLI sets it to re-apply its
         #: command-line overrides.
         self.config_loader: Callable[[], Config] | None = None
+        #: Applies a changed ``[log]`` at a reload (``serve`` and its workers set it to
+        #: :func:`smtpgate.logs.setup_logging` with their process tag; may raise
+        #: OSError). ``None``: the program embedding smtpgate owns logging, and a
+        #: reload leaves it alone (the queue delivery process still follows ``[log]``).
+        self.log_setup: Callable[[LogConfig], None] | None = None
         self._reload_lock: asyncio.Lock | None = None
 
     def _make_authenticator(
@@ -486,7 +491,8 @@ class Smtpgate:
         Rebuilt from ``config``: host name and greeting, protocol limits and timeouts,
         relay lists (run-time ``relay_add`` changes are replaced), HELO rules, hooks
         (those registered in code with :meth:`hook` are kept), address checks,
-        scanners, TLS certificates, the AUTH users file. New sessions use them;
+        scanners, TLS certificates, the AUTH users file, ``[log]`` (through
+        :attr:`log_setup`, and in the queue delivery process). New sessions use them;
         sessions in flight finish with the settings they started with. Settings bound
         at start (listen addresses and listeners, the delivery mode, relay URL, queue,
         Maildir path, capture database, connection limits, uvloop) keep their running
@@ -501,7 +507,8 @@ class Smtpgate:
 
         Raises:
             ConfigError / OSError / ssl.SSLError: the new configuration cannot be
-                applied (unloadable hook, unreadable certificate); nothing was changed.
+                applied (unloadable hook, unreadable certificate, a log file that cannot
+                be opened); nothing was changed.
         """
         import dataclasses
 
@@ -533,6 +540,9 @@ class Smtpgate:
         fresh = Smtpgate(merged, authenticator=self._authenticator_arg)
         for stage, func, priority in self._code_hooks:
             fresh.hooks.register(stage, func, priority=priority)
+        log_changed = merged.log != old.log
+        if log_changed and self.log_setup is not None:
+            self.log_setup(merged.log)  # opens the new files first: fails with nothing changed
         # Nothing below can fail: the new parts were all built above.
         self.config = merged
         self.hooks = fresh.hooks
@@ -542,6 +552,11 @@ class Smtpgate:
         self.scanners = fresh.scanners
         if self.server is not None:
             self.server.replace_contexts([ctx for _, _, ctx in self._listener_specs()])
+        if log_changed:
+            from .queue.runner import RemoteQueue
+
+            if isinstance(self.queue, RemoteQueue):
+                self.queue.set_log(merged.log)
         return restart
 
     @property

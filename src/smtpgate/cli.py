@@ -142,6 +142,18 @@ def _delivery_target(cfg: Config) -> str:
     return f"Maildir {Path(cfg.maildir.path).resolve()}"
 
 
+def _reload_logging(log_cfg: LogConfig) -> None:
+    """``serve``'s process at a reload that changed ``[log]`` (its level already has
+    ``--log-level`` applied by the loader).
+
+    Raises:
+        OSError: a new log file cannot be opened (the old set-up stays).
+    """
+    from .logs import setup_logging
+
+    setup_logging(log_cfg, roller=True, start=False)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM (graceful shutdown); SIGHUP reloads.
 
@@ -153,6 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(cfg.log.level, cfg.log, server=True)
     app = _checked_app(cfg)
     app.config_loader = lambda: _load(args)  # POST /api/reload applies the flags too
+    app.log_setup = _reload_logging
     if cfg.server.use_uvloop:
         try:
             import uvloop
@@ -231,7 +244,7 @@ async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -
     """``serve`` with ``server.workers > 1``: this process supervises (see
     :mod:`smtpgate.server.workers`). In queue mode it owns the spool and its delivery;
     N worker processes accept the connections. SIGTERM/SIGINT stop them all gracefully,
-    SIGHUP makes each worker reload the configuration file.
+    SIGHUP reloads the configuration file here and in each worker.
 
     Returns:
         The exit code: 0 after a shutdown, 1 when the workers cannot start.
@@ -253,9 +266,17 @@ async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -
             Path(pid_file).unlink(missing_ok=True)
 
     pools: list[WorkerPool] = []
+    reloads: set[asyncio.Task[None]] = set()
 
     def hangup() -> None:  # before the workers run there is nothing to reload
         reopen_logs()  # the workers and the delivery process follow within a second
+        if not pools:
+            return
+        # This process's own configuration too, as POST /api/reload does: the admin
+        # listener's view, and [log] for this process and the delivery process.
+        task = loop.create_task(_reload(app, args))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
         for pool in pools:
             pool.reload()
 

@@ -408,21 +408,23 @@ def _formatter(fmt: str, process: str) -> logging.Formatter:
     return JsonFormatter(process) if fmt == "json" else TextFormatter(process)
 
 
-def _file_handler(path: str, cfg: LogConfig, roller: bool) -> RollingFileHandler:
+def _file_handler(path: str, cfg: LogConfig, roller: bool, start: bool) -> RollingFileHandler:
     handler = RollingFileHandler(path, max_size=cfg.max_size, roll_hour=cfg.roll_hour,
                                  max_backups=cfg.max_backups, roll_format=cfg.roll_format,
                                  roller=roller)
-    if roller and cfg.roll_on_start:
+    if roller and start and cfg.roll_on_start:
         handler.roll()
     return handler
 
 
 def setup_logging(cfg: LogConfig | None, *, level: str | None = None, process: str = "",
-                  roller: bool = True) -> None:
+                  roller: bool = True, start: bool = True) -> None:
     """Configure logging for this process: the root logger's one handler (the log file
     or standard error) with the configured format and level, and the send log.
 
-    Replaces every handler set up before (a second call, e.g. in a test, starts over).
+    Replaces every handler set up before (a second call, e.g. a reload with a changed
+    ``[log]``, starts over); the new files are opened first, so when one cannot be opened
+    the running set-up is kept.
 
     Args:
         cfg: ``[log]`` (``None``: text on standard error).
@@ -431,21 +433,34 @@ def setup_logging(cfg: LogConfig | None, *, level: str | None = None, process: s
         process: tag of this process in each line (``"worker 1"``, ``"delivery"``).
         roller: this process rolls the files (``serve``'s own process); the worker and
             delivery processes pass ``False`` and follow the roller (see the module text).
+        start: the process is starting (``roll_on_start`` applies); a reload passes
+            ``False``.
 
     Raises:
         OSError: the log file or the send log cannot be opened.
     """
     level_name = (level or (cfg.level if cfg is not None else "INFO")).upper()
     fmt = cfg.format if cfg is not None else "text"
+    # The new files are opened before the old handlers go, so that a file that cannot be
+    # opened (a reload naming a bad path) leaves the running set-up as it was.
+    handler: logging.Handler
+    if cfg is not None and cfg.file:
+        handler = _file_handler(cfg.file, cfg, roller, start)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    send_handler: RollingFileHandler | None = None
+    if cfg is not None and cfg.send_log:
+        try:
+            send_handler = _file_handler(cfg.send_log, cfg, roller, start)
+        except OSError:
+            if isinstance(handler, RollingFileHandler):
+                handler.close()
+            raise
     for h in _handlers:
         h.close()
     _handlers.clear()
-    handler: logging.Handler
-    if cfg is not None and cfg.file:
-        handler = _file_handler(cfg.file, cfg, roller)
+    if isinstance(handler, RollingFileHandler):
         _handlers.append(handler)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_formatter(fmt, process))
     root = logging.getLogger()
     for old in root.handlers[:]:
@@ -458,8 +473,7 @@ def setup_logging(cfg: LogConfig | None, *, level: str | None = None, process: s
     for old in sender.handlers[:]:
         sender.removeHandler(old)
     sender.propagate = False
-    if cfg is not None and cfg.send_log:
-        send_handler = _file_handler(cfg.send_log, cfg, roller)
+    if send_handler is not None:
         send_handler.setFormatter(_formatter(fmt, process))
         _handlers.append(send_handler)
         sender.addHandler(send_handler)

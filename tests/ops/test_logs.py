@@ -383,3 +383,70 @@ def test_workers_follow_the_supervisors_roll(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_applies_a_changed_log_section(tmp_path: Path, workers: int) -> None:
+    """SIGHUP with a changed ``[log]`` (level WARNING to INFO, text to JSON, another
+    file): ``serve``'s process, its workers and the queue delivery process all write the
+    new file in the new format at the new level; nothing more goes to the old file."""
+    port, up_port = free_port(), free_port()
+    received: list[str] = []
+
+    class Upstream:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            received.append(envelope.mail_from)
+            return "250 2.0.0 Taken upstream"
+
+    ctl = Controller(Upstream(), hostname="127.0.0.1", port=up_port,
+                     server_hostname="up.test")
+    ctl.start()
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    config = tmp_path / "smtpgate.toml"
+
+    def write_config(log: str) -> None:
+        config.write_text(
+            f'[server]\nhostname = "mx.test"\nlisten = ["127.0.0.1:{port}"]\n'
+            f"workers = {workers}\n"
+            f'[relay]\nurl = "smtp://127.0.0.1:{up_port}"\ntimeout = 5\n'
+            f'[queue]\npath = "{tmp_path / "spool"}"\n{log}')
+
+    def send(helo: str) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.ehlo(helo)
+            s.sendmail("ann@example.org", ["bob@example.com"], MSG)
+
+    write_config(f'[log]\nfile = "{old_log}"\nlevel = "WARNING"\n')
+    out = open(tmp_path / "stderr.log", "wb")  # noqa: SIM115 - the process keeps it
+    proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(config)],
+                            stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    try:
+        assert wait_for(lambda: old_log.exists() and b"listening on"
+                        in (tmp_path / "stderr.log").read_bytes(), timeout=30), \
+            (tmp_path / "stderr.log").read_text()
+        send("before.test")
+        assert wait_for(lambda: len(received) == 1)
+        assert "before.test" not in old_log.read_text()  # INFO lines: not at WARNING
+
+        write_config(f'[log]\nfile = "{new_log}"\nlevel = "INFO"\nformat = "json"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: new_log.exists()
+                        and "configuration reloaded" in new_log.read_text(), timeout=20)
+
+        def delivered_logged() -> bool:
+            send(f"after{len(received)}.test")
+            lines = [json.loads(line) for line in new_log.read_text().splitlines()]
+            return any(r["message"] == "transaction" and r.get("helo", "").startswith("after")
+                       for r in lines) and any(r.get("process") == "delivery"
+                                               and "queue id=" in r["message"] for r in lines)
+
+        assert wait_for(delivered_logged, timeout=30), new_log.read_text()
+        records = [json.loads(line) for line in new_log.read_text().splitlines()]
+        if workers > 1:
+            assert any(r.get("process", "").startswith("worker ") for r in records)
+        assert "after" not in old_log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        ctl.stop()

@@ -138,6 +138,7 @@ def test_counters_after_known_traffic(run_app: Callable[..., Smtpgate],
         ("connect", "2xx"): 3, ("helo", "2xx"): 5, ("auth", "2xx"): 1, ("auth", "5xx"): 1,
         ("mail", "2xx"): 2, ("rcpt", "2xx"): 2, ("rcpt", "5xx"): 1, ("data", "3xx"): 1,
         ("message", "2xx"): 1, ("rset", "2xx"): 1, ("quit", "2xx"): 3, ("unknown", "5xx"): 1,
+        ("starttls", "2xx"): 2,
     }
     for (stage, cls), n in replies.items():
         assert d("smtpgate_replies_total", stage=stage, **{"class": cls}) == n, (stage, cls)

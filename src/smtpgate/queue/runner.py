@@ -12,6 +12,7 @@ schedules and delivers. They share nothing but the spool and a pipe that carries
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import time
@@ -19,7 +20,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import Config, LogConfig
 from ..envelope import Recipient, SessionInfo
 from ..hooks import HookRunner, Stage, Transaction
 from ..reply import Reply
@@ -123,6 +124,8 @@ async def _child(cfg: Config, commands: Connection, events: Connection, clean: b
     lock = await asyncio.to_thread(
         SpoolOwnership.wait, Path(cfg.queue.path) / DELIVERY_LOCK, _DELIVERY_LOCK_WAIT
     )
+    from ..logs import setup_logging
+
     try:
         manager = build_manager(cfg)
         await manager.start(clean=clean)
@@ -141,6 +144,12 @@ async def _child(cfg: Config, commands: Connection, events: Connection, clean: b
                         task = loop.create_task(manager.flush_matching(msg[1]))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
+                    elif msg[0] == "log":  # a reload changed [log]
+                        try:
+                            setup_logging(msg[1], process="delivery", roller=False,
+                                          start=False)
+                        except OSError as exc:
+                            log.error("delivery process: keeping the log set-up: %s", exc)
                     elif msg[0] == "stop":
                         done.set()
             except (EOFError, OSError):  # the receiving process is gone: finish and exit
@@ -276,6 +285,12 @@ class RemoteQueue:
     def submit_id(self, qid: str) -> None:
         """Tell the delivery process about a message another process committed (a worker)."""
         self._send(("submit", qid))
+
+    def set_log(self, log_cfg: LogConfig) -> None:
+        """A reload changed ``[log]``: the delivery process sets its logging up again (a
+        restarted one starts with it)."""
+        self.cfg = dataclasses.replace(self.cfg, log=log_cfg)
+        self._send(("log", log_cfg))
 
     async def flush_matching(self, node: str) -> int:
         """ETRN: ask the delivery process to flush mail for ``node`` (count unknown: 0)."""

@@ -1079,8 +1079,11 @@ class Session(asyncio.Protocol):
         info = self.info
         assert info is not None and self.transport is not None
         if ctx.tls_context is None:  # the core does not offer STARTTLS without one
+            _metrics.M.reply("starttls", R.TLS_NOT_AVAILABLE.code)
+            self._refused("starttls", R.TLS_NOT_AVAILABLE)
             self._out.append(conn.send(R.TLS_NOT_AVAILABLE))
             return
+        _metrics.M.reply("starttls", R.STARTTLS_GO.code)
         self._out.append(conn.send(R.STARTTLS_GO))
         self._flush()
         self._tls = True  # from here on the client's EOF reaches us through the TLS layer

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -135,16 +136,19 @@ def _worker_main(cfg: Config, args: argparse.Namespace, index: int, control: Con
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    sys.exit(asyncio.run(_worker(cfg, args, control, events)))
+    sys.exit(asyncio.run(_worker(cfg, args, control, events, index)))
 
 
 async def _worker(cfg: Config, args: argparse.Namespace, control: Connection,
-                  events: Connection) -> int:
+                  events: Connection, index: int) -> int:
     from ..app import Smtpgate
     from ..cli import _reload
+    from ..logs import setup_logging
 
     loop = asyncio.get_running_loop()
     app = Smtpgate(cfg)
+    app.log_setup = functools.partial(setup_logging, process=f"worker {index}",
+                                      roller=False, start=False)
 
     def notify(qid: str) -> None:
         events.send(("submit", qid))
