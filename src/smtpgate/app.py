@@ -56,8 +56,9 @@ class WorkerControl(Protocol):
     def relay_change(self, op: str, value: str) -> None:
         """Apply a run-time relay change in every worker."""
 
-    def reload(self) -> None:
-        """Make every worker reload the configuration file."""
+    def reload(self, cfg: Config | None = None) -> None:
+        """Make every worker reload the configuration file; ``cfg``: what the supervisor
+        now runs (a worker started later starts with it)."""
 
 
 class Smtpgate:

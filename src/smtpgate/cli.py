@@ -272,13 +272,17 @@ async def _serve_workers(app: Smtpgate, cfg: Config, args: argparse.Namespace) -
         reopen_logs()  # the workers and the delivery process follow within a second
         if not pools:
             return
-        # This process's own configuration too, as POST /api/reload does: the admin
-        # listener's view, and [log] for this process and the delivery process.
-        task = loop.create_task(_reload(app, args))
+        task = loop.create_task(reload_all())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
+
+    async def reload_all() -> None:
+        # This process's own configuration first, as POST /api/reload does (the admin
+        # listener's view, [log] here and in the delivery process); a worker replaced
+        # later starts with what this process then runs.
+        await _reload(app, args)
         for pool in pools:
-            pool.reload()
+            pool.reload(app.config)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -508,3 +508,84 @@ listen = "127.0.0.1:{admin_port}"
             c.close()
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_replaced_worker_gets_the_reloaded_configuration_and_relay_changes(
+        tmp_path: Path) -> None:
+    """``server.workers = 2``: after a reload (SIGHUP) and a relay domain added through the
+    API, a worker that dies (kill -9) is replaced by one that runs the reloaded
+    configuration and has the API's change too."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    port, admin_port = free_port(), free_port()
+    conf = tmp_path / "smtpgate.toml"
+
+    def write_config(hostname: str) -> None:
+        conf.write_text(f"""
+[server]
+hostname = "{hostname}"
+listen = ["127.0.0.1:{port}"]
+workers = 2
+
+[maildir]
+path = "{tmp_path / "mail"}"
+
+[relay]
+local_networks = ["192.0.2.0/24"]
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+""")
+
+    write_config("mx.test")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(conf)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{admin_port}"
+
+    def call(method: str, path: str, body: dict[str, str] | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+
+    def text() -> str:
+        return log_path.read_text(errors="replace")
+
+    clients: list[RawClient] = []
+    try:
+        assert wait_for(lambda: "with 2 workers" in text(), 60), text()
+        write_config("mx2.test")
+        proc.send_signal(signal.SIGHUP)
+        # the supervisor and both workers
+        assert wait_for(lambda: text().count("configuration reloaded") == 3, 30), text()
+        assert call("POST", "/api/relay/domains", {"domain": "added.example"})[0] == 200
+        [victim] = re.findall(r"worker 1 started \(pid (\d+)\)", text())
+        os.kill(int(victim), signal.SIGKILL)
+        assert wait_for(lambda: len(re.findall(r"worker 1 started", text())) == 2, 30), text()
+
+        def both_workers_held() -> bool:
+            c = RawClient(port)
+            clients.append(c)
+            assert c.cmd("EHLO client.test").startswith(b"250")
+            status, sessions = call("GET", "/api/sessions")
+            return status == 200 and {s["worker"] for s in sessions} == {1, 2}
+
+        assert wait_for(both_workers_held, 30)
+        for c in clients:
+            assert b"mx2.test" in c.greeting, "the reloaded host name in every worker"
+            assert c.cmd("MAIL FROM:<a@example.org>").startswith(b"250")
+            assert c.cmd("RCPT TO:<b@added.example>").startswith(b"250"), "every worker"
+            c.cmd("RSET")
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -267,8 +267,11 @@ def test_sighup_reloads_every_worker_and_sigterm_stops_all(tmp_path: Path) -> No
         assert len(workers) == 2
         served.config.write_text(_maildir_config(port, mail, "%H second banner"))
         served.proc.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: served.text().count("configuration reloaded") == 2, 30), \
+        # the supervisor's own reload, then each worker's
+        assert wait_for(lambda: served.text().count("configuration reloaded") == 3, 30), \
             served.text()
+        assert served.text().count("[worker 1]: configuration reloaded") == 1
+        assert served.text().count("[worker 2]: configuration reloaded") == 1
         for _ in range(12):  # spread over both workers by the kernel
             with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
                 assert s.recv(512) == b"220 mx.test second banner\r\n"

@@ -544,7 +544,7 @@ async def post_reload(request: web.Request) -> web.Response:
     except (ConfigError, OSError, ValueError) as exc:
         return web.json_response({"reloaded": False, "error": str(exc)}, status=422)
     if gate.workers is not None:
-        gate.workers.reload()  # each worker re-reads the file too, as on SIGHUP
+        gate.workers.reload(gate.config)  # each worker re-reads the file, as on SIGHUP
     needed: list[JSONValue] = list(restart)
     return web.json_response({"reloaded": True, "restart_needed": needed})
 

@@ -261,6 +261,8 @@ class WorkerPool:
         self._requests = itertools.count(1)
         # admin requests in flight: id -> (future, answers still expected, answers so far)
         self._pending: dict[int, tuple[asyncio.Future[list[Any]], set[int], list[Any]]] = {}
+        # run-time relay changes since the last reload, replayed to a replaced worker
+        self._relay_changes: list[tuple[str, str]] = []
 
     @property
     def pids(self) -> list[int]:
@@ -311,6 +313,8 @@ class WorkerPool:
         slot.started_at = time.monotonic()
         loop.add_reader(ev_r.fileno(), self._on_event, slot, ev_r)
         loop.add_reader(proc.sentinel, self._on_exit, slot, proc)
+        for op, value in self._relay_changes:  # a replaced worker: the API's changes too
+            self._tell(slot, ("relay", op, value))
         log.info("worker %d started (pid %d)", slot.index, proc.pid)
 
     def _on_event(self, slot: _Slot, events: Connection) -> None:
@@ -446,15 +450,30 @@ class WorkerPool:
     def relay_change(self, op: str, value: str) -> None:
         """Apply a run-time relay change (``relay_add``, ``relay_delete``, ``local_add``,
         ``local_delete`` of :class:`~smtpgate.policy.RelayPolicy`) in every worker, as the
-        admin API made it in the supervisor. A worker started later begins with the
-        configuration's lists."""
+        admin API made it in the supervisor. The changes are kept until the next reload:
+        a worker started in between (one that died and was replaced) gets them too.
+
+        Raises:
+            ValueError: an unknown ``op``.
+        """
         if op not in ("relay_add", "relay_delete", "local_add", "local_delete"):
             raise ValueError(f"unknown relay change {op!r}")
+        self._relay_changes.append((op, value))
         for slot in self._slots:
             self._tell(slot, ("relay", op, value))
 
-    def reload(self) -> None:
-        """SIGHUP: every worker re-reads and applies the configuration file."""
+    def reload(self, cfg: Config | None = None) -> None:
+        """SIGHUP: every worker re-reads and applies the configuration file.
+
+        Args:
+            cfg: the configuration the supervisor now runs (after its own reload): a
+                worker started from now on (a replaced one) starts with it, not with the
+                configuration of the start. Run-time relay changes are forgotten, as the
+                file's lists replace them.
+        """
+        if cfg is not None:
+            self.cfg = cfg
+        self._relay_changes.clear()
         for slot in self._slots:
             self._tell(slot, ("reload",))
 
