@@ -31,7 +31,8 @@ from ..hooks import HookRunner, Stage
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["REQUIRED", "Option", "OptionError", "PluginRegistry", "load_plugins"]
+__all__ = ["REQUIRED", "Option", "OptionError", "PluginRegistry", "load_plugins", "nonnegative",
+           "one_of", "positive"]
 
 
 class _Required:
@@ -59,6 +60,24 @@ class OptionError(Exception):
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message
+
+
+def positive(value: float) -> str | None:
+    """An :class:`Option` check: the number must be > 0."""
+    return None if value > 0 else "must be > 0"
+
+
+def nonnegative(value: float) -> str | None:
+    """An :class:`Option` check: the number must be >= 0."""
+    return None if value >= 0 else "must be >= 0"
+
+
+def one_of(*choices: str) -> Callable[[str], str | None]:
+    """An :class:`Option` check: the string must be one of ``choices`` (refused with
+    ``"A|B|C"``)."""
+    def check(value: str) -> str | None:
+        return None if value in choices else "|".join(choices)
+    return check
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from ..envelope import SessionInfo
 from ..hooks import HookResult, Transaction, Verdict
 from ..reply import Reply
-from . import Option, OptionError, PluginRegistry
+from . import Option, OptionError, PluginRegistry, positive
 
 __all__ = [
     "Answer",
@@ -98,10 +98,6 @@ def _check_directory(value: str) -> str | None:
     return None
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
 OPTIONS: dict[str, Option] = {
     "command": Option(str, check=_check_command,
                       help="the filter program and its arguments (ZMailer PARAM contentfilter)"),
@@ -113,7 +109,7 @@ OPTIONS: dict[str, Option] = {
                                    "answers 451 4.3.0 and nothing is stored"),
     "directory": Option(str, default="", check=_check_directory,
                         help="where the message files are written (default: system temp dir)"),
-    "restart_delay_max": Option(float, default=60.0, check=_positive,
+    "restart_delay_max": Option(float, default=60.0, check=positive,
                                 help="longest pause (seconds) before restarting a failing filter"),
 }
 

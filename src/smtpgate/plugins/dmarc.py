@@ -28,7 +28,7 @@ from ..dns import shared_resolver
 from ..envelope import SessionInfo
 from ..hooks import HookResult, Transaction, Verdict
 from ..reply import Reply
-from . import Option, OptionError, PluginRegistry
+from . import Option, OptionError, PluginRegistry, one_of
 
 log = logging.getLogger("smtpgate.plugins.dmarc")
 
@@ -45,7 +45,7 @@ OPTIONS: dict[str, Option] = {
                                  "gets (quarantine needs quarantine_path)"),
     "quarantine_path": Option(str, default="", help="Maildir for quarantined messages"),
     "mode": Option(str, default="enforce",
-                   check=lambda v: None if v in ("enforce", "warn") else "enforce|warn",
+                   check=one_of("enforce", "warn"),
                    help="warn: record and log what would be done, refuse nothing"),
     "spf_result": Option(str, default="spf", help="the finding of the SPF plugin"),
     "dkim_result": Option(str, default="dkim", help="the finding of the DKIM plugin"),

@@ -29,22 +29,22 @@ from typing import Any, Protocol
 from ..envelope import Recipient, SessionInfo
 from ..hooks import HookResult, Transaction, Verdict
 from ..reply import Reply
-from . import Option, OptionError, PluginRegistry
+from . import Option, OptionError, PluginRegistry, nonnegative, one_of, positive
 from .sqlitefile import SqliteFile, open_store
 
 log = logging.getLogger("smtpgate.plugins.greylist")
 
 PRIORITY = 10
 OPTIONS: dict[str, Option] = {
-    "delay": Option(float, default=300.0, check=lambda v: None if v >= 0 else "must be >= 0",
+    "delay": Option(float, default=300.0, check=nonnegative,
                     help="seconds before a retry is accepted"),
     "retry_window": Option(float, default=172800.0,
-                           check=lambda v: None if v > 0 else "must be > 0",
+                           check=positive,
                            help="seconds after the first attempt within which a retry counts"),
     "lifetime": Option(float, default=3110400.0,
-                       check=lambda v: None if v > 0 else "must be > 0",
+                       check=positive,
                        help="seconds an accepted triplet (or a whitelisted client) lasts"),
-    "auto_whitelist": Option(int, default=5, check=lambda v: None if v >= 0 else "must be >= 0",
+    "auto_whitelist": Option(int, default=5, check=nonnegative,
                              help="passed triplets after which a client network is "
                                   "whitelisted (0: never)"),
     "store": Option(str, default="greylist.sqlite",
@@ -53,7 +53,7 @@ OPTIONS: dict[str, Option] = {
     "exempt_recipients": Option(list, default=["postmaster", "abuse"], items=str,
                                 help="local parts (or whole addresses) never greylisted"),
     "mode": Option(str, default="enforce",
-                   check=lambda v: None if v in ("enforce", "warn") else "enforce|warn",
+                   check=one_of("enforce", "warn"),
                    help="warn: record and log, defer nothing"),
 }
 

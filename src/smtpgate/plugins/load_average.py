@@ -13,14 +13,14 @@ from ..envelope import SessionInfo
 from ..hooks import HookResult, Verdict
 from ..policy.loadavg import LoadAverage, parse_proc_loadavg
 from ..reply import Reply
-from . import Option, PluginRegistry
+from . import Option, PluginRegistry, nonnegative
 
 PRIORITY = -100
 OPTIONS = {
     "loadavg_file": Option(str, default="/proc/loadavg",
                            help="file in /proc/loadavg format to read the load from"),
     "max_load_average": Option(float, default=0.0,
-                               check=lambda v: None if v >= 0 else "must be >= 0",
+                               check=nonnegative,
                                help="limit; 0 takes [server] max_load_average"),
 }
 

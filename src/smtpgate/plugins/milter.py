@@ -34,7 +34,7 @@ from ..milter.client import MilterClient, MilterError, parse_socket
 from ..milter.codec import SMFIP
 from ..milter.message import apply_modifications, header_fields
 from ..reply import Reply
-from . import Option, PluginRegistry
+from . import Option, PluginRegistry, positive
 
 __all__ = ["DEFAULT_MACROS", "OPTIONS", "PRIORITY", "parse_reply", "register"]
 
@@ -72,20 +72,16 @@ def _socket_ok(value: str) -> str | None:
     return None
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
 OPTIONS: dict[str, Option] = {
     "socket": Option(str, check=_socket_ok,
                      help="inet:PORT@HOST, inet:HOST:PORT, inet6:PORT@HOST or unix:/path"),
     "default_action": Option(str, default="tempfail", check=_choice,
                              help="when the milter is down, times out or breaks the protocol"),
-    "connect_timeout": Option(float, default=30.0, check=_positive,
+    "connect_timeout": Option(float, default=30.0, check=positive,
                               help="seconds to connect and negotiate"),
-    "command_timeout": Option(float, default=30.0, check=_positive,
+    "command_timeout": Option(float, default=30.0, check=positive,
                               help="seconds to wait for a reply to a command"),
-    "content_timeout": Option(float, default=300.0, check=_positive,
+    "content_timeout": Option(float, default=300.0, check=positive,
                               help="seconds to wait for a reply to a body chunk / end of data"),
     "daemon_name": Option(str, default="smtpgate", help="the {daemon_name} macro"),
     "quarantine_path": Option(str, default="",

@@ -36,7 +36,7 @@ from ..envelope import Recipient, SessionInfo
 from ..hooks import HookResult, Transaction, Verdict
 from ..reply import Reply
 from ..results import Results
-from . import Option, PluginRegistry
+from . import Option, PluginRegistry, nonnegative, positive
 from .policy_codec import (
     Action,
     ActionKind,
@@ -121,14 +121,6 @@ def _check_address(value: str) -> str | None:
     return None
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
-def _nonnegative(value: float) -> str | None:
-    return None if value >= 0 else "must be >= 0"
-
-
 def _choice(*allowed: str) -> Any:
     def check(value: str) -> str | None:
         return None if value in allowed else f"must be one of {', '.join(allowed)}"
@@ -147,17 +139,17 @@ OPTIONS: dict[str, Option] = {
     "default_action": Option(str, default="tempfail",
                              check=_choice("tempfail", "accept", "reject"),
                              help="when the server fails: tempfail | accept | reject"),
-    "max_idle": Option(float, default=300.0, check=_positive,
+    "max_idle": Option(float, default=300.0, check=positive,
                        help="seconds an idle connection is kept"),
-    "max_ttl": Option(float, default=1000.0, check=_positive,
+    "max_ttl": Option(float, default=1000.0, check=positive,
                       help="seconds a connection is used for at most"),
-    "request_limit": Option(int, default=0, check=_nonnegative,
+    "request_limit": Option(int, default=0, check=nonnegative,
                             help="requests per connection (0: no limit)"),
-    "try_limit": Option(int, default=2, check=_positive,
+    "try_limit": Option(int, default=2, check=positive,
                         help="attempts per request (Postfix smtpd_policy_service_try_limit)"),
-    "retry_delay": Option(float, default=1.0, check=_nonnegative,
+    "retry_delay": Option(float, default=1.0, check=nonnegative,
                           help="seconds between attempts"),
-    "max_connections": Option(int, default=20, check=_positive,
+    "max_connections": Option(int, default=20, check=positive,
                               help="connections to the server at most (the pool)"),
     "policy_context": Option(str, default="", check=_one_line,
                              help="sent as policy_context (Postfix 3.1)"),

@@ -46,7 +46,7 @@ from ..dns import shared_resolver
 from ..envelope import Recipient, SessionInfo
 from ..hooks import HookResult, Transaction, Verdict
 from ..reply import Reply
-from . import Option, OptionError, PluginRegistry
+from . import Option, OptionError, PluginRegistry, one_of
 
 log = logging.getLogger("smtpgate.plugins.policy_db")
 
@@ -57,7 +57,7 @@ OPTIONS: dict[str, Option] = {
     "local_hosts": Option(list, default=[], items=str,
                           help="more names of this host, for acceptifmx"),
     "mode": Option(str, default="enforce",
-                   check=lambda v: None if v in ("enforce", "warn") else "enforce|warn",
+                   check=one_of("enforce", "warn"),
                    help="warn: record and log the refusals, refuse (and freeze) nothing"),
 }
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from ..envelope import Recipient, SessionInfo
 from ..hooks import HookResult, Transaction, Verdict
 from ..reply import Reply
-from . import Option, PluginRegistry
+from . import Option, PluginRegistry, one_of, positive
 from .sqlitefile import SqliteFile, open_store
 
 log = logging.getLogger("smtpgate.plugins.ratelimit")
@@ -43,7 +43,7 @@ def _nonneg(value: int) -> str | None:
 
 
 OPTIONS: dict[str, Option] = {
-    "window": Option(float, default=60.0, check=lambda v: None if v > 0 else "must be > 0",
+    "window": Option(float, default=60.0, check=positive,
                      help="seconds of the sliding window"),
     "connections_per_client": Option(int, default=0, check=_nonneg),
     "messages_per_client": Option(int, default=0, check=_nonneg),
@@ -55,7 +55,7 @@ OPTIONS: dict[str, Option] = {
                     help="memory, an SQLite file (relative to the config file) or "
                          "redis://host:port/db"),
     "mode": Option(str, default="enforce",
-                   check=lambda v: None if v in ("enforce", "warn") else "enforce|warn",
+                   check=one_of("enforce", "warn"),
                    help="warn: record and log, refuse nothing"),
 }
 

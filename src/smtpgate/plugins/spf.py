@@ -38,7 +38,7 @@ from ..dns import sync_resolver
 from ..envelope import Recipient, SessionInfo
 from ..hooks import HookResult, Transaction, reject, tempfail
 from ..results import Detail
-from . import Option, OptionError, PluginRegistry
+from . import Option, OptionError, PluginRegistry, positive
 
 __all__ = [
     "ACTIONS", "RESULTS", "SpfOutcome", "check_spf", "install_lookup", "received_spf",
@@ -66,10 +66,6 @@ def _one_of(*choices: str) -> Callable[[str], str | None]:
     return check
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
 OPTIONS: dict[str, Option] = {
     "mode": Option(str, default="enforce", check=_one_of("enforce", "warn"),
                    help="enforce: apply the actions; warn: record and log only"),
@@ -83,7 +79,7 @@ OPTIONS: dict[str, Option] = {
                          help="check the HELO identity of every transaction (the null "
                               "sender's is always checked)"),
     "header": Option(bool, default=True, help="prepend Received-SPF at the data stage"),
-    "max_time": Option(float, default=20.0, check=_positive,
+    "max_time": Option(float, default=20.0, check=positive,
                        help="seconds for all DNS lookups of one check (RFC 7208 §4.6.4)"),
     **{result: Option(str, default=_DEFAULT_ACTIONS.get(result, "tag"),
                       check=_one_of(*ACTIONS),
