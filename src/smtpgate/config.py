@@ -1244,15 +1244,21 @@ def _load_section(
     return cls(**kwargs)
 
 
+def _array_of_tables(raw: object, key: str, problems: list[str]) -> list[object]:
+    """The tables of ``[[KEY]]`` in order (one ``[KEY]`` table counts as one); ``[]`` and a
+    problem for anything else."""
+    if isinstance(raw, Mapping):
+        return [raw]
+    if not isinstance(raw, list):
+        problems.append(f"{key}: must be an array of tables ([[{key}]]), got {_show(raw)}")
+        return []
+    return raw
+
+
 def _load_scanners(raw: object, ctx: _Context, problems: list[str]) -> tuple[ScannerConfig, ...]:
     """``[[scanner]]`` tables, in order; each needs a ``type``."""
-    if isinstance(raw, Mapping):
-        raw = [raw]
-    if not isinstance(raw, list):
-        problems.append(f"scanner: must be an array of tables ([[scanner]]), got {_show(raw)}")
-        return ()
     out: list[ScannerConfig] = []
-    for i, table in enumerate(raw):
+    for i, table in enumerate(_array_of_tables(raw, "scanner", problems)):
         name = f"scanner[{i}]"
         before = len(problems)
         section = _load_section(name, ScannerConfig, table, ctx, problems)
@@ -1273,13 +1279,8 @@ def _load_listeners(
     raw: object, ctx: _Context, problems: list[str]
 ) -> tuple[ListenerConfig, ...]:
     """``[[listener]]`` tables, in order; each needs an ``address``."""
-    if isinstance(raw, Mapping):
-        raw = [raw]
-    if not isinstance(raw, list):
-        problems.append(f"listener: must be an array of tables ([[listener]]), got {_show(raw)}")
-        return ()
     out: list[ListenerConfig] = []
-    for i, table in enumerate(raw):
+    for i, table in enumerate(_array_of_tables(raw, "listener", problems)):
         name = f"listener[{i}]"
         before = len(problems)
         section = _load_section(name, ListenerConfig, table, ctx, problems)
@@ -1352,13 +1353,8 @@ class PluginConfig:
 
 def _load_plugins(raw: object, ctx: _Context, problems: list[str]) -> tuple[PluginConfig, ...]:
     """``[[plugin]]`` tables, in order; each needs ``module`` or ``use``."""
-    if isinstance(raw, Mapping):
-        raw = [raw]
-    if not isinstance(raw, list):
-        problems.append(f"plugin: must be an array of tables ([[plugin]]), got {_show(raw)}")
-        return ()
     out: list[PluginConfig] = []
-    for i, table in enumerate(raw):
+    for i, table in enumerate(_array_of_tables(raw, "plugin", problems)):
         where = f"plugin[{i}]"
         if not isinstance(table, Mapping):
             problems.append(f"{where}: must be a table, got {_show(table)}")
