@@ -450,3 +450,23 @@ def test_reload_applies_a_changed_log_section(tmp_path: Path, workers: int) -> N
         proc.terminate()
         proc.wait(20)
         ctl.stop()
+
+
+def test_a_log_file_that_cannot_be_opened_keeps_the_running_set_up(
+        tmp_path: Path, own_logging: None) -> None:
+    """What a reload with a bad ``[log] file`` (or ``send_log``) meets: OSError, and the
+    lines keep going to the file set up before, at its level."""
+    good = tmp_path / "good.log"
+    setup_logging(log_config(file=str(good), level="INFO"))
+    bad = tmp_path / "no-such-dir" / "x.log"
+    with pytest.raises(OSError):
+        setup_logging(log_config(file=str(bad), level="DEBUG"), start=False)
+    with pytest.raises(OSError):
+        setup_logging(log_config(file=str(tmp_path / "other.log"), send_log=str(bad)),
+                      start=False)
+    logging.getLogger("smtpgate.test").info("still here")
+    logging.getLogger("smtpgate.test").debug("not at INFO")
+    text = good.read_text()
+    assert "still here" in text and "not at INFO" not in text
+    assert not (tmp_path / "other.log").exists() or "still here" not in (
+        tmp_path / "other.log").read_text()
