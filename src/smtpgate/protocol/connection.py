@@ -130,6 +130,11 @@ _HELP_DEFAULT = (
 )
 
 _BARE_RE = re.compile(rb"\r\n|\r|\n")
+# A bare CR (not followed by LF) and a bare LF (not preceded by CR). Each search starts
+# with a literal, which the regex engine scans for quickly: the two together cost half
+# of counting CR, LF and CRLF (the exact count is needed only when one is there).
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,10 +325,13 @@ class _TextCheck:
         if self.size > self.max_size:
             self.size += n
             return b""
-        # A bare CR or LF iff more CRs or LFs than CRLFs (CRLF cannot overlap itself):
-        # three memchr-speed counts, no copy of the text.
-        crlf = data.count(b"\r\n")
-        bare = data.count(b"\r") - crlf + data.count(b"\n") - crlf
+        # A piece never ends with a CR unless it is the last (see the class text), so a
+        # CR at its end is bare, and an LF at its start follows a byte that is not a CR.
+        bare = 0
+        if _BARE_CR.search(data) is not None or _BARE_LF.search(data) is not None:
+            # how many (CRLF cannot overlap itself): a bare CR or LF each becomes a CRLF
+            crlf = data.count(b"\r\n")
+            bare = data.count(b"\r") - crlf + data.count(b"\n") - crlf
         if bare:
             if not self.normalize:
                 self.bare = True
