@@ -86,7 +86,7 @@ def not_running(pid: int) -> bool:
     for _ in range(200):
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone between open and read
             return True
         if state in ("Z", "X"):
             return True

@@ -55,7 +55,7 @@ def running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie (an orphan whose reaper is slow)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone (also between open and read)
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
 
