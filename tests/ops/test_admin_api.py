@@ -424,19 +424,13 @@ def test_openapi_lists_every_route(start: Callable[..., tuple[Smtpgate, Api, Pat
 # -------------------------------------------------------------------- workers
 
 
-def test_admin_api_with_workers(tmp_path: Path) -> None:
-    """``server.workers = 2``: the supervisor serves the admin API; sessions come from
-    every worker (each with its number) and are killed where they run; a relay domain
-    added through the API applies in every worker; /metrics adds the workers up."""
-    import subprocess
-    import sys
-    import urllib.request
-
-    port, admin_port = free_port(), free_port()
-    conf = tmp_path / "smtpgate.toml"
-    conf.write_text(f"""
+def _workers_config(tmp_path: Path, port: int, admin_port: int,
+                    hostname: str = "mx.test") -> str:
+    """Two workers, Maildir delivery, loopback not a local network (relay control
+    refuses it), the admin listener on ``admin_port``."""
+    return f"""
 [server]
-hostname = "mx.test"
+hostname = "{hostname}"
 listen = ["127.0.0.1:{port}"]
 workers = 2
 
@@ -448,7 +442,36 @@ local_networks = ["192.0.2.0/24"]
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
-""")
+"""
+
+
+def _api_call(base: str, method: str, path: str,
+              body: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One admin API request (JSON body), without a token: (status, decoded JSON)."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_admin_api_with_workers(tmp_path: Path) -> None:
+    """``server.workers = 2``: the supervisor serves the admin API; sessions come from
+    every worker (each with its number) and are killed where they run; a relay domain
+    added through the API applies in every worker; /metrics adds the workers up."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port, admin_port = free_port(), free_port()
+    conf = tmp_path / "smtpgate.toml"
+    conf.write_text(_workers_config(tmp_path, port, admin_port))
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(conf)],
@@ -456,14 +479,7 @@ listen = "127.0.0.1:{admin_port}"
     base = f"http://127.0.0.1:{admin_port}"
 
     def call(method: str, path: str, body: dict[str, str] | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+        return _api_call(base, method, path, body)
 
     clients: list[RawClient] = []
     try:
@@ -520,27 +536,12 @@ def test_replaced_worker_gets_the_reloaded_configuration_and_relay_changes(
     import signal
     import subprocess
     import sys
-    import urllib.request
 
     port, admin_port = free_port(), free_port()
     conf = tmp_path / "smtpgate.toml"
 
     def write_config(hostname: str) -> None:
-        conf.write_text(f"""
-[server]
-hostname = "{hostname}"
-listen = ["127.0.0.1:{port}"]
-workers = 2
-
-[maildir]
-path = "{tmp_path / "mail"}"
-
-[relay]
-local_networks = ["192.0.2.0/24"]
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-""")
+        conf.write_text(_workers_config(tmp_path, port, admin_port, hostname))
 
     write_config("mx.test")
     log_path = tmp_path / "serve.log"
@@ -550,11 +551,7 @@ listen = "127.0.0.1:{admin_port}"
     base = f"http://127.0.0.1:{admin_port}"
 
     def call(method: str, path: str, body: dict[str, str] | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
+        return _api_call(base, method, path, body)
 
     def text() -> str:
         return log_path.read_text(errors="replace")

@@ -280,6 +280,20 @@ def test_send_log_in_proxy_mode(run_app: Callable[..., Smtpgate], tmp_path: Path
 # ------------------------------------------------------------- serve + signals
 
 
+def _start_serve(tmp_path: Path, config: Path) -> subprocess.Popen[bytes]:
+    """``smtpgate serve -c CONFIG`` in a process of its own, once it listens (its output
+    in ``stderr.log``); the caller terminates it."""
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    if not wait_for(lambda: b"listening on" in stderr.read_bytes(), timeout=60):
+        proc.kill()
+        proc.wait(20)
+        raise AssertionError(stderr.read_text())
+    return proc
+
+
 def _serve(tmp_path: Path, extra_log: str = "") -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     logfile = tmp_path / "smtpgate.log"
@@ -288,13 +302,7 @@ def _serve(tmp_path: Path, extra_log: str = "") -> tuple[subprocess.Popen[bytes]
         f'[server]\nhostname = "mx.test"\nlisten = ["127.0.0.1:{port}"]\n'
         f'[maildir]\npath = "{tmp_path / "mail"}"\n'
         f'[log]\nfile = "{logfile}"\nlevel = "INFO"\n{extra_log}')
-    out = open(tmp_path / "stderr.log", "wb")  # noqa: SIM115 - the process keeps it
-    proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(config)],
-                            stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    assert wait_for(lambda: b"listening on" in (tmp_path / "stderr.log").read_bytes()), \
-        (tmp_path / "stderr.log").read_text()
-    return proc, port, logfile
+    return _start_serve(tmp_path, config), port, logfile
 
 
 def _session(port: int, helo: str) -> None:
@@ -354,13 +362,8 @@ def test_workers_follow_the_supervisors_roll(tmp_path: Path) -> None:
         f'[server]\nhostname = "mx.test"\nlisten = ["127.0.0.1:{port}"]\nworkers = 2\n'
         f'[maildir]\npath = "{tmp_path / "mail"}"\n'
         f'[log]\nfile = "{logfile}"\nlevel = "INFO"\nroll_on_signal = true\n')
-    out = open(tmp_path / "stderr.log", "wb")  # noqa: SIM115 - the process keeps it
-    proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(config)],
-                            stdout=out, stderr=subprocess.STDOUT)
-    out.close()
+    proc = _start_serve(tmp_path, config)
     try:
-        assert wait_for(lambda: b"listening on" in (tmp_path / "stderr.log").read_bytes()), \
-            (tmp_path / "stderr.log").read_text()
         _session(port, "before.test")
         assert wait_for(lambda: "helo=before.test" in logfile.read_text())
         assert "[worker " in logfile.read_text()
@@ -417,14 +420,13 @@ def test_reload_applies_a_changed_log_section(tmp_path: Path, workers: int) -> N
             s.sendmail("ann@example.org", ["bob@example.com"], MSG)
 
     write_config(f'[log]\nfile = "{old_log}"\nlevel = "WARNING"\n')
-    out = open(tmp_path / "stderr.log", "wb")  # noqa: SIM115 - the process keeps it
-    proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(config)],
-                            stdout=out, stderr=subprocess.STDOUT)
-    out.close()
     try:
-        assert wait_for(lambda: old_log.exists() and b"listening on"
-                        in (tmp_path / "stderr.log").read_bytes(), timeout=30), \
-            (tmp_path / "stderr.log").read_text()
+        proc = _start_serve(tmp_path, config)
+    except BaseException:
+        ctl.stop()
+        raise
+    try:
+        assert old_log.exists()
         send("before.test")
         assert wait_for(lambda: len(received) == 1)
         assert "before.test" not in old_log.read_text()  # INFO lines: not at WARNING
